@@ -1,0 +1,1 @@
+"""Everything that changes weights: losses, methods, the one training loop, datasets, metrics."""

@@ -1,0 +1,19 @@
+"""Method registry: CLI name -> "module:Class". Written out by hand; nothing is imported until used."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+METHODS: dict[str, str] = {
+    # supervised / offline UDA (vss train)
+    "source-only": "adaptation.methods.supervised:SourceOnly",
+}
+
+
+def build_method(name: str, **kwargs: Any) -> Any:
+    """Instantiate a method by its CLI name."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    module, _, cls = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

@@ -1,0 +1,165 @@
+"""Checkpoints: ``model.safetensors`` + ``meta.json`` in one directory, written atomically.
+
+Only safetensors are ever loaded (no pickle). ``meta.json`` records the architecture, classes,
+palette, normalisation, input size, parent version and provenance, plus the weights' sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .accel import AccelSegmenter, build_model
+from .config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+FORMAT = "vss-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not match what the caller expects."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_sha() -> str | None:
+    """The repository's commit, for provenance; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def make_meta(cfg: ModelConfig, classes: list[str], palette: list[list[int]], input_size: tuple[int, int],
+              parent: str | None = None, **provenance: Any) -> dict[str, Any]:
+    """Metadata for a new checkpoint; extra keyword arguments go to ``provenance``."""
+    if len(classes) != cfg.num_classes or len(palette) != cfg.num_classes:
+        raise CheckpointError(f"{cfg.num_classes} classes in the architecture but {len(classes)} names "
+                              f"and {len(palette)} palette colours")
+    return {
+        "format": FORMAT,
+        "architecture": cfg.to_dict(),
+        "classes": list(classes),
+        "palette": [list(map(int, c)) for c in palette],
+        "input_size": [int(input_size[0]), int(input_size[1])],
+        "parent": parent,
+        "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(),
+                       **provenance},
+    }
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file via a temp file in the same directory and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str, Any]) -> Path:
+    """Write weights + meta into a temp sibling directory, then rename it to ``directory``.
+
+    Fails if ``directory`` already exists and is not empty (checkpoints are immutable).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(f"refusing to overwrite non-empty checkpoint directory {directory}")
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        meta = {**meta, "sha256": sha256_file(tmp / WEIGHTS)}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / META
+    if not path.is_file():
+        raise CheckpointError(f"not a checkpoint directory (no {META}): {directory}")
+    try:
+        meta = json.loads(path.read_text())
+        ModelConfig.from_dict(meta["architecture"])
+        meta["classes"], meta["palette"], meta["input_size"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid checkpoint metadata ({e})") from e
+    return meta
+
+
+def load_checkpoint(directory: str | Path, verify: bool = True,
+                    num_classes: int | None = None) -> tuple[AccelSegmenter, dict[str, Any]]:
+    """Build the model from ``meta.json`` and load the safetensors weights strictly.
+
+    Raises ``CheckpointError`` with a precise message on a missing file, a checksum mismatch,
+    missing/unexpected keys, wrong shapes, or a class count other than ``num_classes``.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    cfg = ModelConfig.from_dict(meta["architecture"])
+    if num_classes is not None and cfg.num_classes != num_classes:
+        raise CheckpointError(f"{directory}: checkpoint has {cfg.num_classes} classes, expected {num_classes}")
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"missing weights file {weights}")
+    if verify and meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match meta.json (corrupt or modified file)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from e
+    model = build_model(cfg)
+    load_state_strict(model, state, str(weights))
+    return model.eval(), meta
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one readable message listing what does not match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(f"{source} does not fit the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""The FastAPI service, inference engines, model registry, clip buffer, adaptation worker and CLI."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the `vss` CLI, one module each (see service/cli.py)."""

@@ -1,0 +1,64 @@
+"""Inference engines: the numpy-in/numpy-out boundary between serving code and a backend.
+
+An engine runs the two halves of the ACCEL model separately so that streams can cache the
+per-frame logits of t-1: ``frame_logits`` (the per-frame network) and ``fuse`` (warp + 1x1 fusion).
+``TorchEngine`` lives here; ``OnnxEngine`` is in ``service.onnx_engine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from models.accel import AccelSegmenter
+
+
+class Engine(Protocol):
+    version: str  # model version this engine serves (registry name, or a checkpoint path)
+    meta: dict[str, Any]  # checkpoint meta.json
+    backend: str  # "torch" | "onnxruntime"
+
+    def frame_logits(self, frames: np.ndarray) -> np.ndarray:
+        """(N, 3, h, w) float32 RGB 0..255 at the model input size -> (N, C, h/s, w/s) float32 logits."""
+        ...
+
+    def fuse(self, current: np.ndarray, previous: np.ndarray, flow: np.ndarray | None) -> np.ndarray:
+        """Fuse current logits with previous logits warped by ``flow`` ((N, 2, h, w) backward, pixels
+        of the input grid, or None for unwarped). Returns fused (N, C, h/s, w/s) logits."""
+        ...
+
+
+class TorchEngine:
+    """Eager torch engine: ``inference_mode``, optional half precision on CUDA."""
+
+    backend = "torch"
+
+    def __init__(self, model: AccelSegmenter, meta: dict[str, Any], version: str = "local",
+                 device: str = "cpu", half: bool = False) -> None:
+        self.device = torch.device(device)
+        self.half = half and self.device.type == "cuda"
+        self.model = model.eval().to(self.device)
+        if self.half:
+            self.model = self.model.half()
+        self.meta, self.version = meta, version
+        self.input_size = tuple(meta["input_size"])
+        self.num_classes = int(meta["architecture"]["num_classes"])
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t.half() if self.half else t.float()
+
+    def frame_logits(self, frames: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.frame(self._tensor(frames))["main"].float().cpu().numpy()
+
+    def fuse(self, current: np.ndarray, previous: np.ndarray, flow: np.ndarray | None) -> np.ndarray:
+        with torch.inference_mode():
+            f = None if flow is None else torch.from_numpy(np.ascontiguousarray(flow)).to(self.device).float()
+            cur, prev = self._tensor(current), self._tensor(previous)
+            if f is not None and self.half:
+                f = f.half()
+            fused, _ = self.model.fuse(cur, prev, f)
+            return fused.float().cpu().numpy()
