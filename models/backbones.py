@@ -58,7 +58,7 @@ class Bottleneck(nn.Module):
 
 
 RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    "resnet-mini": (BasicBlock, (2, 2, 2, 2)),
+    "resnet-mini": (BasicBlock, (1, 1, 1, 1)),
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
     "resnet101": (Bottleneck, (3, 4, 23, 3)),

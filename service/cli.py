@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # Explicit list of command modules, in help order.
 COMMANDS: tuple[str, ...] = (
+    "segment", "eval", "demo", "synth", "import_davsn", "serve", "models", "export_onnx", "adapt",
+    "train",
 )
 
 
@@ -19,8 +22,15 @@ class CLIError(Exception):
     """A user-facing error: printed as ``vss: error: <message>`` with exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (sub-command parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vss", description="Video semantic segmentation that adapts itself.")
+    parser = _Parser(prog="vss", description="Video semantic segmentation that adapts itself.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"service.commands.{name}").register(sub)
@@ -41,4 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m service.cli`: run the package module's main, so that the CLIError class the commands
+    # import (service.cli.CLIError) is the one caught, not a copy defined in __main__.
+    from service.cli import main as _main
+
+    sys.exit(_main())

@@ -8,6 +8,16 @@ from typing import Any
 METHODS: dict[str, str] = {
     # supervised / offline UDA (vss train)
     "source-only": "adaptation.methods.supervised:SourceOnly",
+    "davsn": "adaptation.methods.davsn:DAVSN",
+    "tps": "adaptation.methods.tps:TPS",
+    "i2vda": "adaptation.methods.i2vda:I2VDA",
+    "uvda": "adaptation.methods.uvda:UnifiedVideoDA",
+    # source-free (vss adapt, the adaptation worker)
+    "bn": "adaptation.methods.bn:BNStats",
+    "tent": "adaptation.methods.tent:Tent",
+    "itcr": "adaptation.methods.itcr:ITCR",
+    "stpl": "adaptation.methods.stpl:STPL",
+    "selftrain": "adaptation.methods.selftrain:SelfTrain",
 }
 
 

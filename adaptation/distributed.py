@@ -1,0 +1,117 @@
+"""Multi-process training with torchrun and DistributedDataParallel.
+
+Launch: ``torchrun --nproc_per_node K -m service.cli train ...`` (one process per GPU; on CPU,
+gloo). The model's per-frame network ``model.net`` and its fusion layer ``model.fusion`` are each
+wrapped in DDP, so every call the ACCEL wrapper makes (``model(...)``, ``model.frame``,
+``model.fuse``) goes through DDP and the gradients of both are averaged across ranks; a method's own
+modules (discriminators) are wrapped through ``method.distribute(wrap)``. ``find_unused_parameters``
+stays off: every method's loss reaches every parameter of the network and fusion in each step
+(the source term uses the fused main and aux heads; I2VDA never calls the fusion with gradients), and
+discriminators are frozen while the generator's adversarial term is built, so their gradients come
+from one backward only. Several forwards per step are fine under these conditions (checked by
+tests/adaptation/test_distributed.py). Logging, evaluation and checkpoints happen on rank 0 with the
+unwrapped model (no collective calls), the other ranks wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.accel import AccelSegmenter
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK), or run single-process.
+
+    ``device``: "cpu", "cuda" or None (CUDA when available). NCCL on CUDA, gloo on CPU.
+    """
+    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistEnv(rank, world, local, dev)
+
+
+def make_wrapper(env: DistEnv):
+    """A function that wraps a module in DDP for this process (identity when not distributed)."""
+    def wrap(module: nn.Module) -> nn.Module:
+        if not env.enabled:
+            return module
+        ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=True)
+    return wrap
+
+
+def distribute(model: AccelSegmenter, method: object, env: DistEnv) -> AccelSegmenter:
+    """Wrap ``model.net``, ``model.fusion`` and the method's own modules in DDP (in place)."""
+    if not env.enabled:
+        return model
+    wrap = make_wrapper(env)
+    model.net = wrap(model.net)
+    model.fusion = wrap(model.fusion)
+    if hasattr(method, "distribute"):
+        method.distribute(wrap)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """An ACCEL model whose parts are the plain modules inside any DDP wrappers (shares parameters)."""
+    net, fusion = getattr(model, "net", None), getattr(model, "fusion", None)
+    if not isinstance(net, DDP) and not isinstance(fusion, DDP):
+        return model
+    plain = AccelSegmenter.__new__(AccelSegmenter)
+    nn.Module.__init__(plain)
+    plain.net = net.module if isinstance(net, DDP) else net
+    plain.fusion = fusion.module if isinstance(fusion, DDP) else fusion
+    plain.num_classes = model.num_classes
+    plain.train(model.training)
+    return plain
+
+
+def broadcast_module(module: nn.Module, env: DistEnv, src: int = 0) -> None:
+    """Copy every parameter and buffer of ``module`` from rank ``src`` (e.g. BN statistics before saving)."""
+    if not env.enabled:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,225 @@
+"""Validation gate: may an adapted candidate replace its parent? Pure computation, no I/O.
+
+Both models segment held-out target clips that adaptation never saw (streaming ACCEL inference,
+as the service runs them). The candidate passes when:
+  * its weights and predictions are finite;
+  * no class collapses: every class the parent predicts on more than ``vanish_share`` of the pixels
+    is still predicted on at least ``vanish_floor`` of them, the entropy of the candidate's class
+    distribution keeps ``min_entropy_ratio`` of the parent's, and the two distributions differ by
+    at most ``max_class_tv`` (total variation distance);
+  * its temporal consistency is not worse than the parent's by more than ``tc_tolerance`` points;
+    TC is the ESVS definition, the mean over classes of the IoU between the prediction at t and
+    the flow-warped prediction at t-1, so that a parent which labels everything with one class is
+    not rewarded for it (pixel-level agreement is reported as ``tc_pixel_*``);
+  * it labels at least ``min_agreement`` percent of the pixels as the parent does.
+With labeled validation clips the decision is mIoU >= parent mIoU + ``miou_margin`` (plus finite
+weights); the unsupervised checks are then reported as warnings only.
+
+Measured on the synthetic benchmark (bench/adaptation.py): on strong shifts a source model can
+label most of a foggy frame as one class, and a correctly adapted candidate then agrees with it
+on only 15-20 % of the pixels and moves the class distribution by a total variation of ~0.7.
+The defaults are therefore loose bounds that catch collapse, noise and divergence, not a
+closeness requirement; a labeled validation clip is the only way to prove an improvement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clips import TargetClip
+from .metrics import confusion_matrix, iou_from_confusion, miou, temporal_consistency, warp_labels_np
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    vanish_share: float = 0.01  # a class the parent predicts on more than 1 % of the pixels ...
+    vanish_floor: float = 0.001  # ... must keep at least 0.1 % of them
+    min_entropy_ratio: float = 0.5  # class-distribution entropy: candidate >= ratio x parent
+    max_class_tv: float = 0.8  # total variation distance between predicted class distributions
+    tc_tolerance: float = 2.0  # temporal consistency (class-mean IoU, percent) may drop this much
+    min_agreement: float = 10.0  # percent of pixels labeled as the parent does
+    miou_margin: float = 0.0  # labeled: candidate mIoU >= parent mIoU + margin
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reasons: list[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Reference:
+    """The parent's predictions, computed once and reusable across candidates."""
+
+    heldout_preds: list[np.ndarray]
+    val_preds: list[np.ndarray] | None
+
+
+def _is_module(model: Any) -> bool:
+    return isinstance(model, nn.Module)
+
+
+def weights_finite(model: Any) -> bool:
+    """True when every parameter and floating buffer is finite (engines without tensors: True)."""
+    if not _is_module(model):
+        return True
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def predict_clip(model: Any, clip: TargetClip) -> np.ndarray:
+    """(T, h, w) int64 labels at the clip's size; -1 marks pixels whose logits are not finite.
+
+    ``model`` is an ``AccelSegmenter`` (run in eval mode under inference_mode) or a
+    ``service.engine.Engine`` (numpy ``frame_logits`` / ``fuse``). One network forward per frame.
+    """
+    h, w = clip.frames.shape[1:3]
+    frames = np.ascontiguousarray(clip.frames.transpose(0, 3, 1, 2), dtype=np.float32)
+    flows = np.ascontiguousarray(clip.flows.transpose(0, 3, 1, 2), dtype=np.float32)
+    out, prev = [], None
+    if _is_module(model):
+        model.eval()
+        device = next(model.parameters()).device
+    for t in range(len(clip)):
+        if _is_module(model):
+            with torch.inference_mode():
+                x = torch.from_numpy(frames[t:t + 1]).to(device)
+                flow = torch.from_numpy(flows[t:t + 1]).to(device) if prev is not None else None
+                fused, prev = model.stream_step(x, prev, flow)
+                fused = fused.float().cpu()
+        else:
+            cur = model.frame_logits(frames[t:t + 1])
+            fused = torch.from_numpy(model.fuse(cur, cur if prev is None else prev,
+                                                None if prev is None else flows[t:t + 1])).float()
+            prev = cur
+        up = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=True)[0]
+        lab = up.argmax(0).numpy().astype(np.int64)
+        lab[~torch.isfinite(up).all(0).numpy()] = -1
+        out.append(lab)
+    return np.stack(out)
+
+
+def compute_reference(parent: Any, heldout: Sequence[TargetClip],
+                      val: Sequence[TargetClip] | None = None) -> Reference:
+    """Run the parent once over the held-out (and validation) clips."""
+    return Reference([predict_clip(parent, c) for c in heldout],
+                     None if val is None else [predict_clip(parent, c) for c in val])
+
+
+def _class_shares(preds: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    counts = np.zeros(num_classes, np.float64)
+    for p in preds:
+        counts += np.bincount(p[p >= 0].ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(counts.sum(), 1.0)
+
+
+def _tc(preds: Sequence[np.ndarray], clips: Sequence[TargetClip], num_classes: int) -> tuple[float, float]:
+    """(class-mean IoU, pixel agreement) in percent between each prediction and its warped predecessor."""
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    agree = valid = 0
+    for pred, clip in zip(preds, clips):
+        for t in range(1, len(pred)):
+            a, v = temporal_consistency(pred[t], pred[t - 1], clip.flows[t])
+            agree, valid = agree + a, valid + v
+            warped, ok = warp_labels_np(pred[t - 1], clip.flows[t])
+            keep = ok & (warped >= 0) & (pred[t] >= 0)
+            conf += confusion_matrix(pred[t][keep], warped[keep], num_classes)
+    ious = iou_from_confusion(conf)
+    class_mean = float(np.nanmean(ious)) * 100 if (~np.isnan(ious)).any() else 100.0
+    return class_mean, 100.0 * agree / max(valid, 1)
+
+
+def _entropy(p: np.ndarray) -> float:
+    q = p[p > 0]
+    return float(-(q * np.log(q)).sum())
+
+
+def _miou(preds: Sequence[np.ndarray], clips: Sequence[TargetClip], num_classes: int,
+          classes: Sequence[str] | None) -> dict[str, Any]:
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    for pred, clip in zip(preds, clips):
+        if clip.labels is None:
+            raise ValueError("validation clips must carry labels")
+        lab = clip.labels.astype(np.int64)
+        p = np.where(pred < 0, (lab + 1) % num_classes, pred)  # non-finite pixels count as wrong
+        conf += confusion_matrix(p, lab, num_classes)
+    return miou(conf, list(classes) if classes is not None else None)
+
+
+def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequence[TargetClip] | None = None,
+         thresholds: GateThresholds = GateThresholds(), num_classes: int | None = None,
+         classes: Sequence[str] | None = None) -> GateReport:
+    """Decide whether ``candidate`` may replace ``parent`` (a model, an engine, or a ``Reference``)."""
+    if not heldout:
+        raise ValueError("the gate needs at least one held-out clip")
+    if num_classes is None:
+        num_classes = len(classes) if classes is not None else _num_classes(candidate)
+    th = thresholds
+    metrics: dict[str, Any] = {"heldout_frames": int(sum(len(c) for c in heldout))}
+    if not weights_finite(candidate):
+        return GateReport(False, ["candidate has non-finite weights"], {**metrics, "finite": False})
+    ref = parent if isinstance(parent, Reference) else compute_reference(parent, heldout, val)
+    cand = [predict_clip(candidate, c) for c in heldout]
+    if any((p < 0).any() for p in cand):
+        return GateReport(False, ["candidate produces non-finite logits"], {**metrics, "finite": False})
+    metrics["finite"] = True
+    checks: list[str] = []
+    p_par, p_cand = _class_shares(ref.heldout_preds, num_classes), _class_shares(cand, num_classes)
+    names = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
+    metrics["class_share_parent"] = {n: round(float(v) * 100, 2) for n, v in zip(names, p_par)}
+    metrics["class_share_candidate"] = {n: round(float(v) * 100, 2) for n, v in zip(names, p_cand)}
+    for c in range(num_classes):
+        if p_par[c] > th.vanish_share and p_cand[c] < th.vanish_floor:
+            checks.append(f"class {names[c]!r} collapsed: parent predicts it on {p_par[c] * 100:.1f}% of "
+                          f"held-out pixels, candidate on {p_cand[c] * 100:.2f}%")
+    h_par, h_cand = _entropy(p_par), _entropy(p_cand)
+    metrics["class_entropy_parent"], metrics["class_entropy_candidate"] = round(h_par, 4), round(h_cand, 4)
+    if h_cand < th.min_entropy_ratio * h_par:
+        checks.append(f"class distribution collapsed: entropy {h_cand:.3f} < {th.min_entropy_ratio} x parent "
+                      f"{h_par:.3f}")
+    tv = 0.5 * float(np.abs(p_par - p_cand).sum())
+    metrics["class_tv"] = round(tv, 4)
+    if tv > th.max_class_tv:
+        checks.append(f"class distribution moved too far: total variation {tv:.3f} > {th.max_class_tv}")
+    (tc_par, px_par), (tc_cand, px_cand) = _tc(ref.heldout_preds, heldout, num_classes), _tc(cand, heldout,
+                                                                                             num_classes)
+    metrics["tc_parent"], metrics["tc_candidate"] = round(tc_par, 2), round(tc_cand, 2)
+    metrics["tc_pixel_parent"], metrics["tc_pixel_candidate"] = round(px_par, 2), round(px_cand, 2)
+    if tc_cand < tc_par - th.tc_tolerance:
+        checks.append(f"temporal consistency dropped: {tc_cand:.1f}% < parent {tc_par:.1f}% - {th.tc_tolerance}")
+    agree = sum(int((a == b).sum()) for a, b in zip(cand, ref.heldout_preds))
+    total = sum(a.size for a in cand)
+    agreement = 100.0 * agree / max(total, 1)
+    metrics["agreement"] = round(agreement, 2)
+    if agreement < th.min_agreement:
+        checks.append(f"agreement with the parent {agreement:.1f}% < {th.min_agreement}%")
+    if val:
+        if ref.val_preds is None:
+            raise ValueError("the reference was computed without validation clips")
+        m_par = _miou(ref.val_preds, val, num_classes, classes)
+        m_cand = _miou([predict_clip(candidate, c) for c in val], val, num_classes, classes)
+        metrics["miou_parent"], metrics["miou_candidate"] = round(m_par["miou"], 2), round(m_cand["miou"], 2)
+        metrics["warnings"] = checks
+        ok = math.isfinite(m_cand["miou"]) and m_cand["miou"] >= m_par["miou"] + th.miou_margin
+        reasons = [] if ok else [f"labeled validation mIoU {m_cand['miou']:.2f} < parent {m_par['miou']:.2f}"
+                                 + (f" + {th.miou_margin}" if th.miou_margin else "")]
+        return GateReport(ok, reasons, metrics)
+    return GateReport(not checks, checks, metrics)
+
+
+def _num_classes(model: Any) -> int:
+    if _is_module(model):
+        return int(model.num_classes)
+    return int(model.meta["architecture"]["num_classes"])

@@ -1,0 +1,141 @@
+"""I2VDA (Wu et al., ECCV 2022): image-to-video UDA, from the paper (its code is not public).
+
+Source = single labelled IMAGES (frame k only, per-frame network). Target = two consecutive frames
+I_0 = k-1 and I_1 = k. Per step:
+* temporal augmentation: a frame I_t, t ~ U(0, 1) per sample, interpolated from I_0 and I_1 with the
+  bidirectional flow (eq. 1-3, alpha = 0.5);
+* adversarial LSGAN on the per-frame predictions P^s (source), P_0 and P_t (target): the segmenter
+  is weighted 0.01 (eq. 11), the discriminator uses eq. 12;
+* temporal-augmented consistency (eq. 4-9): P_t warped to moment 1 is trained with CE against the
+  proxy network's pseudo-label of I_1, kept where its entropy < delta and it is not occluded (eta = 1);
+* the proxy network M' is a frozen copy of the model in eval mode, re-copied every ``iter_copy``
+  steps; the consistency loss starts after ``iter_launch`` steps (Algorithm 1).
+
+Choices where the paper is silent or inconsistent: delta = 0.3 (the best value of its Table 5; the
+text says 0.8); F_1->t is approximated as (1 - t) F_1->0 (the paper runs FlowNet2 on (I_1, I_t), which
+we do not ship); the occlusion check is done on I_1's grid (see ``uda_losses.occlusion_mask``);
+iter_copy / iter_launch default to 16 % of the run (8k of 50k in the paper). The source term keeps
+DeepLabV2's 0.1 x aux-head CE. Batches: see ``adaptation.methods.davsn``; the target needs extra
+``flow_fwd`` (flow k-1 -> k).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..discriminators import FCDiscriminator, set_requires_grad
+from ..losses import cross_entropy_ignore
+from ..trainer import LossOutput
+from ..uda_losses import (SOURCE, TARGET, adversarial_lsgan, entropy_pseudo_labels, interpolate_frame,
+                          occlusion_mask, scale_flow, softmax_up)
+from .supervised import SourceOnly, segmentation_ce
+from models.warp import warp
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The model without DistributedDataParallel wrappers (for copies); see ``adaptation.distributed``."""
+    from ..distributed import unwrap_model
+
+    return unwrap_model(model)
+
+
+class I2VDA(SourceOnly):
+    name = "i2vda"
+    needs = {"source": (), "target": ("flow_fwd",)}
+
+    def __init__(self, num_classes: int, lambda_adv: float = 0.01, lambda_tc: float = 1.0, alpha: float = 0.5,
+                 eta: float = 1.0, delta: float = 0.3, iter_copy: int | None = None, iter_launch: int | None = None,
+                 total_steps: int = 50_000, ndf: int = 64, aux_weight: float = 0.1, head_lr_mult: float = 10.0,
+                 seed: int = 0) -> None:
+        super().__init__(aux_weight, head_lr_mult)
+        self.lambda_adv, self.lambda_tc, self.alpha, self.eta, self.delta = lambda_adv, lambda_tc, alpha, eta, delta
+        self.iter_copy = iter_copy if iter_copy is not None else max(1, round(0.16 * total_steps))
+        self.iter_launch = iter_launch if iter_launch is not None else max(1, round(0.16 * total_steps))
+        self.disc = FCDiscriminator(num_classes, ndf)
+        self._d: nn.Module = self.disc
+        self.proxy: nn.Module | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"disc": self.disc}
+        if self.proxy is not None:
+            mods["proxy"] = self.proxy
+        return mods
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self._d = wrap(self.disc)
+
+    def aux_param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.disc.parameters()), "lr_mult": 1.0}]
+
+    aux_optimizer_options = {"betas": (0.9, 0.99)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.gen.get_state(), "has_proxy": self.proxy is not None}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        self.gen.set_state(state["rng"])
+        if state.get("has_proxy") and self.proxy is None and model is not None:
+            self._copy_proxy(model)  # its weights are then restored from the saved "proxy" module
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        self.disc.train()
+
+    def _copy_proxy(self, model: nn.Module) -> None:
+        """M' <- M (a frozen copy used in eval mode)."""
+        if self.proxy is None:
+            self.proxy = copy.deepcopy(plain_model(model))
+        else:
+            self.proxy.load_state_dict(plain_model(model).state_dict())
+        self.proxy.eval().requires_grad_(False)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput:
+        src, trg = batch["source"], batch["target"]
+        size = tuple(src["cur"].shape[-2:])
+        if step % self.iter_copy == 0 or (self.proxy is None and step >= self.iter_launch):
+            self._copy_proxy(model)
+        # Source images: the per-frame network only (no temporal information on the source side).
+        s_out = model.frame(src["cur"])
+        loss = segmentation_ce(s_out["main"], src["label"])
+        logs = {"ce": float(loss.detach())}
+        if "aux" in s_out and self.aux_weight > 0:
+            loss = loss + self.aux_weight * segmentation_ce(s_out["aux"], src["label"])
+        # Temporal augmentation: I_t between I_0 = k-1 and I_1 = k.
+        i0, i1, f10, f01 = trg["prev"], trg["cur"], trg["flow"], trg["flow_fwd"]
+        t = torch.rand(i0.shape[0], generator=self.gen).to(i0.device)
+        with torch.no_grad():
+            it = interpolate_frame(i0, i1, f10, f01, t, self.alpha)
+        p0 = model.frame(i0)["main"]
+        pt = model.frame(it)["main"]
+        # Adversarial (LSGAN) on per-frame softmax maps; the discriminator is frozen for this term.
+        set_requires_grad([self.disc], False)
+        adv = adversarial_lsgan(self._d(softmax_up(p0, size)), SOURCE) + \
+            adversarial_lsgan(self._d(softmax_up(pt, size)), SOURCE)
+        set_requires_grad([self.disc], True)
+        loss = loss + self.lambda_adv * adv
+        logs["adv"] = float(adv.detach())
+        if step >= self.iter_launch and self.proxy is not None:
+            with torch.no_grad():
+                p1 = self.proxy.frame(i1)["main"]
+                probs1 = softmax_up(p1, size)
+                pl = entropy_pseudo_labels(probs1, self.delta, occlusion_mask(f10, f01, self.eta))
+            # P_1^W = W(P_t, F_1->t) with F_1->t ~ (1 - t) F_1->0 (linear motion between the frames).
+            pt_up = F.interpolate(pt, size=size, mode="bilinear", align_corners=True)
+            p1w, valid = warp(pt_up, scale_flow(f10, 1.0 - t))
+            pl = pl.masked_fill(valid[:, 0] <= 0, 255)
+            tc = cross_entropy_ignore(p1w, pl)
+            loss = loss + self.lambda_tc * tc
+            logs["tc"] = float(tc.detach())
+            logs["pl_kept"] = float((pl != 255).float().mean())
+        d_loss = adversarial_lsgan(self._d(softmax_up(s_out["main"].detach(), size)), SOURCE) + \
+            0.5 * adversarial_lsgan(self._d(softmax_up(p0.detach(), size)), TARGET) + \
+            0.5 * adversarial_lsgan(self._d(softmax_up(pt.detach(), size)), TARGET)
+        logs["d_loss"] = float(d_loss.detach())
+        return LossOutput(loss, d_loss, logs)

@@ -1,0 +1,224 @@
+"""Offline source-free adaptation driver: parent model + unlabeled target clips -> gated candidate.
+
+Used by ``vss adapt`` and by the adaptation worker (frames from its clip buffer, a ``should_stop``
+callback and progress callbacks). Steps: hold out clips for the gate, copy the parent, re-estimate
+BatchNorm statistics on the target frames (so teachers see target statistics), build the method,
+run the ONE training loop (``adaptation.trainer.train``), then gate the candidate against the parent
+on the held-out clips. Nothing is written here: the caller saves ``result.model`` with
+``result.meta`` only when ``result.report.passed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.accel import AccelSegmenter
+from models.checkpoint import make_meta
+from models.config import ModelConfig
+
+from .clips import PairSampler, TargetClip, class_balanced_weights, data_sha256, frames_tensor, split_heldout
+from .gate import GateReport, GateThresholds, gate
+from .methods import METHODS, build_method
+from .methods.bn import recalibrate_bn
+from .trainer import Cancelled, NonFiniteLoss, TrainConfig, TrainResult, train
+
+SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain")
+
+# Recommended settings per method (chosen with bench/adaptation.py on the synthetic benchmark).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "bn": {"lr": 0.0, "options": {}},
+    "tent": {"lr": 1e-3, "options": {}},
+    "itcr": {"lr": 1e-4, "options": {}},
+    "stpl": {"lr": 1e-4, "options": {}},
+    "selftrain": {"lr": 1e-4, "options": {}},
+}
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class AdaptConfig:
+    """Everything that defines an adaptation run (recorded in the checkpoint meta)."""
+
+    method: str = "stpl"
+    options: dict[str, Any] = field(default_factory=dict)  # method keyword arguments (over DEFAULTS)
+    steps: int = 200
+    lr: float | None = None  # None: the method's default
+    optimizer: str = "adam"
+    grad_clip: float | None = 1.0
+    time_budget_s: float | None = None  # time for BN pre-pass + training (the gate is extra)
+    budget_clock: str = "wall"  # "wall", or "cpu": CPU seconds of this process (load-independent)
+    seed: int = 0
+    batch_size: int = 2
+    crop: tuple[int, int] | None = None
+    flip: bool = True
+    sampling: str = "class-balanced"  # or "random"
+    heldout_fraction: float = 0.25
+    chunk: int = 16  # frames per piece when splitting held-out clips
+    bn_prepass: bool = True  # re-estimate BN statistics on target frames before training
+    prepass_frames: int = 32  # at most this many frames (evenly spaced) in the pre-pass
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration with method defaults filled in."""
+        if self.method not in SOURCE_FREE:
+            raise ValueError(f"unknown source-free method {self.method!r}; choose one of {SOURCE_FREE}")
+        d = asdict(self)
+        d["lr"] = DEFAULTS[self.method]["lr"] if self.lr is None else self.lr
+        d["options"] = {**DEFAULTS[self.method]["options"], **self.options}
+        return d
+
+
+@dataclass
+class AdaptResult:
+    model: AccelSegmenter  # the candidate (eval mode)
+    report: GateReport
+    meta: dict[str, Any]  # checkpoint meta for the candidate (includes the gate report)
+    train: TrainResult | None
+    elapsed_s: float
+
+
+class Budget:
+    """Seconds spent since creation on the wall clock, or as CPU time of this process (all threads).
+
+    The CPU clock makes a budget mean the same work on a loaded shared machine as on an idle one
+    (benchmarks). It is conservative: a compute-bound process keeps at least one core busy, so S
+    CPU-seconds never take more than S seconds of wall time on an idle machine. The wall clock is
+    what a service worker wants.
+    """
+
+    def __init__(self, seconds: float | None, clock: str = "wall") -> None:
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"budget clock must be wall or cpu, got {clock!r}")
+        self.seconds, self.clock = seconds, clock
+        self.start = self._now()
+
+    def _now(self) -> float:
+        return time.process_time() if self.clock == "cpu" else time.monotonic()
+
+    def spent(self) -> float:
+        return self._now() - self.start
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else max(0.0, self.seconds - self.spent())
+
+
+def until_spent(batches: Iterator[dict[str, Any]], budget: Budget) -> Iterator[dict[str, Any]]:
+    """Yield batches until the budget is spent (the loop then stops with ``stopped_by="data"``)."""
+    for batch in batches:
+        if budget.left() == 0.0:
+            return
+        yield batch
+
+
+def _spaced(frames: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    if len(frames) <= limit:
+        return frames
+    idx = np.linspace(0, len(frames) - 1, limit).round().astype(int)
+    return [frames[i] for i in idx]
+
+
+@torch.no_grad()
+def _predicted_histograms(model: AccelSegmenter, clips: Sequence[TargetClip], num_classes: int,
+                          batch: int = 4) -> np.ndarray:
+    """Per (t-1, t) pair: the model's predicted class pixel counts on frame t.
+
+    Computed in eval mode on frames downscaled by 2 (a quarter of the cost; class shares barely move).
+    """
+    model.eval()
+    frames = [clip.frames[t] for clip in clips for t in range(1, len(clip))]
+    out = []
+    for i in range(0, len(frames), batch):
+        x = frames_tensor(np.stack(frames[i:i + batch]))
+        x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        logits = model.frame(x)["main"]
+        for lab in logits.argmax(1):
+            out.append(torch.bincount(lab.flatten(), minlength=num_classes)[:num_classes].numpy())
+    return np.stack(out)
+
+
+def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[TargetClip], cfg: AdaptConfig,
+          parent_ref: str | None = None, val: Sequence[TargetClip] | None = None,
+          heldout: Sequence[TargetClip] | None = None, thresholds: GateThresholds = GateThresholds(),
+          on_log: Callable[[int, dict[str, float]], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, on_progress: ProgressFn | None = None,
+          provenance: dict[str, Any] | None = None) -> AdaptResult:
+    """Adapt a copy of ``parent`` to ``clips`` and gate it. The parent itself is never modified.
+
+    ``heldout``: gate clips; by default a share of ``clips`` is held out (``split_heldout``). ``val``:
+    labeled validation clips (the gate is then decided by mIoU). Raises ``Cancelled`` when
+    ``should_stop()`` turns true; a diverging run (non-finite loss) returns a rejected report.
+    """
+    t0 = time.monotonic()
+    budget = Budget(cfg.time_budget_s, cfg.budget_clock)
+    settings = cfg.resolved()
+    progress = on_progress or (lambda stage, info: None)
+    train_clips = list(clips)
+    if heldout is None:
+        train_clips, heldout = split_heldout(clips, cfg.heldout_fraction, cfg.chunk)
+    torch.manual_seed(cfg.seed)
+    candidate = copy.deepcopy(parent)
+    num_classes = int(candidate.num_classes)
+    if cfg.bn_prepass and cfg.method != "bn":
+        progress("bn_prepass", {"frames": min(cfg.prepass_frames, sum(len(c) for c in train_clips))})
+        frames = _spaced([f for c in train_clips for f in c.frames], cfg.prepass_frames)
+        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])) for i in range(0, len(frames), 4)))
+    weights = None
+    if cfg.sampling == "class-balanced":
+        weights = class_balanced_weights(_predicted_histograms(candidate, train_clips, num_classes))
+    if should_stop is not None and should_stop():
+        raise Cancelled("cancelled before training")
+    method = build_method(cfg.method, seed=cfg.seed, **settings["options"])
+    sampler = PairSampler(train_clips, cfg.batch_size, cfg.sampling, weights, cfg.crop, cfg.flip, cfg.seed)
+    batches: Iterator[dict[str, Any]] = iter(sampler)
+    wall_left = None
+    if cfg.time_budget_s is not None:
+        if cfg.budget_clock == "cpu":
+            batches = until_spent(batches, budget)
+        else:
+            wall_left = budget.left()
+    tcfg = TrainConfig(steps=cfg.steps, lr=settings["lr"], optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
+                       time_budget_s=wall_left, log_every=10)
+    progress("train", {"steps": cfg.steps})
+    result: TrainResult | None = None
+    failure: str | None = None
+    try:
+        result = train(candidate, method, batches, tcfg, on_log=on_log, should_stop=should_stop)
+    except NonFiniteLoss as e:
+        failure = f"training diverged: {e}"
+    finish = getattr(method, "finish", None)
+    if finish is not None:
+        finish(candidate)
+    candidate.eval()
+    progress("gate", {"heldout_clips": len(heldout)})
+    if failure is not None:
+        report = GateReport(False, [failure], {"finite": False})
+    else:
+        report = gate(parent, candidate, heldout, val, thresholds, classes=parent_meta.get("classes"))
+    elapsed = time.monotonic() - t0
+    train_info: dict[str, Any] = {"steps": 0, "seconds": None, "stopped_by": "error"}
+    if result is not None:
+        last = result.history[-1] if result.history else {}
+        train_info = {"steps": result.steps, "seconds": round(result.elapsed_s, 2), "stopped_by": result.stopped_by,
+                      "final": {k: round(v, 5) for k, v in last.items()}}
+    meta = make_meta(ModelConfig.from_dict(parent_meta["architecture"]), parent_meta["classes"],
+                     parent_meta["palette"], tuple(parent_meta["input_size"]), parent=parent_ref,
+                     source="adaptation.sourcefree", method=cfg.method, hyperparameters=settings,
+                     data_sha256=data_sha256(list(train_clips) + list(heldout)),
+                     data={"train_frames": sum(len(c) for c in train_clips),
+                           "heldout_frames": sum(len(c) for c in heldout),
+                           "val_frames": sum(len(c) for c in val) if val else 0},
+                     train=train_info, gate=report.to_dict(), **(provenance or {}))
+    progress("done", {"passed": report.passed, "seconds": round(elapsed, 2)})
+    return AdaptResult(candidate, report, meta, result, elapsed)
+
+
+def available_methods() -> tuple[str, ...]:
+    """Source-free methods that are registered (all of ``SOURCE_FREE``)."""
+    return tuple(m for m in SOURCE_FREE if m in METHODS)

@@ -1,0 +1,223 @@
+"""The FastAPI application factory. Everything is built inside ``create_app``; nothing at import.
+
+``app.state`` carries ``settings``, ``registry`` (on-disk versions), ``engine_manager`` (the only
+owner of the live engine) and ``metrics``; routes reach them through ``service.deps``.
+Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.checkpoint import CheckpointError
+
+from . import routes
+from .deps import ApiError
+from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
+from .metrics import QUIET_ROUTES, REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var
+from .registry import ModelRegistry
+from .settings import Settings
+
+log = logging.getLogger("vss.http")
+
+DESCRIPTION = """
+**vss** segments videos semantically (road, sidewalk, building, ...) with an ACCEL-style video model
+(per-frame DeepLabV2 + optical-flow warp of the previous frame's scores + 1x1 fusion) and adapts the
+served model to the videos it receives, swapping improved versions in without dropping a request.
+
+* **Segment** an uploaded video (`POST /v1/segment`) or a live stream of frames (`WS /v1/stream`).
+* **Models**: every version lives in a registry directory (`v0001/`, `v0002/`, ...). `GET /v1/models`
+  lists them; `POST /v1/models/{version}/activate` deploys or rolls back (all replicas sharing the
+  directory follow).
+* **Operations**: `/healthz` (liveness), `/readyz` (a warmed-up model serves), `/metrics` (Prometheus).
+
+Mutating routes need `Authorization: Bearer <VSS_API_KEY>` when the server has a key. Every error is
+`{"error": {"code": "...", "message": "..."}}`; every response carries an `X-Request-ID`.
+"""
+
+OPENAPI_TAGS = [
+    {"name": "segment", "description": "Segment uploaded videos; long ones run as jobs."},
+    {"name": "stream", "description": "Segment a live stream of frames over a websocket."},
+    {"name": "models", "description": "Model versions in the registry: list, inspect, activate, roll back."},
+    {"name": "operations", "description": "Liveness, readiness and Prometheus metrics."},
+    {"name": "web", "description": "The browser page and what it needs."},
+]
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+               422: "invalid_request", 429: "too_many_requests", 500: "internal_error", 503: "unavailable"}
+
+
+def error_body(status: int, code: str | None, message: str, details: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code or ERROR_CODES.get(status, "http_error"), "message": message}
+    if details is not None:
+        error["details"] = details
+    request_id = request_id_var.get()
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. ``engine_factory`` replaces the torch/ONNX factory (tests inject fakes)."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings.model_dir)
+    options = EngineOptions(settings.engine, settings.device, settings.half, settings.intra_op_threads,
+                            settings.onnx_exporter, settings.onnx_tensorrt, settings.cache_dir)
+    manager = EngineManager(registry, engine_factory or make_engine_factory(options),
+                            poll_interval_s=settings.registry_poll_ms / 1000.0,
+                            retry_failed_s=settings.registry_retry_s, warmup=settings.warmup)
+    metrics.watch_engine(manager)
+    if settings.intra_op_threads and settings.engine == "torch":
+        import torch
+
+        # Process-wide: threads that have not run torch ops yet (the inference threads) inherit it.
+        torch.set_num_threads(settings.intra_op_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_prepare, settings, registry)
+        manager.start()  # loads the active version in the background; /readyz says when it is done
+        try:
+            yield
+        finally:
+            await run_in_threadpool(manager.stop)
+
+    app = FastAPI(title="vss", summary="Video semantic segmentation that adapts itself to your videos",
+                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.engine_manager = manager
+    app.state.metrics = metrics
+    _add_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    for router in routes.routers():
+        app.include_router(router)
+    return app
+
+
+def _prepare(settings: Settings, registry: ModelRegistry) -> None:
+    """Startup work before serving: registry directory and first-start seeding."""
+    registry.ensure()
+    try:
+        seeded = registry.seed(settings.demo_model)
+    except CheckpointError as e:
+        log.error("cannot seed the registry from %s: %s", settings.demo_model, e)
+        return
+    if seeded:
+        log.info("initialised model registry %s with %s from %s", registry.root, seeded, settings.demo_model)
+    elif not registry.versions():
+        log.warning("model registry %s is empty and no demo model is configured; "
+                    "import one with `vss models import PATH`", registry.root)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vss")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.details), exc.status, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, None, str(exc.detail)), exc.status_code,
+                            getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(error_body(422, "invalid_request", message, errors), 422)
+
+
+class RequestContextMiddleware:
+    """Request ids (``X-Request-ID`` in and out), per-route metrics, one JSON log line per request,
+    and a JSON 500 for unhandled exceptions (logged with the request id, never a traceback to the client).
+
+    Pure ASGI (not ``BaseHTTPMiddleware``), so streaming responses and websockets pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        is_http = scope["type"] == "http"
+        state = {"status": 500 if is_http else 1000, "started": False}
+        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.accept"):
+                message = {**message, "headers": [*message.get("headers", []), header]}
+                state["started"] = True
+                if kind == "http.response.start":
+                    state["status"] = message["status"]
+            elif kind == "websocket.close":
+                state["status"] = message.get("code", 1000)
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            state["status"] = 500 if is_http else 1011
+            log.exception("unhandled error in %s %s", scope.get("method", "WS"), scope.get("path"))
+            if not is_http or state["started"]:
+                raise
+            response = JSONResponse(error_body(500, "internal_error", "internal server error"), 500)
+            await response(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, state["status"], time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        method = scope.get("method", "WS")
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.latency.labels(method, route).observe(seconds)
+        if route in QUIET_ROUTES:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+            if status >= 500 and scope["type"] == "http":
+                level = logging.WARNING if status == 503 else logging.ERROR  # 503: not ready / overloaded
+        log.log(level, "%s %s %s", method, scope.get("path"), status,
+                extra={"method": method, "path": scope.get("path"), "route": route, "status": status,
+                       "duration_ms": round(seconds * 1000, 2),
+                       "client": (scope.get("client") or ("", 0))[0]})

@@ -1,0 +1,167 @@
+"""`vss adapt`: source-free adaptation of a checkpoint to unlabeled videos, gated before it is written.
+
+    vss adapt --method stpl --video a.mp4 b.mp4 -o adapted/ [--steps 200 --lr 1e-4 --time-budget 60]
+              [--checkpoint IN] [--val-video v.mp4 --val-labels labels/]
+
+IN defaults to the bundled demo model. OUT is a new checkpoint directory whose meta records the
+parent, method, hyperparameters, a sha256 of the input data and the gate metrics. A candidate the
+gate rejects is not written: the reasons are printed and the exit status is 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_REJECTED = 3
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from adaptation.sourcefree import SOURCE_FREE
+
+    p = sub.add_parser("adapt", help="adapt a model to unlabeled target videos (source-free) and gate it",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=SOURCE_FREE, default="stpl", help="adaptation method (default: stpl)")
+    p.add_argument("--video", nargs="+", required=True, metavar="V", help="unlabeled target videos")
+    p.add_argument("--checkpoint", metavar="IN", help="parent checkpoint directory (default: the demo model)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="new checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps (default: 200)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    p.add_argument("--time-budget", type=float, metavar="S", help="stop training after S seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=2, help="(t-1, t) pairs per step (default: 2)")
+    p.add_argument("--sampling", choices=("class-balanced", "random"), default="class-balanced")
+    p.add_argument("--max-frames", type=int, default=300, help="frames decoded per video (default: 300)")
+    p.add_argument("--stride", type=int, default=1, help="keep every STRIDE-th frame (default: 1)")
+    p.add_argument("--flow", default="dis", help="flow provider at model input size: dis, dis-fast, none, ...")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. --option fusion=concat --option ce_weight=0.5)")
+    p.add_argument("--val-video", metavar="V", help="labeled validation video (makes the gate decide on mIoU)")
+    p.add_argument("--val-labels", metavar="DIR", help="one label image per frame of --val-video (sorted names)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are JSON when they parse (numbers, true/false), strings otherwise."""
+    from service.cli import CLIError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def read_video(path: str, max_frames: int, stride: int) -> list[np.ndarray]:
+    from service.cli import CLIError
+    from service.video import read_frames
+
+    if not Path(path).is_file():
+        raise CLIError(f"video not found: {path}")
+    frames = list(read_frames(path, max_frames=max_frames, stride=stride))
+    if len(frames) < 2:
+        raise CLIError(f"{path}: need at least 2 frames, got {len(frames)}")
+    return frames
+
+
+def read_label_image(path: Path, palette: list[list[int]]) -> np.ndarray:
+    """Class-index image (grey or palette PNG), or an RGB colour image mapped through ``palette``."""
+    from PIL import Image
+
+    from service.cli import CLIError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("P", "L", "I;16", "I"):
+                return np.asarray(img).astype(np.uint8)
+            rgb = np.asarray(img.convert("RGB"))
+    except OSError as e:
+        raise CLIError(f"cannot read label image {path}: {e}") from e
+    out = np.full(rgb.shape[:2], 255, np.uint8)
+    for idx, colour in enumerate(palette):
+        out[(rgb == np.asarray(colour, np.uint8)).all(-1)] = idx
+    return out
+
+
+def read_labels(directory: str, palette: list[list[int]]) -> list[np.ndarray]:
+    from service.cli import CLIError
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise CLIError(f"--val-labels must be a directory of label images: {directory}")
+    files = sorted(f for f in d.iterdir() if f.suffix.lower() in LABEL_SUFFIXES)
+    if not files:
+        raise CLIError(f"no label images ({', '.join(LABEL_SUFFIXES)}) in {directory}")
+    return [read_label_image(f, palette) for f in files]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaptation.clips import prepare_clip
+    from adaptation.sourcefree import AdaptConfig, adapt
+    from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+    from models.flow import build_flow
+    from service.cli import CLIError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"output {out} already exists and is not an empty directory")
+    if (args.val_video is None) != (args.val_labels is None):
+        raise CLIError("--val-video and --val-labels go together")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    parent_dir = Path(args.checkpoint) if args.checkpoint else DEMO_MODEL
+    try:
+        parent, meta = load_checkpoint(parent_dir)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from e
+    size = tuple(meta["input_size"])
+    flow = build_flow(args.flow)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    clips = []
+    for v in args.video:
+        frames = read_video(v, args.max_frames, args.stride)
+        clips.append(prepare_clip(frames, size, flow_provider=flow))
+        log(f"{v}: {len(frames)} frames")
+    val = None
+    if args.val_video:
+        labels = read_labels(args.val_labels, meta["palette"])
+        frames = read_video(args.val_video, len(labels), 1)
+        if len(frames) != len(labels):
+            raise CLIError(f"{args.val_video} has {len(frames)} frames but {args.val_labels} has {len(labels)} labels")
+        val = [prepare_clip(frames, size, labels=np.stack(labels), flow_provider=flow)]
+    cfg = AdaptConfig(method=args.method, options=parse_options(args.option), steps=args.steps, lr=args.lr,
+                      time_budget_s=args.time_budget, seed=args.seed, batch_size=args.batch_size,
+                      sampling=args.sampling)
+    inputs = [{"path": Path(v).name, "sha256": sha256_file(Path(v))} for v in args.video]
+    torch.manual_seed(args.seed)
+    result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val,
+                   on_log=lambda step, logs: log(f"step {step} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
+                                                                            if k != "step")),
+                   on_progress=lambda stage, info: log(f"[{stage}] {json.dumps(info)}"),
+                   provenance={"inputs": inputs, "flow": args.flow})
+    gate_metrics = {k: v for k, v in result.report.metrics.items() if not k.startswith("class_share")}
+    log(f"gate: {'passed' if result.report.passed else 'REJECTED'} {json.dumps(gate_metrics)}")
+    if not result.report.passed:
+        print("vss: adapt: candidate rejected by the gate, nothing written:", file=sys.stderr)
+        for reason in result.report.reasons:
+            print(f"  - {reason}", file=sys.stderr)
+        return EXIT_REJECTED
+    save_checkpoint(out, result.model, result.meta)
+    print(str(out))
+    return 0

@@ -1,0 +1,130 @@
+"""`vss eval --video V --labels DIR`: mIoU, per-class IoU and temporal consistency of a checkpoint on a clip.
+
+Prints one JSON object: ``{"miou", "per_class", "tc", "frames", ...}``. The labels directory holds
+``000000.png`` ... (palette-mode PNGs as written by `vss synth`, or greyscale index PNGs; 255 = ignore).
+``tc`` is the share (percent) of valid pixels whose prediction agrees with the previous frame's
+prediction warped by the flow provider (zero flow under ``--flow none``).
+
+Other data sources (e.g. ``--data SPEC``) can be added as further options handled in ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.cli import CLIError
+
+from .segment import add_model_arguments, load_engine, make_flow, positive_int, progress_bar
+
+if TYPE_CHECKING:
+    from models.flow import FlowProvider
+    from service.engine import Engine
+
+
+def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: Path,
+                   max_frames: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """Stream the video through the model and score every frame that has a label PNG."""
+    from adaptation.metrics import confusion_matrix, miou, temporal_consistency
+    from service.outputs import read_label_png
+    from service.pipeline import StreamSegmenter, resize_rgb
+    from service.video import read_frames
+
+    if not labels_dir.is_dir():
+        raise CLIError(f"labels directory not found: {labels_dir}")
+    n_labels = len(list(labels_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")))
+    if n_labels == 0:
+        raise CLIError(f"no label PNGs (000000.png ...) in {labels_dir}")
+    classes = list(engine.meta["classes"])
+    segmenter = StreamSegmenter(engine, flow)
+    conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    agree = valid = scored = 0
+    prev_pred = prev_frame = None
+    limit = n_labels if max_frames is None else min(n_labels, max_frames)
+    for i, frame in enumerate(read_frames(video, max_frames=limit)):
+        path = labels_dir / f"{i:06d}.png"
+        if not path.is_file():
+            break
+        label = read_label_png(path)
+        segmenter.output_size = label.shape
+        pred = segmenter.step(frame).labels
+        conf += confusion_matrix(pred, label, len(classes))
+        small = resize_rgb(frame, label.shape)
+        if prev_pred is not None:
+            motion = flow(prev_frame, small)
+            motion = np.zeros((*label.shape, 2), np.float32) if motion is None else motion
+            a, v = temporal_consistency(pred, prev_pred, motion)
+            agree, valid = agree + a, valid + v
+        prev_pred, prev_frame = pred, small
+        scored += 1
+        if progress is not None:
+            progress(scored, limit)
+    if scored == 0:
+        raise CLIError(f"no frame of {video} has a label in {labels_dir}")
+    scores = miou(conf, classes)
+    return {"miou": round(float(scores["miou"]), 2), "per_class": scores["per_class"],
+            "tc": round(100.0 * agree / valid, 2) if valid else None, "frames": scored,
+            "model_version": engine.version, "flow": getattr(flow, "name", type(flow).__name__)}
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """``--data SPEC``: mIoU per class and TC on a dataset's validation split (adaptation.evaluate)."""
+    from adaptation.datasets import DatasetError
+    from adaptation.evaluate import evaluate_checkpoint
+    from models.checkpoint import CheckpointError
+
+    from .segment import default_checkpoint
+
+    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    if not (checkpoint / "meta.json").is_file():
+        raise CLIError(f"checkpoint directory not found or incomplete: {checkpoint}")
+    try:
+        result = evaluate_checkpoint(checkpoint, args.data, split=args.split, flow=args.data_flow,
+                                     flow_dir=args.flow_dir, max_items=args.max_items, device=args.device,
+                                     native_labels=args.native_labels)
+    except (DatasetError, CheckpointError) as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps(result))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "data", None) is not None:
+        if args.video is not None:
+            raise CLIError("give either --video/--labels or --data, not both")
+        return run_data(args)
+    if args.video is None or args.labels is None:
+        raise CLIError("eval needs --video V and --labels DIR (or --data SPEC)")
+    if not args.video.is_file():
+        raise CLIError(f"video not found: {args.video}")
+    engine = load_engine(args.checkpoint, args.device)
+    flow = make_flow(args)
+    with progress_bar("eval") as progress:
+        result = evaluate_video(engine, flow, args.video, args.labels, args.max_frames, progress)
+    print(json.dumps(result))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score a checkpoint on a labelled clip (mIoU, temporal consistency)",
+                       description="Score a checkpoint on a video with label PNGs; prints JSON.")
+    p.add_argument("--video", type=Path, default=None, metavar="V", help="input video")
+    p.add_argument("--labels", type=Path, default=None, metavar="DIR", help="directory of label PNGs 000000.png ...")
+    add_model_arguments(p)
+    p.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="score at most N frames")
+    data = p.add_argument_group("dataset evaluation (instead of --video)")
+    data.add_argument("--data", default=None, metavar="SPEC",
+                      help="viper:PATH, synthia-seq:PATH, cityscapes-seq:PATH or synthetic:STYLE")
+    data.add_argument("--split", default="val", help="dataset split (default val)")
+    data.add_argument("--data-flow", default=None, choices=("precomputed", "dis", "gt", "none"),
+                      help="flow for --data (default: gt for synthetic, precomputed DA-VSN files otherwise)")
+    data.add_argument("--flow-dir", default=None, metavar="DIR", help="directory of precomputed flow files")
+    data.add_argument("--max-items", type=positive_int, default=None, metavar="N", help="evaluate N items at most")
+    data.add_argument("--native-labels", action="store_true",
+                      help="score at the labels' own resolution (DA-VSN protocol) instead of the input size")
+    p.set_defaults(func=run)
+    return p

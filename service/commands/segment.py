@@ -1,0 +1,144 @@
+"""`vss segment VIDEO -o OUT`: segment a video file into label PNGs (zip), an overlay MP4 or JSON stats.
+
+Also home of the helpers the other file-based commands share: the bundled demo model location,
+loading a checkpoint into an engine, flow provider options and the TTY-only progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.cli import CLIError
+
+if TYPE_CHECKING:  # heavy imports (torch) stay out of `vss --help`
+    from models.flow import FlowProvider
+    from service.engine import TorchEngine
+
+FLOW_CHOICES = ("dis", "dis-ultrafast", "dis-fast", "dis-medium", "none", "raft", "raft-large")
+
+
+def default_checkpoint() -> Path:
+    """The bundled demo model directory, resolved relative to the installed ``service`` package."""
+    return Path(__file__).resolve().parent.parent / "demo_model"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and strides."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --flow, --raft-weights, --device: shared by segment, eval and demo."""
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                        help="checkpoint directory (model.safetensors + meta.json); default: the bundled demo model")
+    parser.add_argument("--flow", default="dis", choices=FLOW_CHOICES,
+                        help="optical flow between consecutive frames (default: dis, OpenCV DIS on the CPU)")
+    parser.add_argument("--raft-weights", type=Path, default=None, metavar="PATH",
+                        help="local torchvision RAFT weights for --flow raft (nothing is downloaded)")
+    parser.add_argument("--device", default="cpu", help="torch device for the network (default: cpu)")
+
+
+def load_engine(checkpoint: Path | None, device: str = "cpu") -> TorchEngine:
+    """Load a checkpoint directory (default: the demo model) into a torch engine."""
+    from models.checkpoint import load_checkpoint
+    from service.engine import TorchEngine
+
+    directory = checkpoint if checkpoint is not None else default_checkpoint()
+    if checkpoint is None and not (directory / "meta.json").is_file():
+        raise CLIError(f"the bundled demo model is missing ({directory}); pass --checkpoint DIR")
+    if not directory.is_dir():
+        raise CLIError(f"checkpoint directory not found: {directory}")
+    model, meta = load_checkpoint(directory)
+    try:
+        return TorchEngine(model, meta, version=directory.name, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown or unavailable device
+        raise CLIError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from e
+
+
+def make_flow(args: argparse.Namespace) -> FlowProvider:
+    """The flow provider named by --flow (RAFT needs --raft-weights)."""
+    from models.flow import build_flow
+
+    weights = str(args.raft_weights) if args.raft_weights is not None else None
+    if args.flow.startswith("raft") and weights is None:
+        raise CLIError("--flow raft needs --raft-weights PATH (local torchvision RAFT weights)")
+    try:
+        return build_flow(args.flow, raft_weights=weights)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # torch.load / load_state_dict raise many types for a wrong or corrupt file
+        raise CLIError(f"cannot load RAFT weights {weights}: not a torchvision RAFT state dict "
+                       f"({type(e).__name__})") from e
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm ``progress(done, total)`` callback when stderr is a terminal, else ``None``."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="frame", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format:
+        return str(args.format)
+    suffix = args.output.suffix.lower().lstrip(".")
+    return suffix if suffix in ("zip", "mp4", "json") else "zip"
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.outputs import segment_video
+
+    if args.output.is_dir():
+        raise CLIError(f"output {args.output} is a directory; give a file name")
+    fmt = _format(args)
+    if not args.video.is_file():
+        raise CLIError(f"video not found: {args.video}")
+    engine = load_engine(args.checkpoint, args.device)
+    flow = make_flow(args)
+    with progress_bar("segment") as progress:
+        try:
+            summary = segment_video(engine, flow, args.video, args.output, fmt, max_frames=args.max_frames,
+                                    stride=args.stride, progress=progress)
+        except OSError as e:
+            raise CLIError(f"cannot write {args.output}: {e.strerror or e}") from e
+    print(json.dumps(summary))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment a video file",
+                       description="Segment a video into label PNGs (zip), an overlay MP4 or per-frame JSON stats.")
+    p.add_argument("video", type=Path, metavar="VIDEO", help="input video (any container/codec FFmpeg decodes)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output file")
+    p.add_argument("--format", choices=("zip", "mp4", "json"), default=None,
+                   help="output format (default: from OUT's extension, else zip)")
+    add_model_arguments(p)
+    p.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="segment at most N frames")
+    p.add_argument("--stride", type=positive_int, default=1, metavar="K", help="segment every K-th frame")
+    p.set_defaults(func=run)

@@ -1,0 +1,139 @@
+"""Observability: Prometheus metrics (one ``CollectorRegistry`` per app), request ids, JSON-lines logs.
+
+Other modules record through the ``Metrics`` object on ``app.state.metrics`` (``service.deps.get_metrics``):
+``metrics.frames_segmented.labels(source="upload").inc(n)``, ``metrics.frames_dropped.labels(
+reason="stale").inc()``, ``metrics.inference_seconds.labels(stage="frame").observe(dt)``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .live import EngineManager
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("vss_request_id", default=None)
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug level only
+
+
+class Metrics:
+    """All metric series of one app, registered in a private registry (tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("vss_http_requests_total", "HTTP requests and websocket sessions by route",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("vss_http_request_duration_seconds", "Request latency by route (websockets: "
+                                 "session length)", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("vss_http_requests_in_flight", "Requests being served", registry=r)
+        self.frames_segmented = Counter("vss_frames_segmented_total", "Frames segmented", ["source"], registry=r)
+        self.frames_dropped = Counter("vss_frames_dropped_total", "Frames dropped (e.g. stale stream frames)",
+                                      ["reason"], registry=r)
+        self.inference_seconds = Histogram("vss_inference_seconds", "Engine time per call", ["stage"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_sessions = Gauge("vss_stream_sessions", "Open websocket stream sessions", registry=r)
+        for source in ("upload", "stream"):  # export the series at 0 before the first frame
+            self.frames_segmented.labels(source=source)
+        self.frames_dropped.labels(reason="stale")
+
+    def watch_engine(self, manager: EngineManager) -> None:
+        """Export the manager's active version, swap and failure counters at scrape time."""
+        self.registry.register(_EngineCollector(manager))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine manager's state when Prometheus scrapes (no bookkeeping on the hot path)."""
+
+    def __init__(self, manager: EngineManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Any]:
+        m = self.manager
+        engine = m.peek()
+        info = InfoMetricFamily("vss_model", "The model version this process serves")
+        if engine is not None:
+            info.add_metric([], {"version": engine.version, "backend": engine.backend,
+                                 "active_pointer": _safe_active(m) or ""})
+        yield info
+        active = GaugeMetricFamily("vss_model_active", "1 for the version being served", labels=["version"])
+        if engine is not None:
+            active.add_metric([engine.version], 1.0)
+        yield active
+        yield GaugeMetricFamily("vss_model_ready", "1 once a warmed-up model serves", value=float(engine is not None))
+        yield CounterMetricFamily("vss_model_swaps", "Hot swaps to another model version", value=m.swaps)
+        yield CounterMetricFamily("vss_model_swap_failures", "Model versions that failed to load",
+                                  value=m.swap_failures)
+        yield GaugeMetricFamily("vss_model_loaded_timestamp_seconds", "When the serving version was loaded",
+                                value=m.loaded_at or 0.0)
+
+
+def _safe_active(manager: EngineManager) -> str | None:
+    try:
+        return manager.registry.active()
+    except Exception:  # a scrape must not fail because the pointer file is being replaced or broken
+        return None
+
+
+def new_request_id(incoming: str | None) -> str:
+    """Keep a well-formed incoming id (so ids follow a request across services), else make one."""
+    if incoming and _VALID_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+# --- logging ---------------------------------------------------------------------------------
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                               "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, and any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            out["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in out and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "info", json_lines: bool = True) -> None:
+    """Route all logs (ours, uvicorn's, libraries') to stderr; called by ``vss serve``, not at import."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,230 @@
+"""Segment a whole video file into one of three outputs, written atomically (temp file + rename).
+
+- ``zip``: one palette-mode PNG label map per frame (``000000.png`` ...) at the video's resolution,
+  plus ``manifest.json`` (the summary: classes, palette, model version, fps, frame count ``frames``, and
+  ``per_frame`` class shares);
+- ``mp4``: the frames with the labels blended over them and a class legend (H.264);
+- ``json``: ``{"summary": {...}, "frames": [{"index", "source_index", "class_fractions", "latency_ms"}]}``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from models.flow import FlowProvider
+
+from .engine import Engine
+from .pipeline import FrameResult, StreamSegmenter, overlay
+from .video import FILE_MODE, VideoInfo, VideoWriter, probe_video, read_frames
+
+FORMATS = ("zip", "mp4", "json")
+Progress = Callable[[int, int], None]
+
+
+def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an (H, W) uint8 label map as a palette-mode PNG (pixel value = class index)."""
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = palette
+    image.putpalette(flat.ravel().tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a label map PNG: palette mode (indices) or greyscale (values are class indices)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: label PNGs must be palette or greyscale images, got mode {image.mode}")
+        return np.asarray(image).astype(np.uint8)
+
+
+def legend(classes: list[str], palette: np.ndarray, height: int) -> np.ndarray:
+    """An RGB swatch + name list of the classes, scaled to a frame of ``height`` pixels."""
+    scale = float(np.clip(height / 720.0, 0.65, 1.5))
+    row = max(int(26 * scale), 8)
+    font_scale, thick = 0.6 * scale, max(int(round(1.5 * scale)), 1)
+    widths = [cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)[0][0] for name in classes]
+    pad = max(row // 4, 2)
+    box = np.full((row * len(classes) + 2 * pad, row + 3 * pad + max(widths, default=0), 3), 24, np.uint8)
+    for i, (name, colour) in enumerate(zip(classes, palette)):
+        y = pad + i * row
+        cv2.rectangle(box, (pad, y + 2), (pad + row - 4, y + row - 2), tuple(int(c) for c in colour), -1)
+        cv2.putText(box, name, (2 * pad + row, y + int(row * 0.72)), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (255, 255, 255), thick, cv2.LINE_AA)
+    return box
+
+
+class Sink(Protocol):
+    def add(self, frame: np.ndarray, result: FrameResult) -> None: ...
+    def finish(self, summary: dict[str, Any]) -> None: ...
+    def abort(self) -> None: ...
+
+
+def _temp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    os.chmod(tmp, FILE_MODE)
+    return Path(tmp)
+
+
+class ZipSink:
+    """Palette PNGs + manifest.json in a zip (PNGs are stored, not deflated again)."""
+
+    def __init__(self, path: Path, classes: list[str], palette: np.ndarray) -> None:
+        self.path, self.palette, self.classes = path, palette, classes
+        self.tmp = _temp_beside(path)
+        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        self.frames: list[dict[str, Any]] = []
+
+    def add(self, frame: np.ndarray, result: FrameResult) -> None:
+        name = f"{result.index:06d}.png"
+        self.zip.writestr(name, label_png(result.labels, self.palette))
+        self.frames.append({"file": name, "index": result.index, "class_fractions": result.class_fractions})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for entry in self.frames:
+            entry["source_index"] = entry["index"] * int(summary.get("stride", 1))
+        manifest = {**summary, "classes": self.classes, "palette": self.palette.tolist(), "per_frame": self.frames}
+        self.zip.writestr("manifest.json", json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
+        self.zip.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.zip.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class Mp4Sink:
+    """Overlay video with a class legend in the top-left corner, at the video's resolution."""
+
+    def __init__(self, path: Path, classes: list[str], palette: np.ndarray, fps: float) -> None:
+        self.path, self.classes, self.palette, self.fps = path, classes, palette, fps
+        self.writer: VideoWriter | None = None
+        self.legend: np.ndarray | None = None
+
+    def add(self, frame: np.ndarray, result: FrameResult) -> None:
+        h, w = frame.shape[:2]
+        if self.writer is None:
+            self.writer = VideoWriter(self.path, self.fps, w, h)
+            self.legend = legend(self.classes, self.palette, h)
+        out = overlay(frame, result.labels, self.palette)
+        assert self.legend is not None
+        lh, lw = min(self.legend.shape[0], h), min(self.legend.shape[1], w)
+        out[:lh, :lw] = self.legend[:lh, :lw]
+        self.writer.write(out)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class JsonSink:
+    """Per-frame class shares plus a summary, one JSON document."""
+
+    def __init__(self, path: Path, classes: list[str], palette: np.ndarray) -> None:
+        self.path, self.classes, self.palette = path, classes, palette
+        self.frames: list[dict[str, Any]] = []
+
+    def add(self, frame: np.ndarray, result: FrameResult) -> None:
+        self.frames.append({"index": result.index, "class_fractions": result.class_fractions,
+                            "latency_ms": round(result.latency_ms, 2)})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for entry in self.frames:
+            entry["source_index"] = entry["index"] * int(summary.get("stride", 1))
+        doc = {"summary": {**summary, "classes": self.classes, "palette": self.palette.tolist()},
+               "frames": self.frames}
+        tmp = _temp_beside(self.path)
+        try:
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        pass  # nothing is on disk before finish()
+
+
+def _make_sink(fmt: str, path: Path, classes: list[str], palette: np.ndarray, fps: float) -> Sink:
+    if fmt == "zip":
+        return ZipSink(path, classes, palette)
+    if fmt == "mp4":
+        return Mp4Sink(path, classes, palette, fps)
+    if fmt == "json":
+        return JsonSink(path, classes, palette)
+    raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _expected_total(info: VideoInfo, max_frames: int | None, stride: int) -> int:
+    total = -(-info.frames // stride) if info.frames else 0
+    if max_frames is not None:
+        total = min(total, max_frames) if total else max_frames
+    return total
+
+
+def segment_video(engine: Engine, flow: FlowProvider, video_path: str | Path, out_path: str | Path, fmt: str, *,
+                  max_frames: int | None = None, stride: int = 1, progress: Progress | None = None) -> dict[str, Any]:
+    """Segment every ``stride``-th frame (at most ``max_frames``) of a video into ``out_path``.
+
+    Raises ``VideoError`` for unreadable input (nothing is written then) and ``ValueError`` for a bad
+    format or arguments. Returns a summary: frames, fps, model_version, seconds, ms_per_frame, ...
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    info = probe_video(video_path)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    classes = list(engine.meta["classes"])
+    palette = np.asarray(engine.meta["palette"], dtype=np.uint8).reshape(-1, 3)
+    fps = info.fps / stride
+    total = _expected_total(info, max_frames, stride)
+    segmenter = StreamSegmenter(engine, flow)
+    sink = _make_sink(fmt, out_path, classes, palette, fps)
+    start = time.perf_counter()
+    shares = np.zeros(len(classes))
+    done = 0
+    try:
+        for frame in read_frames(video_path, max_frames=max_frames, stride=stride):
+            result = segmenter.step(frame)
+            sink.add(frame, result)
+            shares += [result.class_fractions[c] for c in classes]
+            done += 1
+            if progress is not None:
+                progress(done, max(total, done))
+        seconds = time.perf_counter() - start
+        summary = {
+            "format": fmt, "output": str(out_path), "frames": done, "fps": round(fps, 4),
+            "width": info.width, "height": info.height, "stride": stride, "model_version": engine.version,
+            "backend": engine.backend, "flow": getattr(flow, "name", type(flow).__name__),
+            "seconds": round(seconds, 3), "ms_per_frame": round(1000.0 * seconds / max(done, 1), 2),
+            "class_fractions": {c: round(float(s) / max(done, 1), 6) for c, s in zip(classes, shares)},
+        }
+        sink.finish(summary)
+    except BaseException:
+        sink.abort()
+        raise
+    return summary

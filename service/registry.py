@@ -1,0 +1,226 @@
+"""The on-disk model registry and the manager that owns the live inference engine.
+
+Registry layout (one directory, possibly shared by several server processes and the worker)::
+
+    v0001/  model.safetensors  meta.json  [model.onnx  fusion.onnx  onnx.json]
+    v0002/  ...
+    ACTIVE  one line: the version every server process should serve
+
+Versions are immutable. A publish writes a hidden staging directory and renames it to the next
+free ``vNNNN`` (atomic; two concurrent publishers can never both get the same name). ``ACTIVE``
+is replaced atomically (temp file + ``os.replace``), so a reader sees the old or the new pointer,
+never half of one. Each server process runs an ``EngineManager`` that polls ``ACTIVE`` and swaps
+its engine by a reference flip; that is also how replicas behind a load balancer follow a rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from models.accel import AccelSegmenter
+from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, read_meta,
+                               save_checkpoint, write_atomic)
+from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+ACTIVE_FILE = "ACTIVE"
+STAGING_PREFIX = ".staging-"
+STALE_STAGING_S = 3600.0
+
+
+class RegistryError(Exception):
+    """Base class of registry errors."""
+
+
+class InvalidVersion(RegistryError, ValueError):
+    """A version name that is not ``v`` followed by at least four digits."""
+
+
+class VersionNotFound(RegistryError, LookupError):
+    """A well-formed version name with no directory in the registry."""
+
+
+def validate_version(name: str) -> str:
+    """Return ``name`` if it is a valid version name (``^v\\d{4,}$``), else raise ``InvalidVersion``.
+
+    The pattern admits no separators or dots, so a valid name can never escape the registry root.
+    """
+    if not isinstance(name, str) or not VERSION_RE.fullmatch(name):
+        raise InvalidVersion(f"invalid model version {name!r}: expected 'v' and at least four digits, e.g. v0001")
+    return name
+
+
+def version_number(name: str) -> int:
+    return int(validate_version(name)[1:])
+
+
+class ModelRegistry:
+    """Versioned checkpoint directories under ``root`` plus the atomic ``ACTIVE`` pointer."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # --- reading -------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """All published versions, oldest first."""
+        if not self.root.is_dir():
+            return []
+        names = [p.name for p in self.root.iterdir() if VERSION_RE.fullmatch(p.name) and p.is_dir()]
+        return sorted(names, key=version_number)
+
+    def path(self, version: str) -> Path:
+        """Directory of an existing version (``InvalidVersion`` / ``VersionNotFound`` otherwise)."""
+        path = self.root / validate_version(version)
+        if not path.is_dir():
+            raise VersionNotFound(f"model version {version} does not exist in {self.root}")
+        return path
+
+    def meta(self, version: str) -> dict[str, Any]:
+        """``meta.json`` of a version (``CheckpointError`` if it is unreadable)."""
+        return read_meta(self.path(version))
+
+    def has_onnx(self, version: str) -> bool:
+        """True if the version carries ONNX graphs exported from its current weights."""
+        path = self.path(version)
+        try:
+            sha = read_meta(path).get("sha256")
+        except CheckpointError:
+            return False
+        return is_current(path, sha)
+
+    def active(self) -> str | None:
+        """The version named by ``ACTIVE``, or None when there is no pointer yet."""
+        stamp = self.active_stamp()
+        return stamp[1] if stamp else None
+
+    def active_stamp(self) -> tuple[int, str] | None:
+        """``(mtime_ns, version)`` of ``ACTIVE``; None if absent. Raises ``InvalidVersion`` on garbage."""
+        path = self.root / ACTIVE_FILE
+        try:
+            mtime = path.stat().st_mtime_ns
+            content = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return mtime, validate_version(content)
+
+    # --- writing -------------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the root if needed and remove staging directories abandoned by crashed publishers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for entry in self.root.iterdir():
+            if entry.name.startswith(STAGING_PREFIX) and now - entry.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def activate(self, version: str) -> None:
+        """Point ``ACTIVE`` at an existing version whose metadata is readable (atomic replace)."""
+        self.meta(version)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.root / ACTIVE_FILE, f"{version}\n".encode())
+        log.info("registry %s: ACTIVE -> %s", self.root, version)
+
+    def publish(self, model: AccelSegmenter, meta: dict[str, Any], parent: str | None = None,
+                activate: bool = False, onnx_exporter: str | None = None) -> str:
+        """Save ``model`` as the next version and return its name; optionally export ONNX and activate.
+
+        ``parent`` (the version it was adapted from) is recorded in ``meta.json``.
+        """
+        self.ensure()
+        if parent is not None:
+            validate_version(parent)
+        meta = {**meta, "parent": parent if parent is not None else meta.get("parent")}
+        staging = self.root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        try:
+            save_checkpoint(staging, model, meta)
+            if onnx_exporter is not None:
+                from models.onnx_export import export_onnx
+
+                saved = read_meta(staging)
+                export_onnx(model, staging, tuple(saved["input_size"]), saved.get("sha256"), onnx_exporter)
+            version = self._commit(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("registry %s: published %s (parent %s)", self.root, version, meta["parent"])
+        if activate:
+            self.activate(version)
+        return version
+
+    def import_dir(self, source: str | Path, activate: bool = False) -> str:
+        """Copy a checkpoint directory in as the next version after verifying it loads strictly."""
+        source = Path(source)
+        load_checkpoint(source)  # checksum, keys and shapes; raises CheckpointError with the reason
+        meta = read_meta(source)
+        self.ensure()
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
+        try:
+            shutil.copy2(source / WEIGHTS, staging / WEIGHTS)
+            shutil.copy2(source / META, staging / META)
+            if is_current(source, meta.get("sha256")):
+                for name in (FRAME_FILE, FUSION_FILE, MANIFEST_FILE):
+                    shutil.copy2(source / name, staging / name)
+            _fsync_dir(staging)
+            version = self._commit(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("registry %s: imported %s as %s", self.root, source, version)
+        if activate:
+            self.activate(version)
+        return version
+
+    def seed(self, source: str | Path | None) -> str | None:
+        """First start: import ``source`` as v0001 and activate it when the registry has no versions.
+
+        If versions exist but nothing is active, the newest one is activated. Returns the version
+        activated here, or None when the registry was already initialised (or there is no source).
+        """
+        self.ensure()
+        versions = self.versions()
+        if versions:
+            if self.active() is None:
+                self.activate(versions[-1])
+                return versions[-1]
+            return None
+        if source is None or not (Path(source) / META).is_file():
+            return None
+        return self.import_dir(source, activate=True)
+
+    def _commit(self, staging: Path) -> str:
+        """Rename a complete staging directory to the next free version name."""
+        for _ in range(100):
+            existing = self.versions()
+            version = f"v{(version_number(existing[-1]) + 1 if existing else 1):04d}"
+            try:
+                os.rename(staging, self.root / version)  # fails if another publisher took the name
+            except OSError:
+                if (self.root / version).exists():
+                    continue
+                raise
+            _fsync_dir(self.root)
+            return version
+        raise RegistryError(f"could not allocate a version name in {self.root} (too many concurrent publishes)")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename survives a crash (best effort; not all filesystems allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,12 @@
+"""HTTP and websocket routes, one module per resource; ``routers()`` lists them in include order."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import health, models, segment, stream, web
+
+
+def routers() -> list[APIRouter]:
+    """Every router of the app (imported explicitly; no import-time registration)."""
+    return [health.router, models.router, segment.router, stream.router, web.router]

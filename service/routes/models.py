@@ -1,0 +1,143 @@
+"""Model versions: list, inspect, see what is serving, activate (also the rollback route)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from models.checkpoint import CheckpointError
+
+from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..live import EngineLoadError, EngineManager
+from ..registry import InvalidVersion, ModelRegistry, VersionNotFound
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class ModelInfo(BaseModel):
+    version: str = Field(examples=["v0002"])
+    parent: str | None = Field(None, description="version this one was adapted from")
+    created: str | None = None
+    active: bool = Field(description="named by the registry's ACTIVE pointer")
+    serving: bool = Field(description="served by the process that answered")
+    classes: list[str] = []
+    palette: list[list[int]] = []
+    input_size: list[int] = Field([], description="(height, width) the model expects")
+    architecture: dict[str, Any] = {}
+    sha256: str | None = None
+    has_onnx: bool = False
+    provenance: dict[str, Any] = {}
+    error: str | None = Field(None, description="why the metadata could not be read, if it could not")
+
+
+class ModelList(BaseModel):
+    active: str | None = Field(description="version named by ACTIVE")
+    serving: str | None = Field(description="version this process serves (differs briefly during a swap)")
+    versions: list[ModelInfo]
+
+
+class LastSwap(BaseModel):
+    version: str
+    previous: str | None
+    ok: bool
+    seconds: float
+    at: datetime
+    error: str | None
+
+
+class ServingModel(BaseModel):
+    version: str
+    backend: str = Field(examples=["torch", "onnxruntime"])
+    loaded_at: datetime | None
+    swaps: int
+    swap_failures: int
+    last_swap: LastSwap | None
+    model: ModelInfo
+
+
+def _info(registry: ModelRegistry, version: str, active: str | None, serving: str | None) -> ModelInfo:
+    flags = {"version": version, "active": version == active, "serving": version == serving}
+    try:
+        meta = registry.meta(version)
+    except CheckpointError as e:
+        return ModelInfo(**flags, error=str(e))
+    provenance = dict(meta.get("provenance") or {})
+    return ModelInfo(**flags, parent=meta.get("parent"), created=provenance.get("created"),
+                     classes=meta["classes"], palette=meta["palette"], input_size=meta["input_size"],
+                     architecture=meta["architecture"], sha256=meta.get("sha256"),
+                     has_onnx=registry.has_onnx(version), provenance=provenance)
+
+
+def _active(registry: ModelRegistry) -> str | None:
+    try:
+        return registry.active()
+    except InvalidVersion:
+        return None
+
+
+def _serving(manager: EngineManager, registry: ModelRegistry) -> ServingModel:
+    engine = manager.peek()
+    if engine is None:
+        raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "1"})
+    last = manager.last
+    return ServingModel(
+        version=engine.version, backend=engine.backend,
+        loaded_at=datetime.fromtimestamp(manager.loaded_at, UTC) if manager.loaded_at else None,
+        swaps=manager.swaps, swap_failures=manager.swap_failures,
+        last_swap=LastSwap(version=last.version, previous=last.previous, ok=last.ok, seconds=round(last.seconds, 3),
+                           at=datetime.fromtimestamp(last.at, UTC), error=last.error) if last else None,
+        model=_info(registry, engine.version, _active(registry), engine.version),
+    )
+
+
+def _lookup(registry: ModelRegistry, version: str) -> None:
+    try:
+        registry.path(version)
+    except InvalidVersion as e:
+        raise ApiError(422, "invalid_version", str(e)) from e
+    except VersionNotFound as e:
+        raise ApiError(404, "version_not_found", str(e)) from e
+
+
+@router.get("", summary="List model versions")
+def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
+    """All versions in the registry, oldest first, with the active and the serving one marked."""
+    active, serving = _active(registry), manager.version
+    return ModelList(active=active, serving=serving,
+                     versions=[_info(registry, v, active, serving) for v in registry.versions()])
+
+
+@router.get("/active", summary="The version this process serves",
+            responses={503: {"description": "no model loaded yet"}})
+def active_model(registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+    """The serving version, its backend, when it was loaded and the swap counters of this process."""
+    return _serving(manager, registry)
+
+
+@router.get("/{version}", summary="Describe one version",
+            responses={404: {"description": "unknown version"}, 422: {"description": "invalid version name"}})
+def get_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+    _lookup(registry, version)
+    return _info(registry, version, _active(registry), manager.version)
+
+
+@router.post("/{version}/activate", summary="Activate a version (deploy or roll back)",
+             dependencies=[RequireApiKey],
+             responses={401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
+                        404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
+                        409: {"description": "the version failed to load; nothing changed"}})
+def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+    """Load and warm up ``version``, then point ``ACTIVE`` at it and swap it in without dropping requests.
+
+    Other processes sharing the model directory follow within one registry poll interval. If the
+    version cannot be loaded, the pointer and the serving model stay as they were (409).
+    """
+    _lookup(registry, version)
+    try:
+        manager.activate(version)
+    except EngineLoadError as e:
+        raise ApiError(409, "load_failed", str(e)) from e
+    return _serving(manager, registry)

@@ -1,0 +1,299 @@
+"""Segment uploaded videos: ``POST /v1/segment`` (also ``/segment``) and its jobs ``/v1/jobs/{id}``.
+
+A request streams its upload to disk (413 past ``max_upload_bytes``), probes it in an isolated
+child process (415 when it cannot be decoded), checks resolution, duration and frame count (422),
+then either answers synchronously with the result file (up to ``job_frame_threshold`` frames) or
+returns ``202`` with a job to poll. Inference runs on worker threads; every network call takes the
+app's FIFO engine lock, so concurrent requests, jobs and streams interleave frame by frame.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from models.flow import FlowProvider, build_flow
+
+from .. import decode
+from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
+from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
+from ..metrics import Metrics
+from ..pipeline import FrameResult
+from ..settings import Settings
+from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload, segment_frames
+from ..video import VideoError, VideoInfo
+
+Format = Literal["zip", "mp4", "json"]
+SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override
+CLIP_FRAMES = 8  # consecutive frames per clip handed to the clip buffer
+CLIP_EVERY = 240  # one clip starts every this many segmented frames
+
+
+def on_frames_collected(app: Any, frames: list[np.ndarray], source: str, fps: float) -> None:
+    """Hook for the clip buffer: ``frames`` are ``CLIP_FRAMES`` consecutive (H, W, 3) uint8 RGB frames sampled
+    from an upload or a stream whose client did not opt out (``collect=false``) while ``buffer_enabled``;
+    ``source`` is "upload" or "stream", ``fps`` the source's frame rate (0.0 when unknown, as for streams).
+
+    Called from a worker thread between two frames of that request, so it must return quickly (hand the
+    clip over, do not train). A no-op until the clip buffer is wired in here.
+    """
+
+
+class ClipSampler:
+    """Cuts runs of ``CLIP_FRAMES`` consecutive frames, one every ``CLIP_EVERY``, and hands them to the hook."""
+
+    def __init__(self, deliver: Callable[[list[np.ndarray]], None], clip_frames: int = CLIP_FRAMES,
+                 every: int = CLIP_EVERY) -> None:
+        self.deliver, self.clip_frames, self.every = deliver, clip_frames, every
+        self._seen = 0
+        self._clip: list[np.ndarray] = []
+
+    def push(self, frame: np.ndarray) -> None:
+        if self._seen % self.every < self.clip_frames:
+            self._clip.append(frame)
+            if len(self._clip) == self.clip_frames:
+                clip, self._clip = self._clip, []
+                self.deliver(clip)
+        self._seen += 1
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    plane = getattr(app.state, "data_plane", None)
+    if plane is not None:
+        await run_in_threadpool(plane.close)
+
+
+router = APIRouter(tags=["segment"], lifespan=_lifespan)
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FIELD],
+    "properties": {FIELD: {"type": "string", "format": "binary", "description": "the video file"}}}}}}}
+ERRORS = {
+    202: {"description": "long video: a job was queued; poll the `Location` URL"},
+    400: {"description": "malformed multipart body"},
+    413: {"description": "upload larger than `max_upload_bytes`"},
+    415: {"description": "not multipart, empty, or not a decodable video"},
+    422: {"description": "bad parameter, missing `video` field, or a resolution, duration or frame-count "
+                         "limit exceeded"},
+    503: {"description": "no model loaded yet, or too many jobs pending"},
+}
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"256x512"`` -> (256, 512): the inference size override (multiples of 8, 64..2048)."""
+    if text is None:
+        return None
+    match = SIZE_RE.fullmatch(text.strip().lower())
+    if not match:
+        raise ApiError(422, "invalid_request", f"size must be HEIGHTxWIDTH, e.g. 256x512; got {text!r}")
+    h, w = int(match[1]), int(match[2])
+    if h % 8 or w % 8 or not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
+        raise ApiError(422, "invalid_request", f"size {h}x{w}: both sides must be multiples of 8 between "
+                                               f"{MIN_SIDE} and {MAX_SIDE}")
+    return h, w
+
+
+def check_limits(info: VideoInfo, settings: Settings, stride: int, max_frames: int | None) -> int:
+    """Enforce resolution, duration and frame limits; returns the number of frames to segment (0: unknown).
+
+    The resolution limit applies to the long and the short side, so portrait videos are treated
+    like landscape ones.
+    """
+    long_limit, short_limit = max(settings.max_width, settings.max_height), min(settings.max_width,
+                                                                                settings.max_height)
+    if max(info.width, info.height) > long_limit or min(info.width, info.height) > short_limit:
+        raise ApiError(422, "resolution_too_large", f"the video is {info.width}x{info.height}; the limit is "
+                                                    f"{settings.max_width}x{settings.max_height}")
+    if info.duration_s > settings.max_duration_s:
+        raise ApiError(422, "video_too_long", f"the video lasts {info.duration_s:.1f} s; the limit is "
+                                              f"{settings.max_duration_s:g} s")
+    frames = info.frames or int(round(info.duration_s * info.fps))
+    total = math.ceil(frames / stride) if frames else 0
+    if max_frames is not None:
+        total = min(total, max_frames) if total else max_frames
+    if total > settings.max_frames:
+        raise ApiError(422, "too_many_frames", f"the video has {frames} frames ({total} at stride {stride}); the "
+                                               f"limit is {settings.max_frames}: pass max_frames or a larger stride")
+    return total
+
+
+def decode_limits(settings: Settings) -> decode.DecodeLimits:
+    # decode_timeout_s / decode_memory_mb are optional settings; the defaults suit the default limits.
+    defaults = decode.DecodeLimits()
+    return decode.DecodeLimits(timeout_s=float(getattr(settings, "decode_timeout_s", defaults.timeout_s)),
+                               memory_mb=int(getattr(settings, "decode_memory_mb", defaults.memory_mb)),
+                               max_pixels=settings.max_width * settings.max_height)
+
+
+def _frame_hook(app: Any, metrics: Metrics, collect: bool, fps: float) -> Callable[[np.ndarray, FrameResult], None]:
+    sampler = ClipSampler(lambda clip: on_frames_collected(app, clip, "upload", fps)) if collect else None
+    frames = metrics.frames_segmented.labels(source="upload")
+    seconds = metrics.inference_seconds.labels(stage="upload_frame")
+
+    def on_frame(frame: np.ndarray, result: FrameResult) -> None:
+        frames.inc()
+        seconds.observe(result.latency_ms / 1000.0)
+        if sampler is not None:
+            sampler.push(frame)
+
+    return on_frame
+
+
+@router.post("/v1/segment", summary="Segment an uploaded video", openapi_extra=UPLOAD_BODY, responses={
+    200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the result file"}, **ERRORS})
+@router.post("/segment", include_in_schema=False, openapi_extra=UPLOAD_BODY)
+async def segment(
+    request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep,
+    fmt: Annotated[Format, Query(alias="format", description="zip: palette PNG label maps + manifest.json; "
+                                 "mp4: overlay video with a legend; json: per-frame class statistics")] = "zip",
+    size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512")] = None,
+    stride: Annotated[int, Query(ge=1, le=1000, description="segment every stride-th frame")] = 1,
+    max_frames: Annotated[int | None, Query(ge=1, description="segment at most this many frames")] = None,
+    collect: Annotated[bool, Query(description="let sampled frames feed the adaptation clip buffer")] = True,
+) -> Response:
+    """Upload a video as the multipart field `video`. Videos with at most `job_frame_threshold` frames to
+    segment are answered with the file itself (`Content-Disposition: attachment`); longer ones get
+    `202 Accepted`, a job body and a `Location: /v1/jobs/{id}` header."""
+    input_size = parse_size(size)
+    if max_frames is not None and max_frames > settings.max_frames:
+        raise ApiError(422, "invalid_request", f"max_frames={max_frames} is over the limit of {settings.max_frames}")
+    plane = data_plane(request.app)
+    workdir = plane.jobs.workdir()
+    owned = False  # True once a response or a job is responsible for deleting workdir
+    video: decode.VideoStream | None = None
+    try:
+        upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
+        cap = min(max_frames or settings.max_frames, settings.max_frames)
+        # One isolated child probes the file and then decodes ahead while the limits are checked.
+        video = decode.VideoStream(upload.path, max_frames=cap, stride=stride, limits=decode_limits(settings))
+        try:
+            info = await run_in_threadpool(video.probe)
+        except VideoError as e:
+            raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
+        total = check_limits(info, settings, stride, max_frames)
+        work = Segmentation(
+            engine=LockedEngine(engine, plane.engine_lock), info=info, upload=upload, fmt=fmt, stride=stride,
+            cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
+            flow=build_flow(settings.flow, str(settings.raft_weights) if settings.raft_weights else None),
+            on_frame=_frame_hook(request.app, metrics, collect and settings.buffer_enabled, info.fps / stride))
+        if total == 0 or total > settings.job_frame_threshold:
+            video.close()  # a queued job must not hold a decoder process: it starts its own
+            job = _submit(plane.jobs, workdir, total or cap, work)
+            owned = True
+            return JSONResponse(job.public(), 202, headers={"Location": f"/v1/jobs/{job.id}"})
+        try:
+            summary = await run_in_threadpool(work.run, video)
+        except VideoError as e:
+            raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
+        owned = True
+        return FileResponse(work.out, media_type=MEDIA_TYPES[fmt], filename=work.filename,
+                            headers={"X-Model-Version": summary["model_version"], "X-Frames": str(summary["frames"])},
+                            background=BackgroundTask(shutil.rmtree, workdir, ignore_errors=True))
+    finally:
+        if video is not None:
+            video.close()
+        if not owned:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class Segmentation:
+    """One upload's segmentation, fully decided before its first frame is segmented."""
+
+    engine: LockedEngine
+    flow: FlowProvider
+    info: VideoInfo
+    upload: Upload
+    out: Path
+    fmt: str
+    stride: int
+    cap: int
+    input_size: tuple[int, int] | None
+    limits: decode.DecodeLimits
+    on_frame: Callable[[np.ndarray, FrameResult], None]
+
+    @property
+    def filename(self) -> str:
+        """The download name: the client's file name (sanitised) + ``-segmentation.<fmt>``."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.upload.filename).stem)[:64].strip("._") or "video"
+        return f"{stem}-segmentation.{self.fmt}"
+
+    def run(self, frames: decode.VideoStream | None = None,
+            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Segment (blocking; a worker thread); the upload is deleted afterwards, whatever happens."""
+        if frames is None:
+            frames = decode.VideoStream(self.upload.path, max_frames=self.cap, stride=self.stride, limits=self.limits)
+        try:
+            return segment_frames(self.engine, self.flow, frames, self.info, self.out, self.fmt, stride=self.stride,
+                                  input_size=self.input_size, progress=progress, on_frame=self.on_frame)
+        finally:
+            frames.close()
+            self.upload.path.unlink(missing_ok=True)
+
+
+def _media_message(error: Exception, upload: Upload) -> str:
+    """The decoder's message with the client's file name instead of the server-side one."""
+    return str(error).replace(upload.path.name, upload.filename or "upload")
+
+
+def _submit(jobs: JobStore, workdir: Path, total: int, work: Segmentation) -> Job:
+    def run(job: Job) -> None:
+        try:
+            summary = work.run(progress=lambda done: jobs.progress(job, done))
+        except VideoError as e:
+            jobs.fail(job, "unsupported_media_type", _media_message(e, work.upload))
+            return
+        jobs.finish(job, work.out, MEDIA_TYPES[work.fmt], work.filename, summary)
+
+    try:
+        return jobs.submit(workdir, total, work.fmt, run)
+    except JobStoreFull as e:
+        raise ApiError(503, "too_many_jobs", str(e), {"Retry-After": "10"}) from e
+
+
+def _job(request: Request, job_id: str) -> Job:
+    job = data_plane(request.app).jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or removed after its TTL)")
+    return job
+
+
+@router.get("/v1/jobs/{job_id}", summary="State, progress and ETA of a segmentation job",
+            responses={404: {"description": "unknown or expired job"}})
+async def job_status(request: Request, job_id: str) -> dict[str, Any]:
+    """`state` is queued, running, done or failed; `progress` is in [0, 1]; `eta_s` is an estimate."""
+    return _job(request, job_id).public()
+
+
+@router.get("/v1/jobs/{job_id}/result", summary="Download the result of a finished job",
+            response_class=FileResponse,
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 404: {"description": "unknown job"},
+                       409: {"description": "the job is not done (queued, running or failed)"}})
+async def job_result(request: Request, job_id: str) -> FileResponse:
+    """The result file once `state` is done; 409 before (or with the job's error if it failed)."""
+    job = _job(request, job_id)
+    if job.state == "failed":
+        assert job.error is not None
+        raise ApiError(409, "job_failed", f"job {job_id} failed: {job.error['message']}")
+    if job.state != "done" or job.result is None:
+        raise ApiError(409, "job_not_done", f"job {job_id} is {job.state} ({job.done}/{job.total} frames)",
+                       {"Retry-After": "1"})
+    summary = job.summary or {}
+    return FileResponse(job.result, media_type=job.media_type, filename=job.filename,
+                        headers={"X-Model-Version": str(summary.get("model_version", "")),
+                                 "X-Frames": str(summary.get("frames", ""))})

@@ -1,0 +1,266 @@
+"""``WS /v1/stream`` (also ``/stream``): segment a live stream of frames over one websocket.
+
+Protocol (``docs/streaming.md`` has the same text with client examples):
+
+1. The client sends one **text** message, a JSON config::
+
+       {"format": "png" | "rle",          # label-map encoding of the replies (default "png")
+        "size": [h, w],                   # optional label-map size (default: each frame's own size)
+        "collect": true | false,          # let sampled frames feed the clip buffer (default true)
+        "raw": {"width": W, "height": H}} # optional: frames are headerless RGB24 of this size
+
+   The server answers ``{"type": "ready", "model_version", "classes", "palette", "queue", "input_size"}``.
+2. The client sends frames as **binary** messages, one frame each: JPEG or PNG bytes; or raw RGB24
+   with a 12-byte header ``b"RGB3"`` + uint32 LE width + uint32 LE height, then ``width*height*3``
+   bytes row-major; or, when the config declared ``raw``, exactly ``W*H*3`` bytes with no header.
+3. For each processed frame the server sends a **text** JSON message::
+
+       {"type": "frame", "frame": i, "model_version": "v0002", "latency_ms": 41.2, "compute_ms": 38.0,
+        "dropped": 0, "class_fractions": {"road": 0.31, ...}, "keyframe": false,
+        "width": w, "height": h, "format": "png"}
+
+   ``frame`` is the 0-based index of the client's frame (counting every binary message received),
+   ``latency_ms`` is receive-to-reply time on the server (queueing included), ``compute_ms`` the
+   segmentation itself, ``dropped`` the total of frames dropped so far, ``keyframe`` true when no
+   cached t-1 logits were used (first frame, or the model version changed). It is followed by one
+   **binary** message with the label map (class index per pixel):
+
+   - ``png``: an 8-bit greyscale PNG;
+   - ``rle``: ``b"RLE1"``, uint32 LE height, uint32 LE width, uint32 LE n; then n uint32 LE run
+     lengths; then n uint8 class values: the row-major label array is ``repeat(values, lengths)``.
+
+Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **oldest** waiting frame
+is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
+the server always works on the freshest frames. Each connection keeps the previous frame's logits
+(one network forward per frame); every frame uses the registry's current engine, and after a swap
+the next frame is a keyframe of the new version.
+
+Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
+(unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
+payload: bad config JSON or fields, a raw frame of the wrong size) or 1008 (policy: a message over
+``ws_max_message_bytes`` or a frame over ``max_width`` x ``max_height`` pixels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.concurrency import run_in_threadpool
+
+from models.flow import build_flow
+
+from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
+from ..jobs import LockedEngine, data_plane
+from ..live import NotReady
+from ..pipeline import StreamSegmenter
+from ..stream_codec import (CLOSE_POLICY, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig, StreamError,
+                            decode_frame, encode_labels, parse_config, precheck_frame)
+from .segment import ClipSampler, on_frames_collected
+
+router = APIRouter(tags=["stream"])
+
+
+@dataclass
+class _Item:
+    index: int
+    data: bytes
+    received: float
+
+
+class DropOldestQueue:
+    """A bounded FIFO for one connection: ``put`` drops the oldest item when full and says so."""
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[Any] = deque()
+        self.size = size
+        self._ready = asyncio.Event()
+        self.final: Any = None  # a terminal event (StreamError or disconnect), never dropped
+
+    def put(self, item: Any) -> bool:
+        dropped = len(self._items) >= self.size
+        if dropped:
+            self._items.popleft()
+        self._items.append(item)
+        self._ready.set()
+        return dropped
+
+    def finish(self, event: Any) -> None:
+        self.final = event
+        self._ready.set()
+
+    async def get(self) -> Any:
+        """The oldest waiting item; the terminal event once it is set (waiting frames are abandoned)."""
+        while True:
+            if self.final is not None:
+                return self.final
+            if self._items:
+                return self._items.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class _Disconnected:
+    pass
+
+
+class StreamSession:
+    """One websocket: a receiver task fills the queue, ``run`` segments and replies."""
+
+    def __init__(self, ws: WebSocket, config: StreamConfig) -> None:
+        app = ws.app
+        self.ws, self.config = ws, config
+        self.settings, self.metrics = get_settings(ws), get_metrics(ws)
+        self.manager = get_engine_manager(ws)
+        self.lock = data_plane(app).engine_lock
+        self.queue = DropOldestQueue(self.settings.ws_queue_size)
+        self.dropped = 0
+        self._raw_engine: Any = None
+        self.segmenter: StreamSegmenter | None = None
+        self.flow = build_flow(self.settings.flow,
+                               str(self.settings.raft_weights) if self.settings.raft_weights else None)
+        collect = config.collect and self.settings.buffer_enabled
+        self.sampler = ClipSampler(lambda clip: on_frames_collected(app, clip, "stream", 0.0)) if collect else None
+        self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
+        self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
+        self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
+
+    async def receive(self) -> None:
+        """Read frames until the client leaves or breaks the protocol; never blocks on inference."""
+        index = 0
+        max_pixels = self.settings.max_width * self.settings.max_height
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.queue.finish(_Disconnected())
+                    return
+                data = message.get("bytes")
+                if data is None:
+                    raise StreamError(CLOSE_UNSUPPORTED, "unexpected_text",
+                                      "expected a binary frame message; the config is sent only once")
+                if len(data) > self.settings.ws_max_message_bytes:
+                    raise StreamError(CLOSE_POLICY, "frame_too_large", f"a frame message of {len(data)} bytes is "
+                                      f"over the limit of {self.settings.ws_max_message_bytes}")
+                precheck_frame(data, self.config, max_pixels)
+                if self.queue.put(_Item(index, data, time.perf_counter())):
+                    self.dropped += 1
+                    self.drops_counter.inc()
+                index += 1
+        except StreamError as e:
+            self.queue.finish(e)
+        except (WebSocketDisconnect, RuntimeError):
+            self.queue.finish(_Disconnected())
+
+    def _engine(self) -> Any:
+        """The registry's current engine for the next frame (a swap makes the next frame a keyframe)."""
+        raw = self.manager.current()
+        if raw is not self._raw_engine:
+            self._raw_engine = raw
+            engine = LockedEngine(raw, self.lock)
+            if self.segmenter is None:
+                self.segmenter = StreamSegmenter(engine, self.flow, self.config.size)
+            else:
+                self.segmenter.engine = engine
+        assert self.segmenter is not None
+        return self.segmenter
+
+    def process(self, item: _Item) -> tuple[dict[str, Any], bytes]:
+        """Decode, segment and encode one frame (worker thread)."""
+        frame = decode_frame(item.data, self.config, self.settings.max_width * self.settings.max_height)
+        result = self._engine().step(frame)
+        blob = encode_labels(result.labels, self.config.format)
+        if self.sampler is not None:
+            self.sampler.push(frame)
+        self.frames_counter.inc()
+        self.seconds.observe(result.latency_ms / 1000.0)
+        h, w = result.labels.shape
+        meta = {"type": "frame", "frame": item.index, "model_version": result.model_version,
+                "latency_ms": round((time.perf_counter() - item.received) * 1000.0, 2),
+                "compute_ms": round(result.latency_ms, 2), "dropped": self.dropped,
+                "class_fractions": result.class_fractions, "keyframe": result.keyframe,
+                "width": w, "height": h, "format": self.config.format}
+        return meta, blob
+
+    async def run(self) -> None:
+        receiver = asyncio.create_task(self.receive())
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, _Disconnected):
+                    return
+                if isinstance(item, StreamError):
+                    await close_with_error(self.ws, item)
+                    return
+                try:
+                    meta, blob = await run_in_threadpool(self.process, item)
+                except StreamError as e:
+                    await close_with_error(self.ws, e)
+                    return
+                meta["dropped"] = self.dropped
+                try:
+                    await self.ws.send_text(json.dumps(meta))
+                    await self.ws.send_bytes(blob)
+                except (WebSocketDisconnect, RuntimeError):
+                    return  # the client left while its frame was being segmented
+        finally:
+            receiver.cancel()
+
+
+async def close_with_error(ws: WebSocket, error: StreamError) -> None:
+    """Tell the client what went wrong, then close with the error's code."""
+    try:
+        await ws.send_text(json.dumps({"type": "error", "error": {"code": error.code, "message": error.message}}))
+        await ws.close(error.close_code, reason=error.message[:120])
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client is already gone
+
+
+@router.get("/v1/stream", summary="WebSocket: segment a live stream of frames (protocol)", status_code=426,
+            responses={426: {"description": "this URL speaks the websocket protocol only"}})
+def stream_protocol() -> None:
+    raise ApiError(426, "upgrade_required", "connect with a websocket client to ws://HOST/v1/stream; the protocol "
+                                            "is in the API docs", {"Upgrade": "websocket"})
+
+
+stream_protocol.__doc__ = "Connect with a **websocket** client. " + (__doc__ or "").split("\n", 2)[2]
+
+
+@router.websocket("/v1/stream", name="stream")
+@router.websocket("/stream")
+async def stream(ws: WebSocket) -> None:
+    """Live segmentation of a frame stream; the protocol is in this module's docstring."""
+    await ws.accept()
+    metrics = get_metrics(ws)
+    metrics.stream_sessions.inc()
+    try:
+        settings = get_settings(ws)
+        try:
+            first = await ws.receive()
+            if first["type"] == "websocket.disconnect":
+                return
+            config = parse_config(first, settings.max_width * settings.max_height)
+        except StreamError as e:
+            await close_with_error(ws, e)
+            return
+        except WebSocketDisconnect:
+            return
+        try:
+            engine = get_engine_manager(ws).current()
+        except NotReady:
+            await close_with_error(ws, StreamError(CLOSE_TRY_AGAIN, "not_ready",
+                                                   "no model is loaded yet; retry shortly"))
+            return
+        session = StreamSession(ws, config)
+        await ws.send_text(json.dumps({
+            "type": "ready", "model_version": engine.version, "classes": list(engine.meta["classes"]),
+            "palette": [list(map(int, c)) for c in engine.meta["palette"]], "queue": session.queue.size,
+            "input_size": list(engine.meta["input_size"])}))
+        await session.run()
+    finally:
+        metrics.stream_sessions.dec()

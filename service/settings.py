@@ -1,0 +1,95 @@
+"""Service settings, read from ``VSS_*`` environment variables (and an optional ``.env`` file).
+
+Nothing here runs at import: ``Settings()`` is built inside ``service.app.create_app`` (or by the
+CLI, which passes its flags as keyword overrides; keyword arguments beat the environment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of a ``vss`` server process; ``VSS_<FIELD>`` in the environment sets a field."""
+
+    model_config = SettingsConfigDict(env_prefix="VSS_", env_file=".env", extra="ignore",
+                                      protected_namespaces=("settings_",))
+
+    # --- storage -------------------------------------------------------------------------------
+    model_dir: Path = Field(Path("var/models"), description="model registry root (v0001/, ..., ACTIVE)")
+    buffer_dir: Path = Field(Path("var/buffer"), description="on-disk clip buffer of target videos")
+    val_dir: Path | None = Field(None, description="optional labelled validation clips for the publish gate")
+    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines")
+    demo_model: Path | None = Field(BUNDLED_DEMO_MODEL,
+                                    description="checkpoint that seeds an empty registry (empty/none: do not seed)")
+
+    # --- network and security ------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="bearer token required by mutating routes")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
+
+    # --- inference -----------------------------------------------------------------------------
+    engine: Literal["torch", "onnx"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    half: bool = Field(False, description="fp16 inference on CUDA (torch engine; TensorRT fp16 for onnx)")
+    flow: str = Field("dis-fast", description="optical flow provider: dis[-preset], none, raft[-small|-large]")
+    raft_weights: Path | None = None
+    intra_op_threads: int = Field(0, ge=0, description="threads per inference call (0: backend default)")
+    worker_threads: int = Field(2, ge=1, description="threads that run inference for requests and streams")
+    onnx_exporter: Literal["legacy", "dynamo"] = Field("legacy", description="torch exporter for on-demand exports")
+    onnx_tensorrt: bool = Field(True, description="try the TensorRT provider first when onnxruntime-gpu has it")
+    warmup: bool = Field(True, description="run one inference before a model version starts serving")
+
+    # --- model registry ------------------------------------------------------------------------
+    registry_poll_ms: int = Field(1000, ge=10, description="how often every process checks the ACTIVE pointer")
+    registry_retry_s: float = Field(30.0, ge=0, description="wait before retrying a version that failed to load")
+
+    # --- uploads and streams -------------------------------------------------------------------
+    max_upload_bytes: int = Field(512 * MIB, ge=1)
+    max_frames: int = Field(9000, ge=1)
+    max_width: int = Field(3840, ge=16)
+    max_height: int = Field(2160, ge=16)
+    max_duration_s: float = Field(600.0, gt=0)
+    job_frame_threshold: int = Field(300, ge=1, description="uploads with more frames run as background jobs")
+    job_dir: Path = Field(Path("var/jobs"), description="results of upload jobs")
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long finished job results are kept")
+    decode_timeout_s: float = Field(20.0, gt=0, description="limit for probing an upload and for any one frame")
+    decode_memory_mb: int = Field(1024, ge=64, description="address-space limit of the isolated decoder process")
+    ws_queue_size: int = Field(4, ge=1, description="frames queued per websocket before stale ones are dropped")
+    ws_max_message_bytes: int = Field(16 * MIB, ge=1024)
+
+    # --- clip buffer and adaptation ------------------------------------------------------------
+    buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
+    buffer_max_bytes: int = Field(2048 * MIB, ge=0)
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(True, description="JSON-lines logs (false: plain text for humans)")
+
+    @field_validator("demo_model", "val_dir", "raft_weights", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def api_key_value(self) -> str | None:
+        """The API key as a plain string, or None when auth is off."""
+        if self.api_key is None:
+            return None
+        key = self.api_key.get_secret_value()
+        return key or None

@@ -1,0 +1,143 @@
+"""The source-free driver and `vss adapt` end to end on a short generated clip (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation import synth
+from adaptation.clips import PairSampler, prepare_clip
+from adaptation.methods.supervised import SourceOnly
+from adaptation.sourcefree import AdaptConfig, adapt
+from adaptation.trainer import Cancelled, TrainConfig, train
+from models.accel import build_model
+from models.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from models.classes import palette_for
+from models.config import get_config
+from service.commands import adapt as adapt_command
+from service.video import VideoWriter
+
+SIZE = (64, 128)
+
+
+@pytest.fixture(scope="module")
+def clip() -> synth.Clip:
+    return synth.generate_clip("fog", frames=10, size=SIZE, seed=7)
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory, clip):
+    """A briefly trained mini-os8 parent (a random one is too fragile for the gate's proxies)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = get_config("mini-os8")
+    model = build_model(cfg)
+    source = [prepare_clip(c.frames, SIZE, flows=c.flow, labels=c.labels)
+              for c in (synth.generate_clip("source", frames=4, size=SIZE, seed=s) for s in range(4))]
+    train(model, SourceOnly(head_lr_mult=1.0), PairSampler(source, batch_size=4, seed=0),
+          TrainConfig(steps=40, lr=3e-3))
+    model.eval()
+    meta = make_meta(cfg, list(synth.CLASSES), palette_for(synth.CLASSES), SIZE, parent=None, source="test")
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "parent", model, meta)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, clip):
+    path = tmp_path_factory.mktemp("video") / "fog.mp4"
+    with VideoWriter(path, 15.0, SIZE[1], SIZE[0], crf=18) as w:
+        for frame in clip.frames:
+            w.write(frame)
+    return path
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vss")
+    adapt_command.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["adapt", *argv])
+    return int(args.func(args) or 0)
+
+
+def test_adapt_api_records_meta_and_leaves_parent_untouched(parent_dir, clip):
+    parent, meta = load_checkpoint(parent_dir)
+    before = {k: v.clone() for k, v in parent.state_dict().items()}
+    clips = [prepare_clip(clip.frames, SIZE, flows=clip.flow)]
+    events = []
+    result = adapt(parent, meta, clips, AdaptConfig(method="itcr", steps=2, seed=1, chunk=5), parent_ref="p0",
+                   on_progress=lambda stage, info: events.append(stage))
+    assert all(torch.equal(before[k], v) for k, v in parent.state_dict().items())
+    assert events[0] == "bn_prepass" and events[-1] == "done"
+    m = result.meta
+    assert m["parent"] == "p0" and m["provenance"]["method"] == "itcr"
+    assert m["provenance"]["hyperparameters"]["steps"] == 2 and len(m["provenance"]["data_sha256"]) == 64
+    assert m["provenance"]["train"]["steps"] == 2
+    assert m["provenance"]["gate"]["passed"] == result.report.passed
+    assert m["provenance"]["data"]["heldout_frames"] == 5
+
+
+def test_adapt_cancelled(parent_dir, clip):
+    parent, meta = load_checkpoint(parent_dir)
+    clips = [prepare_clip(clip.frames, SIZE, flows=clip.flow)]
+    with pytest.raises(Cancelled):
+        adapt(parent, meta, clips, AdaptConfig(method="tent", steps=5), should_stop=lambda: True)
+
+
+def test_vss_adapt_writes_checkpoint_with_meta(parent_dir, video, tmp_path, capsys):
+    out = tmp_path / "adapted"
+    code = run_cli(["--method", "stpl", "--video", str(video), "--checkpoint", str(parent_dir), "-o", str(out),
+                    "--steps", "3", "--lr", "1e-5", "--seed", "0", "--option", "max_pixels=256", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    model, meta = load_checkpoint(out)
+    prov = meta["provenance"]
+    assert meta["parent"] == str(parent_dir.resolve())
+    assert prov["method"] == "stpl" and prov["hyperparameters"]["lr"] == 1e-5
+    assert prov["hyperparameters"]["options"]["max_pixels"] == 256
+    assert prov["inputs"][0]["path"] == "fog.mp4" and len(prov["inputs"][0]["sha256"]) == 64
+    assert prov["gate"]["passed"] is True and "agreement" in prov["gate"]["metrics"]
+    assert meta["classes"] == list(synth.CLASSES) and meta["input_size"] == list(SIZE)
+    assert not any(k.startswith(("heads", "projection")) for k in model.state_dict())  # STPL heads discarded
+    json.dumps(meta)
+
+
+def test_vss_adapt_sabotaged_run_is_rejected(parent_dir, video, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = run_cli(["--method", "tent", "--video", str(video), "--checkpoint", str(parent_dir), "-o", str(out),
+                    "--steps", "4", "--lr", "1e3", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == adapt_command.EXIT_REJECTED
+    assert "rejected" in err and "  - " in err
+    assert not out.exists()
+
+
+def test_vss_adapt_user_errors(parent_dir, video, tmp_path):
+    from service.cli import CLIError
+
+    with pytest.raises(CLIError, match="video not found"):
+        run_cli(["--video", str(tmp_path / "missing.mp4"), "--checkpoint", str(parent_dir), "-o", str(tmp_path / "o")])
+    with pytest.raises(CLIError, match="go together"):
+        run_cli(["--video", str(video), "--checkpoint", str(parent_dir), "-o", str(tmp_path / "o"),
+                 "--val-video", str(video)])
+    with pytest.raises(CLIError, match="KEY=VALUE"):
+        run_cli(["--video", str(video), "--checkpoint", str(parent_dir), "-o", str(tmp_path / "o"), "--option", "x"])
+
+
+def test_vss_adapt_labeled_validation(parent_dir, video, clip, tmp_path):
+    from PIL import Image
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for t, lab in enumerate(clip.labels):
+        Image.fromarray(lab).save(labels / f"{t:04d}.png")
+    out = tmp_path / "val_adapted"
+    code = run_cli(["--method", "bn", "--video", str(video), "--checkpoint", str(parent_dir), "-o", str(out),
+                    "--steps", "2", "--val-video", str(video), "--val-labels", str(labels), "--quiet"])
+    gate_metrics = None
+    if code == 0:
+        gate_metrics = load_checkpoint(out)[1]["provenance"]["gate"]["metrics"]
+        assert gate_metrics["miou_candidate"] >= gate_metrics["miou_parent"]
+    else:  # rejected on labeled mIoU: nothing written
+        assert code == adapt_command.EXIT_REJECTED and not out.exists()
+    assert np.isfinite(float(code))

@@ -1,0 +1,166 @@
+"""The web page in headless Chromium (playwright, system ``chromium``) against a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT_DIR = os.environ.get("VSS_TEST_SCREENSHOTS")  # set to keep the screenshots somewhere
+
+
+def make_app(root: Path, checkpoint: Path, **overrides: object) -> FastAPI:
+    ModelRegistry(root / "models").import_dir(checkpoint, activate=True)
+    return create_app(Settings(_env_file=None, **{
+        "model_dir": root / "models", "job_dir": root / "jobs", "cache_dir": root / "cache",
+        "buffer_dir": root / "buffer", "demo_model": None, "registry_poll_ms": 50, "intra_op_threads": 1,
+        "device": "cpu", "flow": "dis-ultrafast", "buffer_enabled": False, **overrides}))
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """A real uvicorn on 127.0.0.1 in a thread, with a model loaded; yields ``http://127.0.0.1:PORT``."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (server.started and app.state.engine_manager.ready):
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_page_and_static_files_are_served(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with TestClient(make_app(tmp_path, tiny_checkpoint)) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for needle in ('id="video-file"', 'id="live-canvas"', 'id="legend"', 'id="models"', 'id="adapt-panel"'):
+            assert needle in page.text
+        assert "http" not in page.text.split("<body>")[0].replace("http-equiv", "")  # no CDN in <head>
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/static/style.css").status_code == 200
+        assert client.get("/static/../settings.py").status_code == 404
+        assert client.get("/static/secret.txt").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (CI: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                          "--autoplay-policy=no-user-gesture-required",
+                                          "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        yield browser
+        browser.close()
+
+
+def _shot(page, tmp_path: Path, name: str) -> Path:
+    path = Path(SCREENSHOT_DIR or tmp_path) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_upload_shows_the_overlay_video_and_legend(browser, tmp_path: Path, tiny_checkpoint: Path,
+                                                  synthetic_video) -> None:
+    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("#legend li")
+        assert page.locator("#legend li").count() == 7
+        page.wait_for_selector("#models li.active")
+        assert page.locator("#models li.active").inner_text().startswith("v0001")
+        assert page.locator("#adapt-panel").is_hidden()  # no /v1/adapt in this app
+        page.set_input_files("#video-file", str(synthetic_video.path))
+        page.select_option("#upload-format", "mp4")
+        page.click("#upload-button")
+        page.wait_for_function("document.getElementById('result-video').readyState >= 2", timeout=60_000)
+        size = page.evaluate("[document.getElementById('result-video').videoWidth, "
+                             "document.getElementById('result-video').videoHeight]")
+        assert size == [128, 64]
+        assert "segmented" in page.locator("#upload-status").inner_text()
+        _shot(page, tmp_path, "upload.png")
+        page.close()
+
+
+def test_upload_error_is_shown(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    bad = tmp_path / "notes.mp4"
+    bad.write_bytes(b"not a video at all\n" * 100)
+    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.set_input_files("#video-file", str(bad))
+        page.click("#upload-button")
+        page.wait_for_selector("#upload-status.error")
+        assert "unsupported_media_type" in page.locator("#upload-status").inner_text()
+        page.close()
+
+
+def test_job_progress_and_live_stream_of_a_local_file(browser, tmp_path: Path, tiny_checkpoint: Path,
+                                                     synthetic_video) -> None:
+    with live_server(make_app(tmp_path, tiny_checkpoint, job_frame_threshold=2)) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.set_input_files("#video-file", str(synthetic_video.path))
+        page.select_option("#upload-format", "json")
+        page.click("#upload-button")  # 6 frames > threshold 2: a job, polled by the page
+        page.wait_for_selector("#result-stats tr", timeout=60_000)
+        assert page.locator("#result-stats tr").count() == 7
+        assert page.locator("#upload-progress .bar").evaluate("e => e.style.width") == "100%"
+
+        page.set_input_files("#stream-file", str(synthetic_video.path))
+        page.wait_for_function("document.getElementById('stat-version').textContent.startsWith('v0001')",
+                               timeout=60_000)
+        page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
+        painted = page.evaluate("""() => {
+            const c = document.getElementById('live-canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let lit = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] > 0) lit++;
+            return [c.width, c.height, lit];
+        }""")
+        assert painted[:2] == [128, 64] and painted[2] > 0.5 * 128 * 64
+        _shot(page, tmp_path, "stream.png")
+        page.click("#stop-button")
+        page.close()
+
+
+def test_webcam_stream_draws_a_live_overlay(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
+        context = browser.new_context(permissions=["camera"])
+        page = context.new_page()
+        page.goto(url)
+        page.click("#webcam-button")  # Chromium's fake camera stands in for getUserMedia
+        page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
+        assert page.locator("#stat-version").inner_text().startswith("v0001")
+        assert int(page.locator("#stat-dropped").inner_text()) >= 0
+        width = page.evaluate("document.getElementById('live-canvas').width")
+        assert 0 < width <= 640
+        page.click("#stop-button")
+        page.wait_for_function("document.getElementById('stop-button').disabled")
+        context.close()
