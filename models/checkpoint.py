@@ -72,6 +72,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write a file via a temp file in the same directory and an atomic rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -97,6 +98,10 @@ def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str
         save_file(state, str(tmp / WEIGHTS))
         meta = {**meta, "sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / META).write_text(json.dumps(meta, indent=2))
+        # mkdtemp/safetensors create private files; checkpoints are meant to be shared (containers, replicas).
+        os.chmod(tmp, 0o755)
+        for f in (WEIGHTS, META):
+            os.chmod(tmp / f, 0o644)
         if directory.exists():
             directory.rmdir()
         os.replace(tmp, directory)

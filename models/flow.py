@@ -35,12 +35,17 @@ def resize_flow_np(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class DISFlow:
-    """OpenCV DIS optical flow on grey frames (CPU, no weights). Preset chosen by bench/streaming.py."""
+    """OpenCV DIS optical flow on grey frames (CPU, no weights).
+
+    Default preset measured by bench/streaming.py on synthetic clips at 256x512: where the pipeline
+    uses the flow, at logit resolution (1/8), the presets carry labels from t-1 to t equally well
+    (95.4-95.6 % for all three, 92.6 % with no flow), while fast costs ~2-3x and medium ~10x ultrafast.
+    """
 
     PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
                "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
 
-    def __init__(self, preset: str = "fast") -> None:
+    def __init__(self, preset: str = "ultrafast") -> None:
         if preset not in self.PRESETS:
             raise ValueError(f"unknown DIS preset {preset!r}; choose one of {sorted(self.PRESETS)}")
         self.name = f"dis-{preset}"
