@@ -1,18 +1,24 @@
-"""`generate_clip`: a random street, an ego trajectory and a style, rendered frame by frame."""
+"""`generate_clip`: a random street, an ego trajectory and a style, rendered into a `Clip`.
+
+Frames are ray cast one by one (`raycast`), textured and lit in batches of frames (`shading`, whose
+cost per call is mostly per surface, not per pixel), then passed through the style's optics one by one.
+"""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from . import photometric as ph
 from .camera import Intrinsics, Trajectory, camera_rays, ego_trajectory, project, to_camera
 from .core import SURFACE_LABEL, Clip
-from .raycast import GBuffer, render_gbuffer, world_directions
+from .raycast import GBuffer, render_gbuffer, stack_gbuffers, world_directions
 from .scene import LANE, Scene, build_scene
-from .shading import albedo, headlight_beam, lighting, make_textures, night_light
+from .shading import headlight_beam, make_textures, night_light, shade
 from .styles import STYLES, Style, list_styles
 
 MIN_SIZE = 32
+BATCH_PIXELS = 1 << 18  # frames are textured together in batches of about this many pixels
 
 
 def generate_clip(style: str = "source", frames: int = 16, size: tuple[int, int] = (256, 512),
@@ -68,23 +74,31 @@ def render(scene: Scene, traj: Trajectory, style: Style, size: tuple[int, int], 
     images = np.empty((n, h, w, 3), np.uint8)
     labels = np.empty((n, h, w), np.uint8)
     flow = np.zeros((n, h, w, 2), np.float32)
-    for t in range(n):
-        gb = render_gbuffer(scene, traj, t, intr, rays, sun)
-        labels[t] = np.take(SURFACE_LABEL, gb.surface)
-        if t > 0:
-            flow[t] = gb.flow.transpose(1, 2, 0)
-        colour, glow, lit = albedo(gb, textures, intr.focal)
+    batch = max(1, BATCH_PIXELS // (h * w))
+    for start in range(0, n, batch):
+        times = range(start, min(n, start + batch))
+        buffers = [render_gbuffer(scene, traj, t, intr, rays, sun) for t in times]
+        stacked = stack_gbuffers(buffers)
         extra = None
-        origin, rot = traj.pose(t)
         if beam is not None or style.lighting.lamps:
-            points = gb.depth * world_directions(rays, rot) + origin.astype(np.float32)[:, None, None]
-            extra = night_light(points, gb.depth, beam if beam is not None else 0.0, origin, scene.lamps,
-                                style.lighting)
-        image = colour * lighting(gb, lit, style.lighting, extra)
+            extra = np.stack([_night_light(gb, traj, t, rays, beam, scene, style) for t, gb in zip(times, buffers,
+                                                                                                  strict=True)], 1)
+        image, glow = shade(stacked, textures, style.lighting, intr.focal, extra)
         if glow is not None:
             image += glow
-        images[t] = ph.to_uint8(_optics(image, gb, style, scene, origin, rot, intr, sensor_rng))
+        for i, (t, gb) in enumerate(zip(times, buffers, strict=True)):
+            labels[t] = np.take(SURFACE_LABEL, gb.surface)
+            if t > 0:
+                flow[t] = cv2.merge(list(gb.flow))
+            images[t] = ph.to_uint8(_optics(image[:, i], gb, style, scene, *traj.pose(t), intr, sensor_rng))
     return images, labels, flow
+
+
+def _night_light(gb: GBuffer, traj: Trajectory, t: int, rays: np.ndarray, beam: np.ndarray | None, scene: Scene,
+                 style: Style) -> np.ndarray:
+    origin, rot = traj.pose(t)
+    points = gb.depth * world_directions(rays, rot) + origin.astype(np.float32)[:, None, None]
+    return night_light(points, gb.depth, beam if beam is not None else 0.0, origin, scene.lamps, style.lighting)
 
 
 def _optics(image: np.ndarray, gb: GBuffer, style: Style, scene: Scene, origin: np.ndarray, rot: np.ndarray,

@@ -1,11 +1,11 @@
 """Per-pixel ray casting: which surface each pixel shows, where on it, and its exact backward flow.
 
 A frame is cast in two passes. The background (ground bands, hedges, building rows, side walls, sky)
-is intersected analytically for every pixel through the `Strip` tables. Bodies (trees, cars, persons)
-are then intersected inside the screen-space bounding box of each visible body and written where they
-are closer (a depth buffer, so occlusion is exact in both directions). Flow comes from the hit point:
-static points are re-projected with the previous camera, body points after undoing the body's motion,
-sky directions with the previous rotation only.
+is intersected analytically for every pixel through the `Strip` tables. The parts of bodies (trees,
+cars, persons) are then intersected, all at once, for every pixel of each part's screen-space box and
+written where they are closer (a depth buffer, so occlusion is exact in both directions). Flow comes
+from the hit point: static points are re-projected with the previous camera, body points after undoing
+the body's motion, sky directions (at `SKY_DEPTH`) with the previous rotation only.
 
 Directions are kept planar, shape (3, H, W), so that every component is contiguous.
 """
@@ -22,7 +22,10 @@ from .scene import LEFT, RIGHT, Bodies, Scene, Shape
 
 SKY_DEPTH = np.float32(1e7)  # distance given to the sky: far enough for fog and for re-projection
 BODY_RANGE = (40.0, 450.0)  # bodies are drawn from this far behind to this far ahead of the camera (metres)
-_GROUND = np.array([Surface.VERGE, Surface.SIDEWALK, Surface.ROAD, Surface.SIDEWALK, Surface.VERGE], np.uint8)
+# ground bands across the street (left verge .. right verge), then 5 sky entries (band + 5 for rays into the sky)
+_GROUND = np.array([Surface.VERGE, Surface.SIDEWALK, Surface.ROAD, Surface.SIDEWALK, Surface.VERGE] + [Surface.SKY] * 5,
+                   np.uint8)
+_SIDE_SURFACES = np.array([Surface.SKY, Surface.HEDGE, Surface.FACADE, Surface.SIDEWALL, Surface.BACKDROP], np.uint8)
 _BOX_CORNERS = np.array([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], float)
 _BOX_EDGES = np.array([(i, i | bit) for i in range(8) for bit in (1, 2, 4) if not i & bit])
 
@@ -37,6 +40,15 @@ class GBuffer:
     facing: np.ndarray  # (H, W) float32 cosine between the surface normal and the light direction
     flow: np.ndarray  # (2, H, W) float32 backward flow (dx, dy)
     prev_z: np.ndarray  # (H, W) float32 camera-space depth of the shown point in the previous frame
+
+
+def stack_gbuffers(buffers: list[GBuffer]) -> GBuffer:
+    """Surface channels of several frames stacked on a new leading axis (for batched texturing)."""
+    def stack(name: str) -> np.ndarray:
+        return np.stack([getattr(gb, name) for gb in buffers])
+
+    return GBuffer(stack("depth"), stack("surface"), stack("inst"), stack("u"), stack("v"), stack("facing"),
+                   None, None)
 
 
 def world_directions(rays: np.ndarray, rot: np.ndarray) -> np.ndarray:
@@ -66,49 +78,55 @@ def _reproject(rel: np.ndarray, prev_rot: np.ndarray, intr: Intrinsics, row0: in
     `rel` is either planar (3, H, W) with pixel (row0 + i, col0 + j), or (3, n) with pixels (row0, col0).
     """
     cam = np.einsum("ji,j...->i...", prev_rot.astype(np.float32), rel)
-    inv = intr.focal / np.maximum(cam[2], NEAR)
-    h, w = rel.shape[1:] if rel.ndim == 3 else (None, None)
-    if h is not None:
-        col0 = col0 + np.arange(w, dtype=np.float32)[None, :]
-        row0 = row0 + np.arange(h, dtype=np.float32)[:, None]
-    flow = np.stack([intr.cx + cam[0] * inv - col0, intr.cy - cam[1] * inv - row0]).astype(np.float32)
+    inv = np.float32(intr.focal) / np.maximum(cam[2], np.float32(NEAR))
+    if rel.ndim == 3:
+        h, w = rel.shape[1:]
+        col0 = np.float32(col0) + np.arange(w, dtype=np.float32)[None, :]
+        row0 = np.float32(row0) + np.arange(h, dtype=np.float32)[:, None]
+    else:
+        col0, row0 = col0.astype(np.float32), row0.astype(np.float32)
+    flow = np.empty((2, *rel.shape[1:]), np.float32)
+    flow[0] = (np.float32(intr.cx) - col0) + cam[0] * inv
+    flow[1] = (np.float32(intr.cy) - row0) - cam[1] * inv
     return flow, cam[2]
 
 
 def _background(scene: Scene, origin: np.ndarray, dirs: np.ndarray, light: np.ndarray) -> GBuffer:
-    """Ground bands and sky for every pixel, then the side planes where a ray can reach them first."""
+    """Ground bands and sky for every pixel, then the side planes where a ray can reach them first.
+
+    (`np.copyto(..., where=)` and arithmetic on masks stand in for `np.where`, which is several times
+    slower per pixel.)
+    """
     street = scene.street
     ox, oy, oz = (float(c) for c in origin)
     dx, dy, dz = dirs
-    down = dy < -1e-6
-    depth = np.where(down, oy / -dy, SKY_DEPTH)
-    xg, zg = ox + depth * dx, oz + depth * dz
+    horizon = np.float32(oy / SKY_DEPTH)  # rays descending less steeply than this count as sky
+    sky = -dy <= horizon
+    depth = oy / np.maximum(-dy, horizon)
+    u, v = ox + depth * dx, oz + depth * dz  # ground hit (x, z)
     edges = street.ground_edges
-    band = (xg >= edges[0]).astype(np.uint8) + (xg >= edges[1]) + (xg >= edges[2]) + (xg >= edges[3])
-    surface = np.where(down, np.take(_GROUND, band), np.uint8(Surface.SKY))
-    u = np.where(down, xg, dx / dz)
-    v = np.where(down, zg, dy)
-    facing = np.where(down, np.float32(light[1]), np.float32(1.0))
+    band = (u >= edges[0]).view(np.uint8) + (u >= edges[1]) + (u >= edges[2]) + (u >= edges[3])
+    surface = np.take(_GROUND, band + sky.view(np.uint8) * np.uint8(5))
+    inner = np.minimum(street.hedge, street.facade)
+    beyond = (u <= -inner[LEFT], u >= inner[RIGHT])
+    np.copyto(u, dx / dz, where=sky)
+    np.copyto(v, dy, where=sky)
+    facing = np.float32(light[1]) + np.float32(1.0 - light[1]) * sky
     inst = np.zeros(depth.shape, np.int32)
     views = (depth, surface, u, v, inst, facing)
-    inner = np.minimum(street.hedge, street.facade)
-    for side, beyond in ((LEFT, xg <= -inner[LEFT]), (RIGHT, xg >= inner[RIGHT])):
-        # Only rows with a ray that misses the ground before this side's nearest plane need the planes.
-        facing_side = (dx < 0) if side == LEFT else (dx > 0)
-        reach = facing_side & (beyond | ~down)
+    for side in (LEFT, RIGHT):
+        # Only rays that pass this side's nearest plane before reaching the ground need the plane tests.
+        reach = ((dx < 0) if side == LEFT else (dx > 0)) & (beyond[side] | sky)
         rows = np.flatnonzero(reach.any(axis=1))
-        cols = np.flatnonzero(reach.any(axis=0))
         if len(rows) == 0:
             continue
+        cols = np.flatnonzero(reach.any(axis=0))
         block = (slice(0, rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         hits = _side_hits(scene, side, (ox, oy, oz), dirs[(slice(None), *block)], light)
         closer = hits[0] < depth[block]
         for dst, src in zip(views, hits, strict=True):
             np.copyto(dst[block], src, where=closer, casting="unsafe")
     return GBuffer(depth, surface, inst, u, v, facing, None, None)
-
-
-_SIDE_SURFACES = np.array([Surface.SKY, Surface.HEDGE, Surface.FACADE, Surface.SIDEWALL, Surface.BACKDROP], np.uint8)
 
 
 def _side_hits(scene: Scene, side: int, origin: tuple[float, float, float], dirs: np.ndarray,
@@ -121,36 +139,45 @@ def _side_hits(scene: Scene, side: int, origin: tuple[float, float, float], dirs
     street, strip = scene.street, scene.strip
     ox, oy, oz = origin
     dx, dy, dz = dirs
-    sign = np.float32(1.0 if side == RIGHT else -1.0)
-    inv_dx = 1.0 / np.where(dx * sign > 1e-7, dx, sign * np.float32(1e-7))  # wrong side: hits nothing
+    sign = 1.0 if side == RIGHT else -1.0
+    inv_dx = np.float32(sign) / np.maximum(dx * np.float32(sign), np.float32(1e-7))  # away from this side: hits nothing
     inv_res, z0 = np.float32(1.0 / strip.res), np.float32(strip.z0)
 
-    def plane(dist: float, heights: np.ndarray) -> tuple[np.ndarray, ...]:
-        tp = (sign * np.float32(dist) - ox) * inv_dx
+    def plane(dist: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tp = np.float32(sign * dist - ox) * inv_dx
         y, z = oy + tp * dy, oz + tp * dz
-        idx = ((z - z0) * inv_res).astype(np.int32)
-        return tp, idx, (y >= 0) & (y < np.take(heights[side], idx, mode="clip"))
+        return tp, y, ((z - z0) * inv_res).astype(np.int32)
 
-    t_f, idx_f, hit_f = plane(street.facade[side], strip.front_h)
-    t_s = (np.take(strip.next_z[side], idx_f, mode="clip") - oz) / dz
-    into = sign * (ox + t_s * dx) - np.float32(street.facade[side])
+    t_f, y_f, idx = plane(street.facade[side])
+    front_h, next_z, next_h, front_id, next_id = np.moveaxis(
+        np.take(strip.facade_rows[side], idx, axis=0, mode="clip")[..., :5], -1, 0)
+    hit_f = (y_f >= 0) & (y_f < front_h)
+    t_s = (next_z - oz) / dz
+    into = np.float32(sign) * (ox + t_s * dx) - np.float32(street.facade[side])
     y_s = oy + t_s * dy
-    hit_s = (into >= 0) & (into <= np.float32(street.depth[side])) & (y_s >= 0)
-    hit_s &= y_s < np.take(strip.next_h[side], idx_f, mode="clip")
-    t_b, idx_b, hit_b = plane(street.backdrop[side], strip.back_h)
-    kind = np.where(hit_f, np.uint8(2), np.where(hit_s, np.uint8(3), np.where(hit_b, np.uint8(4), np.uint8(0))))
-    t = np.where(hit_f, t_f, np.where(hit_s, t_s, np.where(hit_b, t_b, np.float32(np.inf))))
-    inst = np.where(hit_f, np.take(strip.front_id[side], idx_f, mode="clip"),
-                    np.where(hit_s, np.take(strip.next_id[side], idx_f, mode="clip"),
-                             np.take(strip.back_id[side], idx_b, mode="clip")))
+    hit_s = (into >= 0) & (into <= np.float32(street.depth[side])) & (y_s >= 0) & (y_s < next_h)
+    t, y_b, idx = plane(street.backdrop[side])
+    back_h, inst = np.moveaxis(np.take(strip.backdrop_rows[side], idx, axis=0, mode="clip"), -1, 0)
+    hit_b = (y_b >= 0) & (y_b < back_h)
+    # Write the candidates from the farthest to the nearest, so that the nearest hit stays.
+    kind = hit_b.view(np.uint8) * np.uint8(4)
+    inst = inst.copy()
+    np.copyto(t, np.float32(np.inf), where=~hit_b)
+    for t_c, k, ids, hit in ((t_s, 3, next_id, hit_s), (t_f, 2, front_id, hit_f)):
+        np.copyto(t, t_c, where=hit)
+        np.copyto(kind, k, where=hit)
+        np.copyto(inst, ids, where=hit)
     if strip.hedge_h[side].any():
-        t_h, _, hit_h = plane(street.hedge[side], strip.hedge_h)
-        kind[hit_h], t[hit_h], inst[hit_h] = 1, t_h[hit_h], 0
-    y, z = oy + t * dy, oz + t * dz
+        t_h, y_h, idx = plane(street.hedge[side])
+        hit_h = (y_h >= 0) & (y_h < np.take(strip.hedge_h[side], idx, mode="clip"))
+        np.copyto(t, t_h, where=hit_h)
+        np.copyto(kind, 1, where=hit_h)
+        np.copyto(inst, 0, where=hit_h)
+    u, y = oz + t * dz, oy + t * dy  # planes: (z, y); side walls: (depth into the block, y)
     wall = kind == 3
-    u = np.where(wall, sign * (ox + t * dx) - np.float32(street.facade[side]), z)
-    face = -sign * np.float32(light[0])  # facades face the road; side walls face -z
-    facing = np.where(wall, np.float32(-light[2]), face)
+    np.copyto(u, np.float32(sign) * (ox + t * dx) - np.float32(street.facade[side]), where=wall)
+    face = np.float32(-sign * light[0])  # facades face the road, side walls face -z
+    facing = face + np.float32(-light[2] - face) * wall
     return t, np.take(_SIDE_SURFACES, kind), u, y, inst, facing
 
 
@@ -178,6 +205,26 @@ def _part_windows(lo: np.ndarray, hi: np.ndarray, origin: np.ndarray, rot: np.nd
     return np.clip(boxes, 0, limits).astype(np.int64)
 
 
+def _sphere_windows(centres: np.ndarray, radius: np.ndarray, box: np.ndarray, intr: Intrinsics) -> np.ndarray:
+    """Pixel boxes of spheres (camera-frame centres) from their tangent planes through the camera's
+    vertical and horizontal axes, intersected with `box`; spheres reaching behind the camera keep `box`."""
+    cz2 = centres[:, 2] ** 2 - radius**2
+    ok = centres[:, 2] > radius + NEAR
+    out = box.copy()
+    for axis, (lo, hi) in ((0, (2, 3)), (1, (0, 1))):
+        c = centres[:, axis]
+        root = radius * np.sqrt(np.maximum(c * c + cz2, 0))
+        k0, k1 = (c * centres[:, 2] - root) / np.where(ok, cz2, 1), (c * centres[:, 2] + root) / np.where(ok, cz2, 1)
+        if axis == 0:
+            first, last = intr.cx + intr.focal * k0, intr.cx + intr.focal * k1
+        else:  # image y grows downwards
+            first, last = intr.cy - intr.focal * k1, intr.cy - intr.focal * k0
+        limit = intr.width if axis == 0 else intr.height
+        out[ok, lo] = np.maximum(box[ok, lo], np.clip(np.floor(first[ok]), 0, limit))
+        out[ok, hi] = np.minimum(box[ok, hi], np.clip(np.floor(last[ok]) + 2, 0, limit))
+    return out
+
+
 def _draw_bodies(bodies: Bodies, time: float, dt: float, origin: np.ndarray, rot: np.ndarray, shift: np.ndarray,
                  prev_rot: np.ndarray, dirs: np.ndarray, gb: GBuffer, intr: Intrinsics, light: np.ndarray) -> None:
     """Intersect every (part, pixel of its screen box) pair at once; the nearest hit per pixel wins.
@@ -192,6 +239,10 @@ def _draw_bodies(bodies: Bodies, time: float, dt: float, origin: np.ndarray, rot
     parts = np.flatnonzero(((ahead > -BODY_RANGE[0]) & (ahead < BODY_RANGE[1]))[bodies.part_body])
     part_pos = pos[bodies.part_body[parts]]
     box = _part_windows(part_pos + bodies.lo[parts], part_pos + bodies.hi[parts], origin, rot, intr)
+    spheres = np.flatnonzero(bodies.shape[parts] == Shape.SPHERE)
+    if len(spheres):  # a sphere's own outline is much tighter than that of its bounding box
+        centres = to_camera(part_pos[spheres] + bodies.a[parts[spheres]] - origin, rot)
+        box[spheres] = _sphere_windows(centres, bodies.b[parts[spheres], 0], box[spheres], intr)
     heights, widths = box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]
     areas = np.where((heights > 0) & (widths > 0), heights * widths, 0)
     keep = np.flatnonzero(areas)
@@ -225,13 +276,14 @@ def _draw_bodies(bodies: Bodies, time: float, dt: float, origin: np.ndarray, rot
     d, rel, size = (np.take(x, win, axis=1) for x in (d, rel, size))
     # u, v in body coordinates: the hit point relative to the body origin
     u, v = _surface_coordinates(rel + np.take(bodies.a.T, part, axis=1) + t * d, face)
-    normal_sign = np.take_along_axis(d, face[None] % 3, 0)[0] < 0  # box faces: is the normal +axis?
-    facing = np.take(light, face % 3) * np.where(normal_sign, np.float32(1), np.float32(-1))
+    axis = face % 3
+    outward = np.float32(1) - np.float32(2) * (np.take_along_axis(d, axis[None], 0)[0] > 0)  # box normal: -sign(d)
+    facing = np.take(light, axis) * outward
     curved = np.flatnonzero(bodies.shape[part] != Shape.BOX)
     if len(curved):
-        hit = rel[:, curved] + t[curved] * d[:, curved]
-        facing[curved] = _curved_facing(hit, size[:, curved], face[curved], bodies.shape[part[curved]], light)
-    gb.surface.reshape(-1)[p] = bodies.surfaces[part, face % 3]
+        hit = np.take(rel, curved, axis=1) + t[curved] * np.take(d, curved, axis=1)
+        facing[curved] = _curved_facing(hit, size[0, curved], face[curved], light)
+    gb.surface.reshape(-1)[p] = bodies.surfaces[part, axis]
     gb.u.reshape(-1)[p], gb.v.reshape(-1)[p], gb.facing.reshape(-1)[p] = u, v, facing
     body = bodies.part_body[part]
     gb.inst.reshape(-1)[p] = bodies.inst[body]
@@ -244,16 +296,16 @@ def _draw_bodies(bodies: Bodies, time: float, dt: float, origin: np.ndarray, rot
 # Primitives, in part coordinates: `rel` is the ray origin minus the part anchor, `size` the part's
 # size parameters (box: edge lengths from the lo corner; cylinder: radius, height from the base
 # centre; sphere: radius about the centre). Hit tests return the distance (inf on a miss) and a face
-# code: box 0/1/2 = the x/y/z face; cylinder 0 = side, 4 = top cap (code % 3 == 1, the y face);
-# sphere 3 (code % 3 == 0 selects the part's first surface).
+# code whose remainder modulo 3 selects the part's surface: box 0/1/2 = the x/y/z face; sphere 3;
+# cylinder 6 = side, 4 = top cap.
 
 
 def _box_hit(rel: np.ndarray, d: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    inv = 1.0 / np.where(np.abs(d) < 1e-9, np.float32(1e-9), d)
+    inv = 1.0 / d  # +-inf for rays parallel to a slab: the slab test below still holds
     t0, t1 = -rel * inv, (size - rel) * inv
     near = np.minimum(t0, t1)
-    t_near = near.max(0)
-    t = np.where((t_near <= np.maximum(t0, t1).min(0)) & (t_near > 0), t_near, np.float32(np.inf))
+    t = near.max(0)
+    np.copyto(t, np.float32(np.inf), where=(t > np.maximum(t0, t1).min(0)) | (t <= 0))
     return t, near.argmax(0)  # the slab entered last is the face hit
 
 
@@ -264,36 +316,37 @@ def _cylinder_hit(rel: np.ndarray, d: np.ndarray, size: np.ndarray) -> tuple[np.
     aa = np.maximum(dx * dx + dz * dz, 1e-12)
     bb = px * dx + pz * dz
     disc = bb * bb - aa * (px * px + pz * pz - r * r)
-    t_side = (-bb - np.sqrt(np.maximum(disc, 0))) / aa
-    y_side = py + t_side * dy
-    t_side = np.where((disc >= 0) & (t_side > 0) & (y_side >= 0) & (y_side <= h), t_side, np.float32(np.inf))
-    t_cap = (h - py) / np.where(dy < -1e-9, dy, np.float32(-1e-9))
+    t = (-bb - np.sqrt(np.maximum(disc, 0))) / aa
+    y_side = py + t * dy
+    np.copyto(t, np.float32(np.inf), where=(disc < 0) | (t <= 0) | (y_side < 0) | (y_side > h))
+    t_cap = (h - py) / np.minimum(dy, np.float32(-1e-9))  # only rays going down see the top
     cx, cz = px + t_cap * dx, pz + t_cap * dz
-    t_cap = np.where((py > h) & (cx * cx + cz * cz <= r * r), t_cap, np.float32(np.inf))
-    cap = t_cap < t_side
-    return np.where(cap, t_cap, t_side), np.where(cap, 4, 0)
+    cap = (py > h) & (cx * cx + cz * cz <= r * r) & (t_cap < t)
+    np.copyto(t, t_cap, where=cap)
+    return t, 6 - 2 * cap.astype(np.intp)
 
 
 def _sphere_hit(rel: np.ndarray, d: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    bb = (rel * d).sum(0)
-    disc = bb * bb - ((rel * rel).sum(0) - size[0] * size[0])
+    bb = rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2]
+    disc = bb * bb - (rel[0] * rel[0] + rel[1] * rel[1] + rel[2] * rel[2] - size[0] * size[0])
     t = -bb - np.sqrt(np.maximum(disc, 0))
-    return np.where((disc >= 0) & (t > 0), t, np.float32(np.inf)), np.full(t.shape, 3)
+    np.copyto(t, np.float32(np.inf), where=(disc < 0) | (t <= 0))
+    return t, np.full(t.shape, 3)
 
 
 def _surface_coordinates(q: np.ndarray, face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(u, v) of body-coordinate hit points: the two coordinates spanning the face; curved surfaces use
+    """(u, v) of body-coordinate hit points: the two coordinates spanning a flat face; curved sides use
     height and a smooth horizontal coordinate (any function of the surface point keeps textures attached)."""
-    u = np.where(face == 0, q[2], np.where(face == 3, (q[0] + q[2]) * 0.7, q[0]))
+    u = np.where(face == 0, q[2], np.where(face % 3 == 0, (q[0] + q[2]) * 0.7, q[0]))
     v = np.where((face == 1) | (face == 4), q[2], q[1])
     return u, v
 
 
-def _curved_facing(q: np.ndarray, size: np.ndarray, face: np.ndarray, shape: np.ndarray,
-                   light: np.ndarray) -> np.ndarray:
-    """Cosine to the light on cylinders (side normal horizontal, cap +y) and spheres (radial)."""
-    radial = q[0] * light[0] + q[2] * light[2] + np.where(shape == Shape.SPHERE, q[1] * light[1], 0)
-    return np.where(face == 4, light[1], radial / size[0])
+def _curved_facing(q: np.ndarray, radius: np.ndarray, face: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """Cosine to the light on spheres (radial normal; face 3), cylinder sides (horizontal normal; face 6)
+    and cylinder caps (+y; face 4), from part-coordinate hit points."""
+    radial = (q[0] * light[0] + q[2] * light[2] + (face == 3) * q[1] * light[1]) / radius
+    return np.where(face == 4, np.float32(light[1]), radial)
 
 
 # indexed by `Shape`

@@ -8,6 +8,7 @@ translate with a constant velocity.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -58,11 +59,24 @@ class Strip:
     back_id: np.ndarray
     hedge_h: np.ndarray
 
-    def index(self, z: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """Flat index into the (2, n) tables for positions z on the side given by `right`."""
-        n = self.front_h.shape[1]
-        b = np.clip((z - self.z0) * (1.0 / self.res), 0, n - 1).astype(np.int32)
-        return b + right * np.int32(n)
+    @functools.cached_property
+    def facade_rows(self) -> np.ndarray:
+        """(2, n, 8) float32: front_h, next_z, next_h, front_id, next_id per bin, padded to 8 columns so
+        that one fast gather fetches everything a facade crossing needs."""
+        return _pack(self.front_h, self.next_z, self.next_h, self.front_id, self.next_id, width=8)
+
+    @functools.cached_property
+    def backdrop_rows(self) -> np.ndarray:
+        """(2, n, 2) float32: back_h, back_id per bin."""
+        return _pack(self.back_h, self.back_id, width=2)
+
+
+def _pack(*tables: np.ndarray, width: int) -> np.ndarray:
+    rows = np.zeros(tables[0].shape + (width,), np.float32)
+    for c, table in enumerate(tables):
+        rows[..., c] = table
+    rows.setflags(write=False)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,8 @@ class _BodyList:
             inst=np.array([r[2] for r in self.rows], np.int32),
             part_body=np.repeat(np.arange(len(self.rows)), [len(r[3]) for r in self.rows]).astype(np.int64),
             shape=np.array([p[0] for p in parts], np.int8),
-            a=np.array([p[1] for p in parts], f32).reshape(-1, 3), b=np.array([p[2] for p in parts], f32).reshape(-1, 3),
+            a=np.array([p[1] for p in parts], f32).reshape(-1, 3),
+            b=np.array([p[2] for p in parts], f32).reshape(-1, 3),
             surfaces=np.array([p[3] for p in parts], np.uint8).reshape(-1, 3),
             lo=np.array([b[0] for b in bounds], float).reshape(-1, 3),
             hi=np.array([b[1] for b in bounds], float).reshape(-1, 3),
@@ -194,7 +209,8 @@ def _poisson(rng: np.random.Generator, z_lo: float, z_hi: float, spacing: float,
     return z[z < z_hi]
 
 
-def _add_trees(rng: np.random.Generator, out: _BodyList, layout: Layout, street: Street, z_lo: float, z_hi: float) -> None:
+def _add_trees(rng: np.random.Generator, out: _BodyList, layout: Layout, street: Street, z_lo: float,
+               z_hi: float) -> None:
     for side, sign in ((LEFT, -1.0), (RIGHT, 1.0)):
         verge = street.facade[side] - street.walk[side]
         x = sign * (street.walk[side] + 0.5 * verge if verge > 1.5 else street.walk[side] - 0.7)

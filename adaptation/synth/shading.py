@@ -2,12 +2,14 @@
 
 Textures are functions of surface coordinates (metres on the surface, or the viewing direction for
 the sky), so they move exactly with the flow. Noise comes from a tileable spectral noise bank with
-pre-filtered levels, picked per pixel from the texel footprint, so that distant surfaces do not alias.
-Each surface is shaded in one vectorised pass over its own pixels with its material's scalars.
+pre-filtered levels, picked per pixel from the texel footprint, so that distant surfaces do not alias;
+the bank is one fixed draw shared by all clips, which differ by per-surface offsets into it. Each
+surface is shaded in one vectorised pass over its own pixels with its material's scalars.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -15,6 +17,8 @@ import numpy as np
 
 from .raycast import GBuffer
 from .styles import Lighting, Material
+
+NOISE_SEED = 20240917
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,17 @@ class Textures:
 
 
 def make_textures(materials: tuple[Material, ...], rng: np.random.Generator) -> Textures:
+    """Per-clip texture draws: every surface reads the shared noise at its own random offset."""
     offsets = rng.uniform(0, 256, (len(materials), 2)).astype(np.float32)
-    return Textures(materials, offsets, noise_atlas(noise_bank(rng)), instance_tints(rng))
+    return Textures(materials, offsets, _shared_atlas(), instance_tints(rng))
+
+
+@functools.cache
+def _shared_atlas() -> np.ndarray:
+    """The noise atlas all clips share (a fixed draw; clips differ by offsets), built on first use."""
+    atlas = noise_atlas(noise_bank(np.random.default_rng(NOISE_SEED)))
+    atlas.setflags(write=False)
+    return atlas
 
 
 def noise_bank(rng: np.random.Generator, size: int = 256, levels: int = 4, exponent: float = 0.8) -> np.ndarray:
@@ -80,8 +93,10 @@ def _cell_hash(cu: np.ndarray, cv: np.ndarray, inst: np.ndarray) -> np.ndarray:
 
 
 def _shade_surface(m: Material, offset: np.ndarray, tex: Textures, u: np.ndarray, v: np.ndarray,
-                   depth: np.ndarray, inst: np.ndarray | None, focal: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """Colour (3, n) and glow (3, n) or None of n pixels of one surface."""
+                   depth: np.ndarray, inst: np.ndarray | None, irradiance: list[np.ndarray] | None,
+                   focal: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lit colour (3, n) and glow (3, n) or None of n pixels of one surface; `irradiance` per channel, or
+    None for surfaces that ignore lighting."""
     tint = np.take(tex.tints.T, inst, axis=1) if inst is not None else None  # (3, n)
     mix = pattern = None
     du, dv = m.duty
@@ -98,7 +113,7 @@ def _shade_surface(m: Material, offset: np.ndarray, tex: Textures, u: np.ndarray
     if m.gradient:
         ramp = np.clip(v * np.float32(m.gradient), 0, 1)
         mix = ramp if mix is None else np.maximum(mix, ramp)
-    gain = None
+    gain = np.ones(len(u), np.float32)
     if m.noise:
         scale = np.float32(m.scale)
         footprint = depth * (scale / np.float32(focal))
@@ -110,11 +125,11 @@ def _shade_surface(m: Material, offset: np.ndarray, tex: Textures, u: np.ndarray
         tint_amp = np.float32(m.tint) if mix is None else np.float32(m.tint) * (1.0 - mix)
     colour = np.empty((3, len(u)), np.float32)
     for c in range(3):
-        plane = np.full(len(u), m.base[c], np.float32) if mix is None else m.base[c] + (m.alt[c] - m.base[c]) * mix
-        if gain is not None:
-            plane = plane * gain
+        plane = m.base[c] * gain if mix is None else (m.base[c] + (m.alt[c] - m.base[c]) * mix) * gain
         if tint_amp is not None:
-            plane = plane + tint_amp * tint[c]
+            plane += tint_amp * tint[c]
+        if irradiance is not None:
+            plane *= irradiance[c]
         colour[c] = plane
     glow = None
     if m.glow and pattern is not None:
@@ -123,41 +138,36 @@ def _shade_surface(m: Material, offset: np.ndarray, tex: Textures, u: np.ndarray
     return colour, glow
 
 
-def albedo(gb: GBuffer, tex: Textures, focal: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Planar (3, H, W) surface colour before lighting, planar emitted light of glowing pattern cells
-    (None when nothing glows), and the (H, W) mask of surfaces that take lighting."""
+def shade(gb: GBuffer, tex: Textures, light: Lighting, focal: float,
+          extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Planar (3, ...) lit colour of every pixel of `gb` (any leading shape), and the planar light emitted
+    by glowing pattern cells (None when nothing glows). Lit surfaces receive ambient + sun * max(cos, 0)
+    plus `extra` (planar, e.g. `night_light`)."""
     shape = gb.surface.shape
     surface = gb.surface.reshape(-1)
-    u, v, depth, inst = (a.reshape(-1) for a in (gb.u, gb.v, gb.depth, gb.inst))
+    u, v, depth, inst, facing = (a.reshape(-1) for a in (gb.u, gb.v, gb.depth, gb.inst, gb.facing))
+    extra = extra.reshape(3, -1) if extra is not None else None
     colour = np.empty((3, surface.size), np.float32)
     glow = None
-    lit = np.ones(surface.size, bool)
     for k in np.flatnonzero(np.bincount(surface, minlength=len(tex.materials))):
         m = tex.materials[k]
-        idx = np.flatnonzero(surface == k)
+        idx = np.flatnonzero(surface == np.uint8(k))
         inst_k = np.take(inst, idx) & 255 if (m.tint or m.vary or m.glow) else None
+        irradiance = None
+        if m.lit:
+            sun = np.maximum(np.take(facing, idx), 0)
+            irradiance = [np.float32(light.ambient[c]) + np.float32(light.sun[c]) * sun for c in range(3)]
+            if extra is not None:
+                irradiance = [irradiance[c] + np.take(extra[c], idx) for c in range(3)]
         colour_k, glow_k = _shade_surface(m, tex.offsets[k], tex, np.take(u, idx), np.take(v, idx),
-                                          np.take(depth, idx), inst_k, focal)
+                                          np.take(depth, idx), inst_k, irradiance, focal)
         for c in range(3):
             colour[c][idx] = colour_k[c]
         if glow_k is not None:
             glow = np.zeros_like(colour) if glow is None else glow
             for c in range(3):
                 glow[c][idx] = glow_k[c]
-        if not m.lit:
-            lit[idx] = False
-    glow = glow.reshape((3,) + shape) if glow is not None else None
-    return colour.reshape((3,) + shape), glow, lit.reshape(shape)
-
-
-def lighting(gb: GBuffer, lit: np.ndarray, light: Lighting, extra: np.ndarray | None = None) -> np.ndarray:
-    """Planar (3, H, W) irradiance: ambient + sun * max(cos, 0) (+ `extra`), and 1 where not `lit` (the sky)."""
-    sun = np.maximum(gb.facing, 0)
-    irradiance = np.stack([light.ambient[c] + light.sun[c] * sun for c in range(3)]).astype(np.float32)
-    if extra is not None:
-        irradiance += extra
-    np.copyto(irradiance, np.float32(1.0), where=~lit)
-    return irradiance
+    return colour.reshape((3, *shape)), (glow.reshape((3, *shape)) if glow is not None else None)
 
 
 def night_light(points: np.ndarray, depth: np.ndarray, beam: np.ndarray, origin: np.ndarray,
@@ -171,7 +181,7 @@ def night_light(points: np.ndarray, depth: np.ndarray, beam: np.ndarray, origin:
         head = light.headlights * beam / (1.0 + (depth * np.float32(1 / 12.0)) ** 2)
     lamp = np.zeros(depth.shape, np.float32)
     if light.lamps and len(lamps):
-        near = lamps[(lamps[:, 2] > origin[2] - 15.0) & (lamps[:, 2] < origin[2] + 90.0)].astype(np.float32)
+        near = lamps[(lamps[:, 2] > origin[2] - 10.0) & (lamps[:, 2] < origin[2] + 60.0)].astype(np.float32)
         for pos in near:
             d2 = (points[0] - pos[0]) ** 2 + (points[1] - pos[1]) ** 2 + (points[2] - pos[2]) ** 2
             lamp += 1.0 / (1.0 + d2 * np.float32(1 / 30.0))

@@ -53,11 +53,15 @@ class Layout:
     tree_density: float = 1.0
     car_scale: float = 1.0
     person_scale: float = 1.0
-    building_height: tuple[float, float] = (7.0, 22.0)
+    building_height: tuple[float, float] = (7.0, 22.0)  # metres; above the camera (roofs are not modelled)
     gap_prob: float = 0.35
     parking_prob: float = 0.5
     hedge_prob: float = 0.5
     ego_speed: tuple[float, float] = (5.0, 12.0)  # metres per second
+
+    def __post_init__(self) -> None:
+        if self.building_height[0] < 2.0:
+            raise ValueError(f"buildings must be taller than the camera (>= 2 m), got {self.building_height}")
 
 
 @dataclass(frozen=True)
@@ -147,27 +151,31 @@ SOURCE_MATERIALS = _materials({
     Surface.HEAD: Material((0.78, 0.6, 0.48), noise=0.05, tint=0.08),
 })
 
-# --- recolor: every class borrows the look of another source class ------------------------------------
-_RECOLOR_VEG = replace(_PLASTER, period=(1.6, 1.5), tint=0.08, vary=0.3)  # vegetation that looks like buildings
-_RECOLOR_BUILDING = replace(_LEAVES, alt=(0.12, 0.22, 0.08), period=(2.0, 2.0), duty=(0.3, 0.3), tint=0.05)
+# --- recolor: some classes borrow the look of other source classes ---------------------------------------
+# Road and sidewalk swap palettes and textures, and buildings take the green and leafy noise of source
+# vegetation (keeping their windows). Vegetation turns autumn brown, persons wear car paint and cars
+# clothing colours; the sky only pales. Objects are larger and denser (see the layout below).
+_AUTUMN = replace(_LEAVES, base=(0.55, 0.42, 0.3), tint=0.1)
+_RECOLOR_BUILDING = replace(_PLASTER, base=(0.3, 0.44, 0.19), alt=(0.1, 0.17, 0.07), noise=0.35, scale=7.0,
+                            tint=0.05)
 RECOLOR_MATERIALS = _materials({
-    Surface.SKY: Material((0.86, 0.8, 0.74), (0.66, 0.62, 0.62), noise=0.06, scale=40.0, stretch=3.0,
-                          gradient=1.5, lit=False),
+    Surface.SKY: Material((0.86, 0.86, 0.86), (0.55, 0.66, 0.85), noise=0.08, scale=40.0, stretch=3.0,
+                          gradient=2.0, lit=False),
     Surface.ROAD: replace(_PAVING, period=(0.9, 0.9)),
     Surface.SIDEWALK: replace(_ASPHALT, period=(7.0, 6.0), duty=(0.02, 0.5)),
-    Surface.VERGE: _RECOLOR_VEG,
+    Surface.VERGE: replace(_AUTUMN, base=(0.5, 0.45, 0.3), scale=8.0),
     Surface.FACADE: _RECOLOR_BUILDING,
     Surface.SIDEWALL: replace(_RECOLOR_BUILDING, duty=(0.0, 0.0)),
-    Surface.BACKDROP: replace(_RECOLOR_BUILDING, base=(0.3, 0.45, 0.2)),
-    Surface.HEDGE: _RECOLOR_VEG,
-    Surface.CROWN: replace(_RECOLOR_VEG, base=(0.6, 0.58, 0.56), alt=(0.3, 0.32, 0.36)),
-    Surface.TRUNK: replace(_RECOLOR_VEG, duty=(0.0, 0.0)),
-    Surface.CAR_SIDE: replace(_CLOTHES, duty=(1.0, 0.0035)),
+    Surface.BACKDROP: replace(_RECOLOR_BUILDING, base=(0.34, 0.48, 0.24), period=(2.6, 2.8)),
+    Surface.HEDGE: replace(_AUTUMN, scale=10.0),
+    Surface.CROWN: _AUTUMN,
+    Surface.TRUNK: replace(SOURCE_MATERIALS[Surface.TRUNK], base=(0.25, 0.22, 0.2)),
+    Surface.CAR_SIDE: replace(_CLOTHES, duty=(1.0, 0.0035), alt=(0.06, 0.06, 0.06)),
     Surface.CAR_END: replace(_CLOTHES, duty=(0.0, 0.0)),
     Surface.CAR_TOP: replace(_CLOTHES, duty=(0.0, 0.0)),
-    Surface.CAR_GLASS: replace(_CLOTHES, base=(0.3, 0.26, 0.3)),
+    Surface.CAR_GLASS: _GLASS,
     Surface.PERSON: replace(_PAINT, noise=0.06),
-    Surface.HEAD: _GLASS,
+    Surface.HEAD: SOURCE_MATERIALS[Surface.HEAD],
 })
 
 # --- night: source materials, artificial light, glowing windows and car lights ----------------------------
@@ -184,7 +192,7 @@ STYLES: dict[str, Style] = {
     "fog": Style(
         "fog", SOURCE_MATERIALS,
         lighting=Lighting(sun=(0.2, 0.2, 0.2), ambient=(0.78, 0.78, 0.8)),
-        optics=Optics(fog_density=0.045, contrast=0.75, saturation=0.6),
+        optics=Optics(fog_density=0.035, contrast=0.75, saturation=0.6),
     ),
     "night": Style(
         "night", NIGHT_MATERIALS,

@@ -8,7 +8,7 @@ import pytest
 from adaptation import synth
 from adaptation.synth import photometric
 from adaptation.synth.camera import Intrinsics, camera_rays, static_trajectory
-from adaptation.synth.core import SURFACE_LABEL
+from adaptation.synth.core import SURFACE_LABEL, Surface
 from adaptation.synth.generator import make_world
 from adaptation.synth.raycast import render_gbuffer
 from adaptation.synth.scene import build_scene
@@ -115,6 +115,39 @@ def test_flow_is_exact_where_the_point_stays_visible() -> None:
         rates.append((warped == labels_cur)[visible].mean())
         assert visible.mean() > 0.85
     assert min(rates) > 0.97
+
+
+def _render_pair(style: str, seed: int, t: int, size: tuple[int, int] = EVAL) -> tuple:
+    scene, traj, _, _ = make_world(synth.STYLES[style], t + 1, seed)
+    intr = Intrinsics.for_size(*size)
+    rays = np.ascontiguousarray(camera_rays(intr).transpose(2, 0, 1))
+    light = np.array([0.0, 1.0, 0.0], np.float32)
+    return render_gbuffer(scene, traj, t - 1, intr, rays, light), render_gbuffer(scene, traj, t, intr, rays, light)
+
+
+@pytest.mark.parametrize("surface", [Surface.ROAD, Surface.FACADE, Surface.CAR_SIDE])
+def test_flow_is_subpixel_exact(surface: Surface) -> None:
+    """Surface coordinates (metres, attached to the surface) interpolated at p + flow in frame t-1 equal
+    those of p in frame t, to a small fraction of the change across one pixel."""
+    prev, cur = _render_pair("source", seed=1, t=3)
+    h, w = cur.surface.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    qx, qy = xs + cur.flow[0], ys + cur.flow[1]
+    x0, y0 = np.floor(qx).astype(int).clip(0, w - 2), np.floor(qy).astype(int).clip(0, h - 2)
+    fx, fy = qx - x0, qy - y0
+    same = (qx >= 0) & (qx < w - 1) & (qy >= 0) & (qy < h - 1) & (cur.surface == surface)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            same &= (prev.surface[y0 + dy, x0 + dx] == surface) & (prev.inst[y0 + dy, x0 + dx] == cur.inst)
+    assert same.sum() > 100
+    for name in ("u", "v"):
+        a = getattr(prev, name)
+        sampled = (a[y0, x0] * (1 - fx) * (1 - fy) + a[y0, x0 + 1] * fx * (1 - fy)
+                   + a[y0 + 1, x0] * (1 - fx) * fy + a[y0 + 1, x0 + 1] * fx * fy)
+        per_pixel = np.abs(a[y0, x0 + 1] - a[y0, x0]) + np.abs(a[y0 + 1, x0] - a[y0, x0]) + 1e-6
+        error = (np.abs(sampled - getattr(cur, name)) / per_pixel)[same]
+        # Measured: 95th percentile 0.004-0.012 of a pixel (bilinear interpolation of a projective map).
+        assert np.percentile(error, 95) < 0.05, name
 
 
 def test_ego_motion_moves_the_background() -> None:
