@@ -10,6 +10,7 @@ share of warp-valid pixels that agree (UnifiedVideoDA's ``pred_pred`` / ESVS's T
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import load_checkpoint
 
-from .datasets import VideoFrameDataset, build_dataset, label_space_of, parse_spec
+from .datasets import DataSpec, VideoFrameDataset, build_dataset, label_space_of, parse_spec
 from .distributed import unwrap_model
 from .metrics import confusion_matrix, iou_from_confusion, temporal_consistency
 
@@ -90,6 +91,17 @@ def summarize(conf: np.ndarray, classes: list[str], exclude: tuple[str, ...], ag
     }
 
 
+def build_eval_dataset(spec: DataSpec | str, split: str, size: tuple[int, int], **kw: Any) -> VideoFrameDataset:
+    """The labelled split with frame k-2 for TC; without it (TC skipped) when k-2 or its flow is missing,
+    e.g. DA-VSN ships only k -> k-1 flow files for Cityscapes val."""
+    try:
+        return build_dataset(spec, split, size, extras=("prev2",), **kw)
+    except FileNotFoundError as e:
+        dataset = build_dataset(spec, split, size, **kw)
+        warnings.warn(f"temporal consistency not computed: {e}", stacklevel=2)
+        return dataset
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", flow: str | None = None,
                         flow_dir: str | None = None, input_size: tuple[int, int] | None = None,
                         max_items: int | None = None, device: str = "cpu", num_workers: int = 0,
@@ -99,8 +111,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", f
     spec = parse_spec(data)
     size = tuple(input_size or meta["input_size"])
     space = label_space_of(meta["classes"]) if spec.name == "cityscapes-seq" else None
-    dataset = build_dataset(spec, split, size, flow=flow, extras=("prev2",) if with_tc else (),
-                            label_space=space, flow_dir=flow_dir, native_labels=native_labels)
+    kw = dict(flow=flow, label_space=space, flow_dir=flow_dir, native_labels=native_labels)
+    dataset = build_eval_dataset(spec, split, size, **kw) if with_tc else build_dataset(spec, split, size, **kw)
     if list(dataset.classes) != list(meta["classes"]):
         raise ValueError(f"{spec} is labelled with {list(dataset.classes)} but the checkpoint predicts "
                          f"{list(meta['classes'])}")

@@ -39,7 +39,7 @@ from models.config import ModelConfig, get_config
 
 from .datasets import VideoFrameDataset, accepted_options, build_dataset, classes_of, label_space_of, parse_spec
 from .distributed import DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
-from .evaluate import evaluate
+from .evaluate import build_eval_dataset, evaluate
 from .methods import METHODS, build_method
 from .trainer import TrainConfig, make_optimizer, train
 
@@ -184,7 +184,7 @@ class OfflineRun:
             model, meta = load_checkpoint(self.run_dir / resume["last"])
         elif cfg.init is not None:
             model, meta = load_checkpoint(cfg.init)
-            meta = {**meta, "parent": meta.get("provenance", {}).get("version") or Path(cfg.init).name}
+            meta = {**meta, "parent": Path(cfg.init).resolve().name}  # e.g. "demo_model" or a registry "v0003"
         else:
             arch = get_config(cfg.config, num_classes=len(classes))
             model = build_model(arch)
@@ -219,8 +219,8 @@ class OfflineRun:
             target = build_dataset(trg_spec, "train", cfg.input_size, extras=needs.get("target", ()), labels=False,
                                    label_space=space, flow_dir=cfg.target_flow_dir, **options(trg_spec))
         val_spec = trg_spec or src_spec
-        val = build_dataset(val_spec, "val", cfg.input_size, extras=("prev2",), label_space=space,
-                            flow_dir=cfg.target_flow_dir if trg_spec else cfg.source_flow_dir, **options(val_spec))
+        val = build_eval_dataset(val_spec, "val", cfg.input_size, label_space=space,
+                                 flow_dir=cfg.target_flow_dir if trg_spec else cfg.source_flow_dir, **options(val_spec))
         return source, target, val
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -378,11 +378,12 @@ class OfflineRun:
             modules[key].to(self.env.device)
 
 
-def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
-    """Train as configured (then leave the process group); see the module docstring for ``cfg.run_dir``."""
+def run_offline(cfg: OfflineConfig) -> dict[str, Any] | None:
+    """Train as configured, then leave the process group. Returns the summary on rank 0, None elsewhere."""
     run = OfflineRun(cfg)
     try:
-        return run.run()
+        summary = run.run()
     finally:
         shutdown(run.env)
+    return summary if run.env.is_main else None
 

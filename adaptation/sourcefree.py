@@ -117,6 +117,11 @@ def until_spent(batches: Iterator[dict[str, Any]], budget: Budget) -> Iterator[d
         yield batch
 
 
+def _on_device(batches: Iterator[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _spaced(frames: list[np.ndarray], limit: int) -> list[np.ndarray]:
     if len(frames) <= limit:
         return frames
@@ -134,12 +139,13 @@ def _predicted_histograms(model: AccelSegmenter, clips: Sequence[TargetClip], nu
     model.eval()
     frames = [clip.frames[t] for clip in clips for t in range(1, len(clip))]
     out = []
+    device = next(model.parameters()).device
     for i in range(0, len(frames), batch):
-        x = frames_tensor(np.stack(frames[i:i + batch]))
+        x = frames_tensor(np.stack(frames[i:i + batch])).to(device)
         x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
         logits = model.frame(x)["main"]
         for lab in logits.argmax(1):
-            out.append(torch.bincount(lab.flatten(), minlength=num_classes)[:num_classes].numpy())
+            out.append(torch.bincount(lab.flatten(), minlength=num_classes)[:num_classes].cpu().numpy())
     return np.stack(out)
 
 
@@ -148,12 +154,14 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
           heldout: Sequence[TargetClip] | None = None, thresholds: GateThresholds = GateThresholds(),
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_progress: ProgressFn | None = None,
-          provenance: dict[str, Any] | None = None) -> AdaptResult:
+          provenance: dict[str, Any] | None = None, device: str | torch.device | None = None) -> AdaptResult:
     """Adapt a copy of ``parent`` to ``clips`` and gate it. The parent itself is never modified.
 
     ``heldout``: gate clips; by default a share of ``clips`` is held out (``split_heldout``). ``val``:
     labeled validation clips (the gate is then decided by mIoU). Raises ``Cancelled`` when
     ``should_stop()`` turns true; a diverging run (non-finite loss) returns a rejected report.
+    ``device``: where the candidate trains and is gated (default: the parent's device); the returned
+    model stays there.
     """
     t0 = time.monotonic()
     budget = Budget(cfg.time_budget_s, cfg.budget_clock)
@@ -163,12 +171,14 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     if heldout is None:
         train_clips, heldout = split_heldout(clips, cfg.heldout_fraction, cfg.chunk)
     torch.manual_seed(cfg.seed)
-    candidate = copy.deepcopy(parent)
+    dev = torch.device(device) if device is not None else next(parent.parameters()).device
+    candidate = copy.deepcopy(parent).to(dev)
     num_classes = int(candidate.num_classes)
     if cfg.bn_prepass and cfg.method != "bn":
         progress("bn_prepass", {"frames": min(cfg.prepass_frames, sum(len(c) for c in train_clips))})
         frames = _spaced([f for c in train_clips for f in c.frames], cfg.prepass_frames)
-        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])) for i in range(0, len(frames), 4)))
+        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])).to(dev)
+                                   for i in range(0, len(frames), 4)))
     weights = None
     if cfg.sampling == "class-balanced":
         weights = class_balanced_weights(_predicted_histograms(candidate, train_clips, num_classes))
@@ -176,7 +186,7 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
         raise Cancelled("cancelled before training")
     method = build_method(cfg.method, seed=cfg.seed, **settings["options"])
     sampler = PairSampler(train_clips, cfg.batch_size, cfg.sampling, weights, cfg.crop, cfg.flip, cfg.seed)
-    batches: Iterator[dict[str, Any]] = iter(sampler)
+    batches: Iterator[dict[str, Any]] = iter(sampler) if dev.type == "cpu" else _on_device(iter(sampler), dev)
     wall_left = None
     if cfg.time_budget_s is not None:
         if cfg.budget_clock == "cpu":
@@ -200,7 +210,8 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     if failure is not None:
         report = GateReport(False, [failure], {"finite": False})
     else:
-        report = gate(parent, candidate, heldout, val, thresholds, classes=parent_meta.get("classes"))
+        reference = parent if next(parent.parameters()).device == dev else copy.deepcopy(parent).to(dev)
+        report = gate(reference, candidate, heldout, val, thresholds, classes=parent_meta.get("classes"))
     elapsed = time.monotonic() - t0
     train_info: dict[str, Any] = {"steps": 0, "seconds": None, "stopped_by": "error"}
     if result is not None:

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/service.py [--frames 48] [--threads 1] [--swaps 20] [--streams 4] [--skip-onnx]
 
-Runs a real uvicorn on 127.0.0.1 inside this process with the bundled demo model (random init of the
-same config if it is missing) and prints, all measured in one run on the same clip (the synthetic
-generator's ``source`` style at the model's 256x512 input size):
+Runs ``vss`` under a real uvicorn on 127.0.0.1, in its own process (so the benchmark's clients do not
+share its GIL), with the bundled demo model (random init of the same config if it is missing), and
+prints, all measured in one run on the same clip (the synthetic generator's ``source`` style at the
+model's 256x512 input size; the direct baselines use the same weights in this process):
 
 1. ``WS /v1/stream`` frames/s against ``StreamSegmenter.step`` called directly on the same frames
    (engine + pipeline: flow, network, fusion, labels); raw RGB frames, RLE replies, 2 frames in flight.
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,18 +43,17 @@ import cv2
 import httpx
 import numpy as np
 import torch
-import uvicorn
 from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adaptation.synth import generate_clip  # noqa: E402
 from models.accel import build_model  # noqa: E402
-from models.checkpoint import make_meta, save_checkpoint  # noqa: E402
+from models.checkpoint import load_checkpoint, make_meta, save_checkpoint  # noqa: E402
 from models.classes import CLASS_SETS, palette_for  # noqa: E402
 from models.config import get_config  # noqa: E402
 from models.flow import build_flow  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.engine import TorchEngine  # noqa: E402
 from service.pipeline import StreamSegmenter  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
 from service.settings import BUNDLED_DEMO_MODEL, Settings  # noqa: E402
@@ -59,27 +61,47 @@ from service.stream_codec import raw_frame  # noqa: E402
 from service.video import VideoWriter  # noqa: E402
 
 INPUT_SIZE = (256, 512)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+SERVER = """
+import sys, cv2, torch, uvicorn
+threads, port = int(sys.argv[1]), int(sys.argv[2])
+cv2.setNumThreads(threads)
+torch.set_num_threads(threads)
+uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=port, log_level="warning",
+            ws_max_size=64 * 2**20)
+"""
 
 
 @contextmanager
-def live_server(app: Any) -> Iterator[int]:
-    """uvicorn on 127.0.0.1 (a free port) in a thread, with the model loaded; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=64 * 2**20))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+def server_process(env: dict[str, str], threads: int) -> Iterator[tuple[int, int]]:
+    """``vss`` under uvicorn in its own process on a free loopback port (client and server do not share
+    a GIL); yields (port, pid) once a model serves."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(threads), str(port)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     try:
-        deadline = time.monotonic() + 120
-        while not (server.started and app.state.engine_manager.ready):
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        yield sock.getsockname()[1]
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.2)
+        yield port, proc.pid
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def checkpoint(tmp: Path) -> tuple[Path, str]:
@@ -92,23 +114,52 @@ def checkpoint(tmp: Path) -> tuple[Path, str]:
     return save_checkpoint(tmp / "random", build_model(cfg).eval(), meta), "random init (demo model missing)"
 
 
-def stream_fps(port: int, frames: list[np.ndarray], in_flight: int = 2) -> float:
-    """Frames/s of one websocket stream with ``in_flight`` frames outstanding (no drops)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ws_chunk(ws: Any, messages: list[bytes], in_flight: int = 2) -> None:
+    """Send frames with ``in_flight`` outstanding and wait for every reply (no drops)."""
+    sent = received = 0
+    while received < len(messages):
+        while sent < len(messages) and sent - received < in_flight:
+            ws.send(messages[sent])
+            sent += 1
+        meta = json.loads(ws.recv())
+        ws.recv()
+        if meta.get("type") != "frame" or meta["dropped"]:
+            raise RuntimeError(f"unexpected reply {meta}")
+        received += 1
+
+
+def ws_vs_direct(port: int, pid: int, engine: Any, flow: str, frames: list[np.ndarray], rounds: int,
+                 chunk: int = 8) -> dict[str, list[float]]:
+    """Frames/s and CPU ms/frame of ``WS /v1/stream`` and of ``StreamSegmenter.step`` on the same frames,
+    alternating every ``chunk`` frames so that both see the same machine load."""
     messages = [raw_frame(f) for f in frames]
-    with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+    segmenter = StreamSegmenter(engine, build_flow(flow))
+    seconds = {"direct": 0.0, "ws": 0.0}
+    cpu = {"direct": 0.0, "ws": 0.0}
+    with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None, compression=None) as ws:
         ws.send(json.dumps({"format": "rle", "collect": False}))
         json.loads(ws.recv())
-        sent = received = 0
-        start = time.perf_counter()
-        while received < len(messages):
-            while sent < len(messages) and sent - received < in_flight:
-                ws.send(messages[sent])
-                sent += 1
-            meta = json.loads(ws.recv())
-            ws.recv()
-            assert meta["dropped"] == 0, meta
-            received += 1
-        return len(messages) / (time.perf_counter() - start)
+        ws_chunk(ws, messages[:2])
+        segmenter.step(frames[0])
+        for _ in range(rounds):
+            for i in range(0, len(frames), chunk):
+                t, c = time.perf_counter(), time.process_time()
+                for frame in frames[i:i + chunk]:
+                    segmenter.step(frame)
+                seconds["direct"] += time.perf_counter() - t
+                cpu["direct"] += time.process_time() - c
+                t, c = time.perf_counter(), cpu_seconds(pid)
+                ws_chunk(ws, messages[i:i + chunk])
+                seconds["ws"] += time.perf_counter() - t
+                cpu["ws"] += cpu_seconds(pid) - c
+    n = rounds * len(frames)
+    return {k: [n / seconds[k], 1000 * cpu[k] / n] for k in seconds}
 
 
 def direct_fps(engine: Any, flow_name: str, frames: list[np.ndarray]) -> float:
@@ -171,7 +222,7 @@ def swap_under_streams(port: int, frames: list[np.ndarray], swaps: int, streams:
 
     def client(k: int) -> None:
         try:
-            with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+            with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None, compression=None) as ws:
                 ws.send(json.dumps({"format": "rle", "collect": False}))
                 json.loads(ws.recv())
                 i = 0
@@ -240,32 +291,52 @@ def main(argv: list[str] | None = None) -> int:
         with VideoWriter(video, 15.0, INPUT_SIZE[1], INPUT_SIZE[0], crf=18) as writer:
             for f in frames:
                 writer.write(f)
-        settings = Settings(_env_file=None, model_dir=tmp / "models", job_dir=tmp / "jobs", cache_dir=tmp / "cache",
-                            buffer_dir=tmp / "buffer", demo_model=None, device="cpu", engine="torch",
-                            intra_op_threads=args.threads, job_frame_threshold=10**6, buffer_enabled=False,
-                            registry_poll_ms=200, log_json=False)
-        app = create_app(settings)
-        print(f"model: {what} ({ckpt}); clip: {args.frames} frames at {INPUT_SIZE[0]}x{INPUT_SIZE[1]}; "
-              f"flow {settings.flow}; {args.threads} thread(s); torch {torch.__version__}")
-        with live_server(app) as port:
-            engine = app.state.engine_manager.current()
-            direct_fps(engine, settings.flow, frames[:4])  # warm-up
-            stream_fps(port, frames[:4])
-            rows: dict[str, list[float]] = {k: [] for k in ("direct", "ws", "model", "mp4", "json")}
-            for _ in range(args.rounds):
-                rows["direct"].append(direct_fps(engine, settings.flow, frames))
-                rows["ws"].append(stream_fps(port, frames))
-                rows["model"].append(model_only_fps(engine, frames))
-                rows["mp4"].append(segment_fps(port, video, args.frames, "mp4"))
-                rows["json"].append(segment_fps(port, video, args.frames, "json"))
-            fps = {k: statistics.median(v) for k, v in rows.items()}
-            print("\n== throughput (median of rounds, frames/s) ==")
-            for k, label in (("direct", "StreamSegmenter.step, direct"), ("ws", "WS /v1/stream"),
-                             ("model", "model only (frame_logits + fuse)"), ("mp4", "POST /v1/segment (mp4)"),
+        flow = str(Settings.model_fields["flow"].default)
+        env = {f"VSS_{k}": str(v) for k, v in {
+            "MODEL_DIR": tmp / "models", "JOB_DIR": tmp / "jobs", "CACHE_DIR": tmp / "cache",
+            "BUFFER_DIR": tmp / "buffer", "DEMO_MODEL": "none", "DEVICE": "cpu", "ENGINE": "torch", "FLOW": flow,
+            "INTRA_OP_THREADS": args.threads, "JOB_FRAME_THRESHOLD": 10**6, "BUFFER_ENABLED": "false",
+            "REGISTRY_POLL_MS": 200, "LOG_LEVEL": "warning", "LOG_JSON": "false"}.items()}
+        model, meta = load_checkpoint(registry.path("v0001"))
+        engine = TorchEngine(model, meta, "v0001", "cpu")
+        print(f"model: {what}; clip: {args.frames} frames at {INPUT_SIZE[0]}x{INPUT_SIZE[1]}; flow {flow}; "
+              f"{args.threads} thread(s) per process; torch {torch.__version__}")
+        with server_process(env, args.threads) as (port, pid):
+            direct_fps(engine, flow, frames[:4])  # warm-up
+            segment_fps(port, video, args.frames, "json")
+            streams = ws_vs_direct(port, pid, engine, flow, frames, args.rounds)
+            rows: dict[str, list[float]] = {k: [] for k in ("model", "mp4", "json")}
+            cpu: dict[str, list[float]] = {k: [] for k in rows}  # CPU ms per frame
+            runs = {"model": lambda: model_only_fps(engine, frames),
+                    "mp4": lambda: segment_fps(port, video, args.frames, "mp4"),
+                    "json": lambda: segment_fps(port, video, args.frames, "json")}
+
+            def measure(key: str) -> None:
+                clock = time.process_time if key == "model" else (lambda: cpu_seconds(pid))
+                before = clock()
+                rows[key].append(runs[key]())
+                cpu[key].append(1000 * (clock() - before) / len(frames))
+
+            for _ in range(args.rounds):  # interleaved, so every path sees the same machine load
+                for key in ("model", "mp4", "model", "json"):
+                    measure(key)
+            print("\n== throughput (frames/s) and CPU per frame (ms) ==")
+            print(f"{'StreamSegmenter.step, direct':36s} {streams['direct'][0]:7.2f}   cpu {streams['direct'][1]:6.1f}")
+            print(f"{'WS /v1/stream (server process)':36s} {streams['ws'][0]:7.2f}   cpu {streams['ws'][1]:6.1f}   "
+                  f"(alternating with the line above every 8 frames)")
+            for k, label in (("model", "model only (frame_logits + fuse)"), ("mp4", "POST /v1/segment (mp4)"),
                              ("json", "POST /v1/segment (json)")):
-                print(f"{label:36s} {fps[k]:7.2f}   ({', '.join(f'{v:.2f}' for v in rows[k])})")
-            ratios = {"ws_vs_direct": fps["ws"] / fps["direct"], "segment_mp4_vs_model": fps["mp4"] / fps["model"],
-                      "segment_json_vs_model": fps["json"] / fps["model"]}
+                print(f"{label:36s} {statistics.median(rows[k]):7.2f}   cpu {statistics.median(cpu[k]):6.1f}   "
+                      f"(rounds: {', '.join(f'{v:.2f}' for v in rows[k])})")
+
+            def paired(a: str, offset: int) -> float:
+                """Median over rounds of a / model-only, each with the model measured right before it."""
+                return statistics.median(x / y for x, y in zip(rows[a], rows["model"][offset::2], strict=True))
+
+            ratios = {"ws_vs_direct": streams["ws"][0] / streams["direct"][0],
+                      "segment_mp4_vs_model": paired("mp4", 0), "segment_json_vs_model": paired("json", 1),
+                      "ws_cpu": streams["direct"][1] / streams["ws"][1],
+                      "mp4_cpu": statistics.median(cpu["model"]) / statistics.median(cpu["mp4"])}
             onnx = None
             if not args.skip_onnx:
                 onnx = onnx_vs_torch(ckpt, tmp, engine, frames, args.threads)
@@ -275,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"websocket / direct engine+pipeline      {ratios['ws_vs_direct']:6.3f}   (target >= 0.9)")
         print(f"/v1/segment mp4 / model only            {ratios['segment_mp4_vs_model']:6.3f}   (target >= 0.85)")
         print(f"/v1/segment json / model only           {ratios['segment_json_vs_model']:6.3f}")
+        print(f"CPU per frame, direct / websocket server {ratios['ws_cpu']:6.3f}   (a load-independent view)")
+        print(f"CPU per frame, model / /v1/segment mp4   {ratios['mp4_cpu']:6.3f}   (server process; the decoder "
+              f"processes and the machine's free core not counted)")
         if onnx is not None:
             print(f"ONNX Runtime vs torch eager             {ratios['onnx_speedup']:6.2f}x  "
                   f"({onnx[1]:.1f} vs {onnx[0]:.1f} ms/frame; target >= 1.5x)")

@@ -10,7 +10,8 @@
 2. Post-processing variants against the reference (torch bilinear upsample + argmax).
 3. DIS presets against the synthetic generator's exact flow: EPE, label-warp accuracy and time.
 
-Torch and OpenCV are pinned to 2 threads. Prints tables and ratios; asserts nothing.
+Torch and OpenCV are pinned to 2 threads (``--threads``). Prints tables and ratios (median and min over
+interleaved repeats: on a shared machine the min is the better estimate of the unloaded cost).
 """
 
 from __future__ import annotations
@@ -69,12 +70,17 @@ class Timed:
 
 
 class TimedEngine:
-    """Engine wrapper recording network and fusion time separately."""
+    """Engine wrapper recording network and fusion time separately (and keeping the last fused logits)."""
 
     def __init__(self, engine: TorchEngine, sink: dict[str, list[float]]) -> None:
         self.version, self.meta, self.backend = engine.version, engine.meta, engine.backend
         self.frame_logits = Timed(engine.frame_logits, "network", sink)
-        self.fuse = Timed(engine.fuse, "fuse", sink)
+        self._fuse = Timed(engine.fuse, "fuse", sink)
+        self.last_fused: np.ndarray | None = None
+
+    def fuse(self, *args: Any) -> np.ndarray:
+        self.last_fused = self._fuse(*args)
+        return self.last_fused
 
 
 def demo_engine() -> tuple[TorchEngine, str]:
@@ -91,92 +97,91 @@ def random_engine(config: str, size: tuple[int, int], classes: tuple[str, ...]) 
     return TorchEngine(build_model(cfg), meta, config)
 
 
-def run_stream(segmenter: StreamSegmenter, frames: list[np.ndarray]) -> list[float]:
-    """ms per step over the non-key frames."""
-    times = []
+def run_stream(segmenter: StreamSegmenter, frames: list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """(wall ms, process CPU ms) per step over the non-key frames."""
+    wall, cpu = [], []
     for i, frame in enumerate(frames):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         segmenter.step(frame)
         if i > 0:
-            times.append((time.perf_counter() - start) * 1000)
-    return times
+            wall.append((time.perf_counter() - start) * 1000)
+            cpu.append((time.process_time() - start_cpu) * 1000)
+    return wall, cpu
 
 
-def stage_breakdown(engine: TorchEngine, video: Path, n: int) -> dict[str, float]:
-    """Median ms per streaming frame for each stage, decode and output encoding included."""
+def stage_breakdown(engine: TorchEngine, video: Path, n: int) -> dict[str, list[float]]:
+    """ms per streaming frame for each stage (keyframe excluded), decode and output encoding included.
+
+    ``step`` is the whole ``StreamSegmenter.step``; network, fuse and flow are timed inside it; resize,
+    upsample + argmax and class fractions are re-run alone on the same data to time them.
+    """
     sink: dict[str, list[float]] = defaultdict(list)
     timed = TimedEngine(engine, sink)
     seg = StreamSegmenter(timed, Timed(DISFlow(), "flow", sink))
     palette = np.asarray(engine.meta["palette"], np.uint8)
     frames_iter = iter(read_frames(video, max_frames=n))
+
+    def clock(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args)
+        sink[name].append((time.perf_counter() - start) * 1000)
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
-        writer: VideoWriter | None = None
-        while True:
-            start = time.perf_counter()
-            frame = next(frames_iter, None)
-            if frame is None:
-                break
-            sink["decode"].append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            result = seg.step(frame)
-            sink["step"].append((time.perf_counter() - start) * 1000)
-            # the parts of step() not wrapped above, re-run on the same data to time them alone
-            start = time.perf_counter()
-            resize_rgb(frame, tuple(engine.meta["input_size"]))
-            sink["resize"].append((time.perf_counter() - start) * 1000)
-            logits = np.random.default_rng(0).standard_normal(
-                (len(palette), *np.array(engine.meta["input_size"]) // 8)).astype(np.float32)
-            start = time.perf_counter()
-            labels = labels_from_logits(logits, frame.shape[:2])
-            sink["upsample+argmax"].append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            class_fractions(labels, list(engine.meta["classes"]))
-            sink["class fractions"].append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            blended = overlay(frame, result.labels, palette)
-            sink["palette (overlay)"].append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            label_png(result.labels, palette)
-            sink["encode PNG"].append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
+        writer = None
+        while (frame := clock("decode", next, frames_iter, None)) is not None:
+            start_cpu = time.process_time()
+            result = clock("step", seg.step, frame)
+            sink["step cpu"].append((time.process_time() - start_cpu) * 1000)
+            clock("resize", resize_rgb, frame, tuple(engine.meta["input_size"]))
+            assert timed.last_fused is not None
+            labels = clock("upsample+argmax", labels_from_logits, timed.last_fused[0], frame.shape[:2])
+            clock("class fractions", class_fractions, labels, list(engine.meta["classes"]))
+            blended = clock("palette (overlay)", overlay, frame, result.labels, palette)
+            clock("encode PNG", label_png, result.labels, palette)
             if writer is None:
                 writer = VideoWriter(Path(tmp) / "o.mp4", 10, frame.shape[1], frame.shape[0])
-            writer.write(blended)
-            sink["encode MP4"].append((time.perf_counter() - start) * 1000)
+            clock("encode MP4", writer.write, blended)
+        sink["decode"].pop()  # the final next() that found no frame
         if writer is not None:
             writer.close()
-    # skip the keyframe (no flow, warm-up); the median of the rest
-    return {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in sink.items()}
+    return {k: v[1:] if len(v) > 1 else v for k, v in sink.items()}  # drop the keyframe / warm-up
 
 
 def model_section(title: str, engine: TorchEngine, clip_frames: np.ndarray, n: int, repeats: int) -> None:
     print(f"\n== {title} ==")
     frames = [np.ascontiguousarray(f) for f in clip_frames[:n]]
-    with torch.inference_mode():
-        engine.frame_logits(frames[0].transpose(2, 0, 1)[None].astype(np.float32))  # warm-up
+    stages: dict[str, list[float]] = defaultdict(list)
     naive: list[float] = []
-    stream: list[float] = []
-    for _ in range(repeats):  # interleaved, so that load from other processes hits both alike
-        naive += run_stream(NaiveSegmenter(engine, DISFlow()), frames)
-        stream += run_stream(StreamSegmenter(engine, DISFlow()), frames)
-    print(f"{'ms/frame (non-key frames)':30s} {'median':>9s} {'min':>9s}")
-    print(f"{'naive ACCEL (2 forwards/frame)':30s} {statistics.median(naive):9.1f} {min(naive):9.1f}")
-    print(f"{'streaming reuse (1 forward)':30s} {statistics.median(stream):9.1f} {min(stream):9.1f}")
-    print(f"{'speed-up naive/streaming':30s} {statistics.median(naive) / statistics.median(stream):8.2f}x "
-          f"{min(naive) / min(stream):8.2f}x   (target >= 1.8x)")
+    cpu: dict[str, list[float]] = {"naive": [], "stream": []}
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "clip.mp4"
         with VideoWriter(video, 10, frames[0].shape[1], frames[0].shape[0], crf=18) as writer:
             for f in frames:
                 writer.write(f)
-        stages = stage_breakdown(engine, video, n)
+        for _ in range(repeats):  # interleaved, so that load from other processes hits both alike
+            wall, cpu_ms = run_stream(NaiveSegmenter(engine, DISFlow()), frames)
+            naive += wall
+            cpu["naive"] += cpu_ms
+            for k, v in stage_breakdown(engine, video, n).items():
+                stages[k] += v
+    stream, cpu["stream"] = stages["step"], stages["step cpu"]
+    med, low = statistics.median, min
+    print(f"{'ms/frame (non-key frames)':32s} {'median':>9s} {'min':>9s} {'CPU med':>9s} {'CPU min':>9s}")
+    for name, w, c in (("naive ACCEL (2 forwards/frame)", naive, cpu["naive"]),
+                       ("streaming reuse (1 forward)", stream, cpu["stream"])):
+        print(f"{name:32s} {med(w):9.1f} {low(w):9.1f} {med(c):9.1f} {low(c):9.1f}")
+    ratios = [med(naive) / med(stream), low(naive) / low(stream), med(cpu["naive"]) / med(cpu["stream"]),
+              low(cpu["naive"]) / low(cpu["stream"])]
+    print(f"{'speed-up naive/streaming':32s} " + " ".join(f"{r:8.2f}x" for r in ratios) + "   (target >= 1.8x)")
     order = ["decode", "resize", "flow", "network", "fuse", "upsample+argmax", "class fractions",
              "palette (overlay)", "encode PNG", "encode MP4"]
-    total = sum(stages[k] for k in order)
-    print(f"{'stage':20s} {'ms/frame':>9s} {'share':>7s}   (streaming frame, decode and outputs included)")
+    per = {k: med(stages[k]) for k in order}
+    total = sum(per.values())
+    print(f"{'stage (streaming frame)':24s} {'median ms':>9s} {'share':>7s} {'min ms':>8s}")
     for k in order:
-        print(f"{k:20s} {stages[k]:9.2f} {100 * stages[k] / total:6.1f}%")
-    print(f"{'total':20s} {total:9.2f}   (step() alone: {stages['step']:.2f} ms)")
+        print(f"{k:24s} {per[k]:9.2f} {100 * per[k] / total:6.1f}% {low(stages[k]):8.2f}")
+    print(f"{'sum':24s} {total:9.2f}")
 
 
 def postprocess_section() -> None:
@@ -202,40 +207,51 @@ def postprocess_section() -> None:
     for size in [(256, 512), (720, 1280)]:
         ref = reference(size)
         for name, fn in variants.items():
-            fn(size)
-            start = time.perf_counter()
-            for _ in range(5):
+            times = []
+            for _ in range(6):
+                start = time.perf_counter()
                 out = fn(size)
-            ms = (time.perf_counter() - start) * 200
-            print(f"{size[0]}x{size[1]:<5d} {name:42s} {ms:7.2f} ms   differs on {100 * (out != ref).mean():6.3f}%")
+                times.append((time.perf_counter() - start) * 1000)
+            print(f"{size[0]}x{size[1]:<5d} {name:42s} {statistics.median(times[1:]):7.2f} ms "
+                  f"(min {min(times[1:]):6.2f})   differs on {100 * (out != ref).mean():6.3f}%")
+
+
+def _warp_acc(prev: np.ndarray, cur: np.ndarray, flow: np.ndarray) -> float:
+    warped, valid = warp_labels_np(prev, flow)
+    return float((warped == cur)[valid].mean())
 
 
 def dis_section(size: tuple[int, int], frames: int) -> None:
-    print(f"\n== DIS presets vs the generator's exact flow ({size[0]}x{size[1]}, {frames} frames x 3 styles) ==")
-    clips = [generate_clip(style, frames=frames, size=size, seed=11) for style in ("source", "fog", "recolor")]
-    print(f"{'preset':10s} {'EPE px':>8s} {'EPE<1px %':>10s} {'label warp acc %':>17s} {'ms/pair':>8s} {'(min)':>7s}")
-    zero_acc = []
+    """EPE against the exact flow, and how well each flow carries labels from t-1 to t, at full and at
+    logit (1/8) resolution, where the pipeline uses it."""
+    styles = ("source", "fog", "night", "noise-blur", "recolor")
+    print(f"\n== DIS presets vs the generator's exact flow ({size[0]}x{size[1]}, {frames} frames x "
+          f"{len(styles)} styles) ==")
+    clips = [generate_clip(style, frames=frames, size=size, seed=11) for style in styles]
+    pairs = [(c, t) for c in clips for t in range(1, frames)]
+    print(f"{'preset':10s} {'EPE px':>7s} {'<1px %':>7s} {'warp acc %':>11s} {'EPE@1/8':>8s} {'acc@1/8 %':>10s} "
+          f"{'ms med':>7s} {'ms min':>7s}")
+    rows = {"(exact)": [lambda c, t: c.flow[t]], "(no flow)": [lambda c, t: np.zeros_like(c.flow[t])]}
     for preset in ("ultrafast", "fast", "medium"):
-        dis = DISFlow(preset)
-        epe, inlier, acc, ms = [], [], [], []
-        for clip in clips:
-            for t in range(1, frames):
-                start = time.perf_counter()
-                est = dis(clip.frames[t - 1], clip.frames[t])
-                ms.append((time.perf_counter() - start) * 1000)
-                err = np.linalg.norm(est - clip.flow[t], axis=-1)
-                epe.append(err.mean())
-                inlier.append((err < 1).mean())
-                warped, valid = warp_labels_np(clip.labels[t - 1], est)
-                acc.append((warped == clip.labels[t])[valid].mean())
-                if preset == "ultrafast":
-                    zero_acc.append((clip.labels[t - 1] == clip.labels[t]).mean())
-        print(f"{preset:10s} {np.mean(epe):8.3f} {100 * np.mean(inlier):10.1f} {100 * np.mean(acc):17.2f} "
-              f"{statistics.median(ms):8.2f} {min(ms):7.2f}")
-    exact = [(warp_labels_np(c.labels[t - 1], c.flow[t])[0] == c.labels[t])[warp_labels_np(c.labels[t - 1],
-              c.flow[t])[1]].mean() for c in clips for t in range(1, frames)]
-    print(f"{'(exact)':10s} {0:8.3f} {100:10.1f} {100 * np.mean(exact):17.2f}")
-    print(f"{'(no flow)':10s} {'':8s} {'':10s} {100 * np.mean(zero_acc):17.2f}")
+        dis, ms, est = DISFlow(preset), [], {}
+        for c, t in pairs:
+            start = time.perf_counter()
+            est[(id(c), t)] = dis(c.frames[t - 1], c.frames[t])
+            ms.append((time.perf_counter() - start) * 1000)
+        rows[preset] = [lambda c, t, est=est: est[(id(c), t)], ms]
+    for name in ("ultrafast", "fast", "medium", "(exact)", "(no flow)"):
+        get = rows[name][0]
+        err = [np.linalg.norm(get(c, t) - c.flow[t], axis=-1) for c, t in pairs]
+        # logit grid: pixel (i, j) is frame pixel (8i, 8j), so vectors shrink by 8
+        err8 = [np.linalg.norm(get(c, t)[::8, ::8] - c.flow[t][::8, ::8], axis=-1) / 8 for c, t in pairs]
+        acc = [_warp_acc(c.labels[t - 1], c.labels[t], get(c, t)) for c, t in pairs]
+        acc8 = [_warp_acc(c.labels[t - 1][::8, ::8], c.labels[t][::8, ::8], get(c, t)[::8, ::8] / 8)
+                for c, t in pairs]
+        times = rows[name][1] if len(rows[name]) > 1 else None
+        timing = f"{statistics.median(times):7.2f} {min(times):7.2f}" if times else ""
+        epe, inliers = np.mean([e.mean() for e in err]), 100 * np.mean([(e < 1).mean() for e in err])
+        print(f"{name:10s} {epe:7.3f} {inliers:7.1f} {100 * np.mean(acc):11.2f} "
+              f"{np.mean([e.mean() for e in err8]):8.3f} {100 * np.mean(acc8):10.2f} {timing}")
     print(f"default preset in models/flow.py: DISFlow() -> {DISFlow().name}")
 
 
@@ -244,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=12, help="frames for the demo config (default 12)")
     p.add_argument("--paper-frames", type=int, default=3, help="frames for the r101 config (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats for the demo config (default 3)")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"torch/OpenCV threads (default {THREADS})")
     p.add_argument("--skip-paper", action="store_true", help="skip the slow deeplabv2-r101 512x1024 part")
     args = p.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    cv2.setNumThreads(THREADS)
-    print(f"torch {torch.__version__}, {THREADS} threads; OpenCV {cv2.__version__}, {THREADS} threads")
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads; OpenCV {cv2.__version__}, {args.threads} threads")
     engine, source = demo_engine()
     clip = generate_clip("fog", frames=args.frames, size=(256, 512), seed=5)
     model_section(f"demo config mini-os8 at 256x512 ({source})", engine, clip.frames, args.frames, args.repeats)

@@ -14,7 +14,7 @@ from typing import NoReturn
 # Explicit list of command modules, in help order.
 COMMANDS: tuple[str, ...] = (
     "segment", "eval", "demo", "synth", "import_davsn", "serve", "models", "export_onnx", "adapt",
-    "train",
+    "train", "worker",
 )
 
 

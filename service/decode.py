@@ -1,45 +1,48 @@
 """Isolated decoding of untrusted videos: probe and decode in a child process, never in the server.
 
 A malicious or pathological upload (a decoder crash, a decompression bomb, a file that never ends)
-must not take the server process down or hang it. Every untrusted file is therefore opened only by
-``python -m service.decode`` in a child process that
+must not take the server process down or hang it. Every untrusted file is therefore opened only in a
+child process that
 
 - sets its own address-space limit (``RLIMIT_AS``), a CPU-time backstop for probes, no core dumps
   and no file writes (``RLIMIT_FSIZE`` = 0) before it opens the file;
 - is killed when it produces nothing for ``timeout_s`` seconds (wall clock);
-- reports a decoding failure as one line on stderr with exit status 2 (``VideoError``); any other
-  ending (a signal, a memory error) is a crash.
+- reports a decoding failure as an error message (``VideoError``); any other ending (a signal, an
+  out-of-memory kill) is reported as a crash (``DecodeError``).
 
-``probe(path, ...)`` returns the ``service.video.VideoInfo`` of a file. ``VideoStream(path, ...)``
-starts one child that sends its ``VideoInfo`` (a uint32 LE length + JSON) and then the decoded
-frames through a pipe: each frame is an 8-byte header (height, width as little-endian uint32)
-followed by ``height * width * 3`` bytes of RGB24. The parent checks every header against
-``max_pixels`` before reading the pixels, so a stream that changes its resolution in the middle
-cannot exceed the limit either. Decoding in its own process also overlaps it with the network in
-the parent for free. ``iter_frames`` wraps ``VideoStream`` as a generator.
+Children are forked from a ``multiprocessing`` fork server that has PyAV and numpy imported already
+(``warm_up`` starts it), so a child costs milliseconds rather than an interpreter start, and it
+never inherits the server's threads or its model.
+
+``probe(path)`` returns the ``service.video.VideoInfo`` of a file. ``VideoStream(path, ...)`` starts one
+child that sends its ``VideoInfo`` and then the decoded frames through a pipe, each frame as an
+8-byte header message (height, width as little-endian uint32) and an RGB24 message. The parent checks
+every header against ``max_pixels`` before receiving the pixels, so a stream that changes resolution
+in the middle cannot exceed the limit either. Decoding in its own process also overlaps it with the
+network in the parent for free.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing
 import resource
-import select
 import signal
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.video import VideoError, VideoInfo
 
 FRAME_HEADER = struct.Struct("<II")  # height, width of the RGB24 frame that follows
-EXIT_VIDEO_ERROR = 2  # the child found the file undecodable and said why on stderr
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+MAX_INFO_BYTES = 1 << 16
+# Message tags from the child: stream info, frame header, end of stream, decoding error.
+INFO, FRAME, END, ERROR = b"I", b"F", b"D", b"E"
 
 
 class DecodeError(VideoError):
@@ -59,62 +62,29 @@ class DecodeLimits:
     max_pixels: int = 4096 * 2304  # largest decoded frame accepted through the pipe
 
 
-def _child_command(args: list[str], limits: DecodeLimits) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "OMP_", "MALLOC_"))}
-    env.update(PYTHONPATH=_PROJECT_ROOT, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
-    cmd = [sys.executable, "-m", "service.decode", *args, "--memory-mb", str(limits.memory_mb)]
-    return cmd, env
+def _context() -> Any:
+    """The fork-server context; its server preloads PyAV and numpy (once per server process)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["service.video"])
+    return context
 
 
-def _crash_message(name: str, returncode: int, stderr: str) -> str:
-    if returncode < 0:
+def warm_up() -> None:
+    """Start the fork server now (about an interpreter start) instead of on the first upload."""
+    child = _context().Process(target=_noop, name="vss-decode-warmup", daemon=True)
+    child.start()
+    child.join()
+
+
+def _crash_message(name: str, exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
         try:
-            how = f"was killed by {signal.Signals(-returncode).name}"
+            how = f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
-            how = f"was killed by signal {-returncode}"
+            how = f"was killed by signal {-exitcode}"
     else:
-        how = f"exited with status {returncode}"
-    last = stderr.strip().splitlines()[-1][:200] if stderr.strip() else ""
-    return f"{name}: the decoder {how} (corrupt or pathological file){': ' + last if last else ''}"
-
-
-def _video_error(name: str, returncode: int, stderr: str) -> VideoError:
-    if returncode == EXIT_VIDEO_ERROR and stderr.strip():
-        return VideoError(stderr.strip().splitlines()[-1])
-    return DecodeError(_crash_message(name, returncode, stderr))
-
-
-def probe(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
-    """``service.video.probe_video`` in a child process under ``limits``; raises ``VideoError``."""
-    path = Path(path)
-    cmd, env = _child_command(["probe", str(path), "--cpu-s", str(int(limits.timeout_s) + 1)], limits)
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, timeout=limits.timeout_s, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise DecodeTimeout(f"{path.name}: probing took longer than {limits.timeout_s:g} s") from e
-    stderr = done.stderr.decode("utf-8", "replace")
-    if done.returncode != 0:
-        raise _video_error(path.name, done.returncode, stderr)
-    try:
-        return VideoInfo(**json.loads(done.stdout))
-    except (ValueError, TypeError) as e:
-        raise DecodeError(f"{path.name}: the decoder returned no usable stream information") from e
-
-
-def _read_exact(proc: subprocess.Popen[bytes], view: memoryview, timeout_s: float) -> int:
-    """Fill ``view`` from the child's stdout; returns the bytes read (short only at end of stream)."""
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    got = 0
-    while got < len(view):
-        ready, _, _ = select.select([fd], [], [], timeout_s)
-        if not ready:
-            raise DecodeTimeout(f"the decoder produced nothing for {timeout_s:g} s")
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            break
-        got += n
-    return got
+        how = f"exited with status {exitcode}"
+    return f"{name}: the decoder {how} (corrupt or pathological file)"
 
 
 class VideoStream:
@@ -127,88 +97,96 @@ class VideoStream:
     """
 
     def __init__(self, path: str | Path, max_frames: int | None = None, stride: int = 1,
-                 limits: DecodeLimits = DecodeLimits()) -> None:
+                 limits: DecodeLimits = DecodeLimits(), *, frames: bool = True) -> None:
         self.path, self.limits = Path(path), limits
-        args = ["stream", str(self.path), "--stride", str(stride)]
-        if max_frames is not None:
-            args += ["--max-frames", str(max_frames)]
-        cmd, env = _child_command(args, limits)
-        self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        context = _context()
+        self._conn, child_conn = context.Pipe(duplex=False)
+        cpu_s = None if frames else int(limits.timeout_s) + 1
+        self._proc = context.Process(target=_child_main, name="vss-decode", daemon=True,
+                                     args=(str(self.path), frames, max_frames, stride, limits.memory_mb, cpu_s,
+                                           child_conn))
+        self._proc.start()
+        child_conn.close()  # the child holds the write end now; EOF here means it is gone
         self._info: VideoInfo | None = None
 
-    def _read(self, view: memoryview) -> int:
-        return _read_exact(self._proc, view, self.limits.timeout_s)
-
-    def _fail(self) -> VideoError:
-        """The error the child reported (it has exited or is killed now)."""
-        try:
-            self._proc.wait(timeout=self.limits.timeout_s)
-        except subprocess.TimeoutExpired:
+    def _receive(self, buffer: Any = None) -> bytes | int:
+        """The next message (or its size, when received into ``buffer``); raises on timeout or death."""
+        if not self._conn.poll(self.limits.timeout_s):
             self.close()
-            return DecodeTimeout(f"{self.path.name}: the decoder did not exit")
-        stderr = self._proc.stderr.read().decode("utf-8", "replace")  # type: ignore[union-attr]
-        return _video_error(self.path.name, self._proc.returncode, stderr)
+            raise DecodeTimeout(f"{self.path.name}: the decoder produced nothing for {self.limits.timeout_s:g} s")
+        try:
+            if buffer is not None:
+                return self._conn.recv_bytes_into(buffer)
+            return self._conn.recv_bytes(MAX_INFO_BYTES)
+        except (EOFError, OSError) as e:
+            self._proc.join(self.limits.timeout_s)
+            exitcode = self._proc.exitcode
+            self.close()
+            raise DecodeError(_crash_message(self.path.name, exitcode)) from e
+
+    def _message(self) -> tuple[bytes, bytes]:
+        message = self._receive()
+        assert isinstance(message, bytes)
+        tag, body = message[:1], message[1:]
+        if tag == ERROR:
+            self.close()
+            raise VideoError(body.decode("utf-8", "replace"))
+        return tag, body
 
     def probe(self) -> VideoInfo:
         """The stream properties (read once from the child; raises ``VideoError``)."""
         if self._info is None:
-            size = bytearray(4)
+            tag, body = self._message()
             try:
-                if self._read(memoryview(size)) < 4:
-                    raise self._fail()
-                body = bytearray(int.from_bytes(size, "little"))
-                if len(body) > 1 << 16 or self._read(memoryview(body)) < len(body):
-                    raise DecodeError(f"{self.path.name}: the decoder returned no usable stream information")
+                if tag != INFO:
+                    raise ValueError(f"unexpected message {tag!r}")
                 self._info = VideoInfo(**json.loads(body))
-            except DecodeTimeout as e:
-                self.close()
-                raise DecodeTimeout(f"{self.path.name}: probing took longer than {self.limits.timeout_s:g} s") from e
             except (ValueError, TypeError) as e:
-                if isinstance(e, VideoError):
-                    raise
+                self.close()
                 raise DecodeError(f"{self.path.name}: the decoder returned no usable stream information") from e
         return self._info
 
     def __iter__(self) -> Iterator[np.ndarray]:
         self.probe()
-        header = bytearray(FRAME_HEADER.size)
         try:
             while True:
-                got = self._read(memoryview(header))
-                if got == 0:
-                    break
-                if got < FRAME_HEADER.size:
-                    raise DecodeError(f"{self.path.name}: the decoder stopped in the middle of a frame")
-                height, width = FRAME_HEADER.unpack(header)
+                tag, body = self._message()
+                if tag == END:
+                    return
+                if tag != FRAME or len(body) != FRAME_HEADER.size:
+                    raise DecodeError(f"{self.path.name}: the decoder sent an unexpected message {tag!r}")
+                height, width = FRAME_HEADER.unpack(body)
                 if height * width > self.limits.max_pixels or not height or not width:
                     raise VideoError(f"{self.path.name}: a decoded frame is {width}x{height}, over the limit of "
                                      f"{self.limits.max_pixels} pixels")
                 frame = np.empty((height, width, 3), np.uint8)
-                if self._read(memoryview(frame).cast("B")) < frame.nbytes:
-                    break  # the child died mid-frame: its exit status says why
+                if self._receive(memoryview(frame).cast("B")) != frame.nbytes:
+                    raise DecodeError(f"{self.path.name}: the decoder sent a truncated frame")
                 yield frame
-            self._proc.wait(timeout=self.limits.timeout_s)
-            if self._proc.returncode != 0:
-                raise self._fail()
-        except subprocess.TimeoutExpired as e:
-            raise DecodeTimeout(f"{self.path.name}: the decoder did not exit after its last frame") from e
         finally:
             self.close()
 
     def close(self) -> None:
-        """Kill the child if it still runs and release its pipes (idempotent)."""
-        if self._proc.poll() is None:
+        """Kill the child if it still runs and release the pipe (idempotent)."""
+        if self._proc.is_alive():
             self._proc.kill()
-            self._proc.wait()
-        for pipe in (self._proc.stdout, self._proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self._proc.join()
+        self._conn.close()
 
     def __enter__(self) -> VideoStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def probe(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
+    """``service.video.probe_video`` in a child process under ``limits``; raises ``VideoError``."""
+    with VideoStream(path, limits=limits, frames=False) as video:
+        try:
+            return video.probe()
+        except DecodeTimeout as e:
+            raise DecodeTimeout(f"{Path(path).name}: probing took longer than {limits.timeout_s:g} s") from e
 
 
 def iter_frames(path: str | Path, max_frames: int | None = None, stride: int = 1,
@@ -218,8 +196,11 @@ def iter_frames(path: str | Path, max_frames: int | None = None, stride: int = 1
         yield from video
 
 
-# ---------------------------------------------------------------------------------------------------
-# The child side: ``python -m service.decode probe|frames PATH ...``.
+# --- the child side ------------------------------------------------------------------------------
+
+
+def _noop() -> None:
+    """Target of ``warm_up``."""
 
 
 def _limit_self(memory_mb: int, cpu_s: int | None) -> None:
@@ -232,40 +213,35 @@ def _limit_self(memory_mb: int, cpu_s: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
 
 
-def _child_main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m service.decode")
-    parser.add_argument("command", choices=("probe", "stream"))
-    parser.add_argument("path")
-    parser.add_argument("--memory-mb", type=int, required=True)
-    parser.add_argument("--cpu-s", type=int, default=None)
-    parser.add_argument("--max-frames", type=int, default=None)
-    parser.add_argument("--stride", type=int, default=1)
-    args = parser.parse_args(argv)
-    _limit_self(args.memory_mb, args.cpu_s)
+def _child_main(path: str, frames: bool, max_frames: int | None, stride: int, memory_mb: int,
+                cpu_s: int | None, conn: Connection) -> None:
+    """Probe ``path`` (and decode it if ``frames``), sending everything through ``conn``."""
     from service import video
 
     try:
-        info = json.dumps(asdict(video.probe_video(args.path))).encode()
-        if args.command == "probe":
-            sys.stdout.buffer.write(info)
-            return 0
-        out = sys.stdout.buffer
-        out.write(len(info).to_bytes(4, "little") + info)
-        out.flush()
-        for frame in video.read_frames(args.path, max_frames=args.max_frames, stride=args.stride):
+        _limit_self(memory_mb, cpu_s)
+        conn.send_bytes(INFO + json.dumps(asdict(video.probe_video(path))).encode())
+        if not frames:
+            return
+        for frame in video.read_frames(path, max_frames=max_frames, stride=stride):
             frame = np.ascontiguousarray(frame)
-            out.write(FRAME_HEADER.pack(frame.shape[0], frame.shape[1]))
-            out.write(memoryview(frame).cast("B"))
-        out.flush()
-        return 0
+            conn.send_bytes(FRAME + FRAME_HEADER.pack(frame.shape[0], frame.shape[1]))
+            conn.send_bytes(memoryview(frame).cast("B"))
+        conn.send_bytes(END)
+    except (BrokenPipeError, EOFError):
+        return  # the parent stopped listening
     except video.VideoError as e:
-        print(str(e).replace("\n", " "), file=sys.stderr)
-        return EXIT_VIDEO_ERROR
-    except BrokenPipeError:
-        return 0  # the parent stopped reading: nothing left to do
+        _report(conn, str(e))
+    except MemoryError:
+        _report(conn, f"{Path(path).name}: decoding needs more than the {memory_mb} MB the decoder may use")
+    except Exception as e:  # noqa: BLE001 - anything else the decoder raises is the file's fault
+        _report(conn, f"{Path(path).name}: undecodable video ({type(e).__name__}: {e})")
+    finally:
+        conn.close()
 
 
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
+def _report(conn: Connection, message: str) -> None:
+    try:
+        conn.send_bytes(ERROR + message.replace("\n", " ").encode())
+    except (BrokenPipeError, EOFError, OSError):
+        pass

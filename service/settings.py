@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     engine: Literal["torch", "onnx"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="fp16 inference on CUDA (torch engine; TensorRT fp16 for onnx)")
-    flow: str = Field("dis-fast", description="optical flow provider: dis[-preset], none, raft[-small|-large]")
+    flow: str = Field("dis", description="optical flow provider: dis[-preset], none, raft[-small|-large]")
     raft_weights: Path | None = None
     intra_op_threads: int = Field(0, ge=0, description="threads per inference call (0: backend default)")
     worker_threads: int = Field(2, ge=1, description="threads that run inference for requests and streams")
@@ -70,12 +70,35 @@ class Settings(BaseSettings):
     # --- clip buffer and adaptation ------------------------------------------------------------
     buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
     buffer_max_bytes: int = Field(2048 * MIB, ge=0)
+    buffer_max_clips: int = Field(500, ge=1, description="clips kept in the buffer (oldest evicted first)")
+    buffer_clip_frames: int = Field(8, ge=2, le=64, description="consecutive frames per sampled clip")
+    buffer_clip_every: int = Field(240, ge=2, description="a sampled clip starts every this many served frames")
+    buffer_heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of clips kept for the publish "
+                                           "gate only (chosen by a hash of the clip id)")
+    worker: Literal["spawn", "external", "off"] = Field(
+        "spawn", description="adaptation worker: spawn a child process, rely on `vss worker`, or none")
+    adapt_job_dir: Path | None = Field(None, description="adaptation job files (default: <buffer_dir>/jobs)")
+    adapt_device: Literal["auto", "cpu", "cuda"] = "auto"
+    adapt_threads: int = Field(1, ge=1, description="torch threads of the worker on CPU (leave cores to serving)")
+    adapt_nice: int = Field(10, ge=0, le=19, description="scheduling niceness added to the worker process")
+    adapt_min_clips: int = Field(2, ge=1, description="training clips the buffer must hold to start a job")
+    adapt_max_clips: int = Field(32, ge=1, description="newest buffered clips one job uses")
+    adapt_max_steps: int = Field(5000, ge=1, description="largest `steps` a job may ask for")
+    adapt_poll_s: float = Field(0.5, gt=0, description="how often the worker looks for queued jobs")
+    adapt_heartbeat_s: float = Field(2.0, gt=0, description="how often the worker proves it is alive")
+    adapt_heartbeat_timeout_s: float = Field(30.0, gt=0, description="a running job whose worker is silent "
+                                             "this long is marked failed")
+    adapt_auto_clips: int = Field(0, ge=0, description="start a job when this many clips arrived since the last "
+                                  "one (0: off)")
+    adapt_auto_method: str = "tent"
+    adapt_auto_steps: int = Field(100, ge=1)
+    adapt_keep_jobs: int = Field(100, ge=1, description="finished job records kept")
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(True, description="JSON-lines logs (false: plain text for humans)")
 
-    @field_validator("demo_model", "val_dir", "raft_weights", mode="before")
+    @field_validator("demo_model", "val_dir", "raft_weights", "adapt_job_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
@@ -86,6 +109,10 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def job_root(self) -> Path:
+        """Directory of the adaptation job files (shared by servers and workers)."""
+        return self.adapt_job_dir if self.adapt_job_dir is not None else self.buffer_dir / "jobs"
 
     def api_key_value(self) -> str | None:
         """The API key as a plain string, or None when auth is off."""

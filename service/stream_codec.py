@@ -18,6 +18,7 @@ import numpy as np
 CLOSE_UNSUPPORTED = 1003  # unsupported data: text where a frame is expected, undecodable image
 CLOSE_INVALID = 1007  # invalid payload: bad config, raw frame of the wrong size
 CLOSE_POLICY = 1008  # policy violation: frame too large, too many pixels
+CLOSE_INTERNAL = 1011  # a server-side failure
 CLOSE_TRY_AGAIN = 1013  # no model loaded yet
 
 FORMATS = ("png", "rle")

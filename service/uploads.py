@@ -6,8 +6,8 @@ the limit is refused before a single body byte is read); nothing is ever held wh
 
 ``segment_frames`` segments decoded frames into a ``service.outputs`` sink with the stages
 overlapped: a producer thread prefetches frames (the decoding itself runs in the child process of
-``service.decode``), the network runs in the caller's thread, and overlay drawing and encoding run
-in a writer thread, with small bounded queues in between.
+``service.decode``) and computes their optical flow, the network runs in the caller's thread, and
+overlay drawing and encoding run in a writer thread, with small bounded queues in between.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from models.flow import FlowProvider
 
 from .deps import ApiError
 from .outputs import JsonSink, Mp4Sink, Sink, ZipSink
-from .pipeline import FrameResult, StreamSegmenter
+from .pipeline import FrameResult, StreamSegmenter, resize_rgb
 from .video import VideoError, VideoInfo
 
 FIELD = "video"  # the multipart field that carries the video
@@ -233,6 +233,37 @@ class SinkWriter:
             raise self._error
 
 
+class LookaheadFlow:
+    """A flow provider that returns the flow ``with_flow`` already computed for the frame being segmented."""
+
+    def __init__(self, provider: FlowProvider) -> None:
+        self.name = getattr(provider, "name", type(provider).__name__)
+        self.next: np.ndarray | None = None
+
+    def __call__(self, previous: np.ndarray, current: np.ndarray) -> np.ndarray | None:
+        flow, self.next = self.next, None
+        if flow is not None and flow.shape[:2] != current.shape[:2]:
+            raise RuntimeError(f"precomputed flow {flow.shape[:2]} does not match the frame {current.shape[:2]}")
+        return flow
+
+
+def with_flow(frames: Iterable[np.ndarray], flow: FlowProvider,
+              size: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(frame, backward flow from the previous frame at model input ``size``): run in the prefetch thread,
+    so the flow of frame t is computed while the network works on frame t-1."""
+    it = iter(frames)
+    previous = None
+    try:
+        for frame in it:
+            small = resize_rgb(frame, size)
+            yield frame, (None if previous is None else flow(previous, small))
+            previous = small
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray], info: VideoInfo,
                    out_path: Path, fmt: str, *, stride: int = 1, input_size: tuple[int, int] | None = None,
                    progress: Callable[[int], None] | None = None,
@@ -245,13 +276,15 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
     classes = list(engine.meta["classes"])
     palette = np.asarray(engine.meta["palette"], dtype=np.uint8).reshape(-1, 3)
     fps = info.fps / stride
-    segmenter = SizedSegmenter(engine, flow, input_size)
+    lookahead = LookaheadFlow(flow)
+    segmenter = SizedSegmenter(engine, lookahead, input_size)
     sink = make_sink(fmt, out_path, classes, palette, fps)
     writer = SinkWriter(sink, depth)
     shares = np.zeros(len(classes))
     done, start, stop = 0, time.perf_counter(), threading.Event()
     try:
-        for frame in prefetch(frames, depth, stop):
+        for frame, frame_flow in prefetch(with_flow(frames, flow, segmenter.input_size), depth, stop):
+            lookahead.next = frame_flow
             result = segmenter.step(frame)
             writer.put(frame, result)
             shares += [result.class_fractions[c] for c in classes]
@@ -267,7 +300,7 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
         summary = {
             "format": fmt, "frames": done, "fps": round(fps, 4), "width": info.width, "height": info.height,
             "stride": stride, "input_size": list(segmenter.input_size), "model_version": engine.version,
-            "backend": engine.backend, "flow": getattr(flow, "name", type(flow).__name__),
+            "backend": engine.backend, "flow": lookahead.name,
             "seconds": round(seconds, 3), "ms_per_frame": round(1000.0 * seconds / done, 2),
             "class_fractions": {c: round(float(s) / done, 6) for c, s in zip(classes, shares, strict=True)},
         }

@@ -29,20 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.warp import warp
+
 from ..discriminators import FCDiscriminator, set_requires_grad
+from ..distributed import unwrap_model
 from ..losses import cross_entropy_ignore
 from ..trainer import LossOutput
 from ..uda_losses import (SOURCE, TARGET, adversarial_lsgan, entropy_pseudo_labels, interpolate_frame,
                           occlusion_mask, scale_flow, softmax_up)
 from .supervised import SourceOnly, segmentation_ce
-from models.warp import warp
-
-
-def plain_model(model: nn.Module) -> nn.Module:
-    """The model without DistributedDataParallel wrappers (for copies); see ``adaptation.distributed``."""
-    from ..distributed import unwrap_model
-
-    return unwrap_model(model)
 
 
 class I2VDA(SourceOnly):
@@ -91,9 +86,9 @@ class I2VDA(SourceOnly):
     def _copy_proxy(self, model: nn.Module) -> None:
         """M' <- M (a frozen copy used in eval mode)."""
         if self.proxy is None:
-            self.proxy = copy.deepcopy(plain_model(model))
+            self.proxy = copy.deepcopy(unwrap_model(model))
         else:
-            self.proxy.load_state_dict(plain_model(model).state_dict())
+            self.proxy.load_state_dict(unwrap_model(model).state_dict())
         self.proxy.eval().requires_grad_(False)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput:

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.warp import warp
+
 from ..augment import AugmentConfig, cross_frame_augment
 from ..losses import IGNORE_INDEX, cross_entropy_ignore
 from ..trainer import LossOutput
 from ..uda_losses import hflip_flow, histogram_match
 from .davsn import fused_key, source_terms
 from .supervised import SourceOnly
-from models.warp import warp
 
 
 class TPS(SourceOnly):
@@ -37,13 +38,15 @@ class TPS(SourceOnly):
 
     def __init__(self, lambda_t: float = 1.0, aux_weight: float = 0.1, head_lr_mult: float = 10.0,
                  style_match: bool = True, flip: bool = True, scale_range: tuple[float, float] = (0.8, 1.2),
-                 threshold: float = 0.0, augment: AugmentConfig | None = None, seed: int = 0) -> None:
+                 threshold: float = 0.0, jitter: float = 0.8, augment: AugmentConfig | None = None,
+                 seed: int = 0) -> None:
         super().__init__(aux_weight, head_lr_mult)
         self.lambda_t, self.style_match, self.flip = lambda_t, style_match, flip
         self.scale_range, self.threshold = scale_range, threshold
-        # TPS: blur p 0.6, colour jitter (0.8, 0.8, 0.8, 0.2) p 0.8, greyscale p 0.2
-        self.augment = augment or AugmentConfig(blur_p=0.6, jitter_p=0.8, brightness=0.8, contrast=0.8,
-                                                saturation=0.8, hue=0.2, gray_p=0.2)
+        # TPS: blur p 0.6, colour jitter (0.8, 0.8, 0.8, 0.2) p 0.8, greyscale p 0.2; ``jitter`` scales the
+        # jitter strength (hue = jitter / 4) for short runs where the full strength is too destructive.
+        self.augment = augment or AugmentConfig(blur_p=0.6, jitter_p=0.8, brightness=jitter, contrast=jitter,
+                                                saturation=jitter, hue=jitter / 4, gray_p=0.2)
         self.gen = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict[str, Any]:

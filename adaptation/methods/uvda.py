@@ -29,17 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.warp import warp
+
 from ..augment import AugmentConfig, apply_augment, sample_params
 from ..discriminators import FCDiscriminator, set_requires_grad
+from ..distributed import unwrap_model
 from ..ema import ema_update
 from ..losses import IGNORE_INDEX, refine_pseudo_labels
 from ..trainer import LossOutput
 from ..uda_losses import (SOURCE, TARGET, adversarial_lsgan, class_mix_mask, mix, pair_input, pseudo_weight,
                           softmax_up, weighted_ce)
 from .davsn import accel_previous, source_terms
-from .i2vda import plain_model
 from .supervised import SourceOnly
-from models.warp import warp
 
 REFINE = ("consistency", "max-confidence", "warp-frame")
 
@@ -103,11 +104,11 @@ class UnifiedVideoDA(SourceOnly):
             self.disc.train()
 
     def _init_teacher(self, model: nn.Module) -> None:
-        self.teacher = copy.deepcopy(plain_model(model)).requires_grad_(False)
+        self.teacher = copy.deepcopy(unwrap_model(model)).requires_grad_(False)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         # DACS: alpha = min(1 - 1 / (step + 1), ema_alpha), so the teacher follows closely at first.
-        ema_update(self.teacher, plain_model(model), min(1 - 1 / (step + 2), self.ema_alpha))
+        ema_update(self.teacher, unwrap_model(model), min(1 - 1 / (step + 2), self.ema_alpha))
 
     # --- teacher -------------------------------------------------------------------------
     def _teacher(self, fn: Callable[[nn.Module], Any]) -> Any:

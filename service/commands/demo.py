@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(latency)} frames of the synthetic '{args.style}' style at {size[0]}x{size[1]}, "
           f"model {engine.version}, {np.median(latency):.0f} ms/frame")
     print(f"mIoU {scores['miou']:.1f}  (weakest: {', '.join(f'{k} {v:.0f}' for v, k in worst)})")
+    if args.style != "source":
+        print(f"(the model was trained on the 'source' style; '{args.style}' is a domain shift that the "
+              "service's adaptation recovers from, see POST /v1/adapt)")
     print(f"overlay: {result.resolve()}")
     print(f"input:   {source.resolve()}")
     return 0

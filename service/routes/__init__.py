@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import health, models, segment, stream, web
+from . import adapt, clips, health, models, segment, stream, web
 
 
 def routers() -> list[APIRouter]:
     """Every router of the app (imported explicitly; no import-time registration)."""
-    return [health.router, models.router, segment.router, stream.router, web.router]
+    return [health.router, models.router, segment.router, stream.router, web.router, adapt.router, clips.router]

@@ -48,8 +48,11 @@ def on_frames_collected(app: Any, frames: list[np.ndarray], source: str, fps: fl
     ``source`` is "upload" or "stream", ``fps`` the source's frame rate (0.0 when unknown, as for streams).
 
     Called from a worker thread between two frames of that request, so it must return quickly (hand the
-    clip over, do not train). A no-op until the clip buffer is wired in here.
+    clip over, do not train): the clip buffer's collector writes it on its own thread.
     """
+    plane = getattr(app.state, "adaptation", None)  # built at startup by the adapt router's lifespan
+    if plane is not None:
+        plane.collector.submit(frames, source)
 
 
 class ClipSampler:
@@ -70,8 +73,16 @@ class ClipSampler:
         self._seen += 1
 
 
+def clip_sampler(app: Any, source: str, fps: float) -> ClipSampler:
+    """A sampler with the app's ``buffer_clip_frames`` / ``buffer_clip_every`` settings feeding the hook."""
+    settings = app.state.settings
+    return ClipSampler(lambda clip: on_frames_collected(app, clip, source, fps), settings.buffer_clip_frames,
+                       max(settings.buffer_clip_every, settings.buffer_clip_frames))
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(decode.warm_up)  # the decoder fork server, so the first upload does not wait
     yield
     plane = getattr(app.state, "data_plane", None)
     if plane is not None:
@@ -141,7 +152,7 @@ def decode_limits(settings: Settings) -> decode.DecodeLimits:
 
 
 def _frame_hook(app: Any, metrics: Metrics, collect: bool, fps: float) -> Callable[[np.ndarray, FrameResult], None]:
-    sampler = ClipSampler(lambda clip: on_frames_collected(app, clip, "upload", fps)) if collect else None
+    sampler = clip_sampler(app, "upload", fps) if collect else None
     frames = metrics.frames_segmented.labels(source="upload")
     seconds = metrics.inference_seconds.labels(stage="upload_frame")
 

@@ -38,13 +38,15 @@ the next frame is a keyframe of the new version.
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
 payload: bad config JSON or fields, a raw frame of the wrong size) or 1008 (policy: a message over
-``ws_max_message_bytes`` or a frame over ``max_width`` x ``max_height`` pixels).
+``ws_max_message_bytes`` or a frame over ``max_width`` x ``max_height`` pixels); 1013 before a model is
+loaded and 1011 for a server-side failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,10 +61,11 @@ from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
 from ..jobs import LockedEngine, data_plane
 from ..live import NotReady
 from ..pipeline import StreamSegmenter
-from ..stream_codec import (CLOSE_POLICY, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig, StreamError,
-                            decode_frame, encode_labels, parse_config, precheck_frame)
-from .segment import ClipSampler, on_frames_collected
+from ..stream_codec import (CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
+                            StreamError, decode_frame, encode_labels, parse_config, precheck_frame)
+from .segment import clip_sampler
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
 
 
@@ -125,7 +128,7 @@ class StreamSession:
         self.flow = build_flow(self.settings.flow,
                                str(self.settings.raft_weights) if self.settings.raft_weights else None)
         collect = config.collect and self.settings.buffer_enabled
-        self.sampler = ClipSampler(lambda clip: on_frames_collected(app, clip, "stream", 0.0)) if collect else None
+        self.sampler = clip_sampler(app, "stream", 0.0) if collect else None
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
@@ -187,29 +190,46 @@ class StreamSession:
                 "width": w, "height": h, "format": self.config.format}
         return meta, blob
 
+    async def _send(self, meta: dict[str, Any], blob: bytes) -> bool:
+        """Send one reply (JSON, then the label map); False if the client has left."""
+        try:
+            await self.ws.send_text(json.dumps(meta))
+            await self.ws.send_bytes(blob)
+            return True
+        except (WebSocketDisconnect, RuntimeError):
+            return False
+
     async def run(self) -> None:
+        """Segment queued frames one at a time; each reply is sent while the next frame is segmented."""
         receiver = asyncio.create_task(self.receive())
+        sending: asyncio.Task[bool] | None = None
         try:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, _Disconnected):
                     return
-                if isinstance(item, StreamError):
-                    await close_with_error(self.ws, item)
-                    return
                 try:
+                    if isinstance(item, StreamError):
+                        raise item
                     meta, blob = await run_in_threadpool(self.process, item)
                 except StreamError as e:
-                    await close_with_error(self.ws, e)
+                    if sending is None or await sending:
+                        await close_with_error(self.ws, e)
                     return
+                except Exception:  # a server-side failure: say so and close, never leave the client hanging
+                    log.exception("stream frame %s failed", getattr(item, "index", "?"))
+                    if sending is None or await sending:
+                        await close_with_error(self.ws, StreamError(CLOSE_INTERNAL, "internal_error",
+                                                                    "internal server error"))
+                    return
+                if sending is not None and not await sending:
+                    return  # the client left
                 meta["dropped"] = self.dropped
-                try:
-                    await self.ws.send_text(json.dumps(meta))
-                    await self.ws.send_bytes(blob)
-                except (WebSocketDisconnect, RuntimeError):
-                    return  # the client left while its frame was being segmented
+                sending = asyncio.create_task(self._send(meta, blob))
         finally:
             receiver.cancel()
+            if sending is not None and not sending.done():
+                sending.cancel()
 
 
 async def close_with_error(ws: WebSocket, error: StreamError) -> None:

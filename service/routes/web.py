@@ -13,7 +13,7 @@ from ..deps import ApiError, EngineDep
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Served files by name: an explicit list, so no request path ever reaches the file system.
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "adapt.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 router = APIRouter(tags=["web"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -100,10 +101,11 @@ def test_bad_requests(make_client, synthetic_video) -> None:
 def test_limits(make_client, synthetic_video) -> None:
     video = synthetic_video.path.read_bytes()  # 6 frames, 128x64, 10 fps (0.6 s)
     assert "limit" in expect(post(make_client(max_upload_bytes=len(video) // 2), video), 413, "payload_too_large")
-    message = expect(post(make_client(max_frames=5), video), 422, "too_many_frames")
+    five = make_client(max_frames=5)
+    message = expect(post(five, video), 422, "too_many_frames")
     assert "6 frames" in message and "limit is 5" in message
-    assert post(make_client(max_frames=5), video, "?format=json&max_frames=5").status_code == 200
-    assert post(make_client(max_frames=5), video, "?format=json&stride=2").status_code == 200
+    assert post(five, video, "?format=json&max_frames=5").status_code == 200
+    assert post(five, video, "?format=json&stride=2").status_code == 200
     message = expect(post(make_client(max_width=100, max_height=50), video), 422, "resolution_too_large")
     assert "128x64" in message
     assert "0.6 s" in expect(post(make_client(max_duration_s=0.3), video), 422, "video_too_long")
@@ -114,14 +116,19 @@ def test_decoder_runs_isolated_with_limits(synthetic_video, tmp_path: Path) -> N
     assert (info.width, info.height, info.frames) == (128, 64, 6)
     frames = list(decode.iter_frames(synthetic_video.path, max_frames=4, stride=1))
     assert len(frames) == 4 and frames[0].shape == (64, 128, 3)
-    with pytest.raises(decode.VideoError):  # the child cannot even start its decoder in 64 MB
+    with pytest.raises(decode.VideoError):  # 64 MB of address space is not enough to decode anything
         decode.probe(synthetic_video.path, decode.DecodeLimits(memory_mb=64))
     with pytest.raises(decode.DecodeTimeout):
         decode.probe(synthetic_video.path, decode.DecodeLimits(timeout_s=0.001))
     with pytest.raises(decode.VideoError, match="over the limit"):
         list(decode.iter_frames(synthetic_video.path, limits=decode.DecodeLimits(max_pixels=100)))
-    crash = decode._video_error("v.mp4", -11, "")
-    assert isinstance(crash, decode.DecodeError) and "SIGSEGV" in str(crash)
+    video = decode.VideoStream(synthetic_video.path)  # 6 frames of 24 kB: more than a pipe buffers
+    video.probe()
+    os.kill(video._proc.pid, signal.SIGSEGV)  # a decoder crash mid-stream
+    with pytest.raises(decode.DecodeError):
+        for _ in video:
+            time.sleep(0.05)  # keep the pipe from delivering every frame before the signal lands
+    assert "SIGSEGV" in decode._crash_message("v.mp4", -11)
 
 
 @contextmanager

@@ -208,3 +208,22 @@ def test_concurrent_requests_share_the_engine(make_client, synthetic_video) -> N
     for t in threads:
         t.join(60)
     assert results == [200, 200, 200]
+
+
+def test_overlapped_loop_matches_the_plain_stream_segmenter(tiny_checkpoint, synthetic_video, tmp_path) -> None:
+    from models.checkpoint import load_checkpoint
+    from models.flow import DISFlow
+    from service.engine import TorchEngine
+    from service.pipeline import StreamSegmenter
+    from service.uploads import segment_frames
+    from service.video import VideoInfo
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    engine = TorchEngine(model, meta, "t")
+    frames = list(synthetic_video.frames)
+    info = VideoInfo(128, 64, 10.0, len(frames), 0.6, 0, "h264")
+    summary = segment_frames(engine, DISFlow("ultrafast"), iter(frames), info, tmp_path / "r.json", "json")
+    overlapped = [f["class_fractions"] for f in json.loads((tmp_path / "r.json").read_text())["frames"]]
+    plain = StreamSegmenter(engine, DISFlow("ultrafast"))
+    assert overlapped == [plain.step(f).class_fractions for f in frames]
+    assert summary["frames"] == len(frames) and summary["flow"] == "dis-ultrafast"

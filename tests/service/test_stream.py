@@ -239,3 +239,24 @@ def test_protocol_is_documented_in_openapi(shared) -> None:
     assert "RLE1" in description and "1008" in description
     assert "/v1/segment" in spec["paths"] and "/v1/jobs/{job_id}" in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    with connect(f"{url}/stream", max_size=None) as ws:  # the unversioned alias
+        ws.send(json.dumps({"format": "rle"}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+
+
+def test_a_server_side_failure_closes_with_1011(server) -> None:
+    with server() as (url, app):
+        engine = app.state.engine_manager.current()
+
+        def broken(frames):
+            raise RuntimeError("simulated engine failure")
+
+        engine.frame_logits = broken
+        with open_stream(url) as (ws, _):
+            ws.send(raw_frame(frames(1)[0]))
+            error, code = closed_with(ws)
+        assert (code, error["code"]) == (1011, "internal_error") and "simulated" not in error["message"]
+        del engine.frame_logits  # the class method again
+        with open_stream(url) as (ws, _):
+            ws.send(raw_frame(frames(1)[0]))
+            assert reply(ws)[0]["frame"] == 0

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.registry import ModelRegistry
@@ -52,19 +52,6 @@ def live_server(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
-def test_page_and_static_files_are_served(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    with TestClient(make_app(tmp_path, tiny_checkpoint)) as client:
-        page = client.get("/")
-        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        for needle in ('id="video-file"', 'id="live-canvas"', 'id="legend"', 'id="models"', 'id="adapt-panel"'):
-            assert needle in page.text
-        assert "http" not in page.text.split("<body>")[0].replace("http-equiv", "")  # no CDN in <head>
-        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
-        assert client.get("/static/style.css").status_code == 200
-        assert client.get("/static/../settings.py").status_code == 404
-        assert client.get("/static/secret.txt").status_code == 404
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if CHROMIUM is None:
@@ -79,6 +66,39 @@ def browser() -> Iterator:
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[str]:
+    """One live server for the browser tests; uploads of more than 4 frames run as jobs."""
+    with live_server(make_app(tmp_path_factory.mktemp("web"), tiny_checkpoint, job_frame_threshold=4)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory: pytest.TempPathFactory, synthetic_video) -> Path:
+    """The first 4 frames of the synthetic clip: answered synchronously by ``site``."""
+    from service.video import VideoWriter
+
+    path = tmp_path_factory.mktemp("short") / "short.mp4"
+    with VideoWriter(path, synthetic_video.fps, 128, 64, crf=18) as writer:
+        for frame in synthetic_video.frames[:4]:
+            writer.write(frame)
+    return path
+
+
+def test_page_and_static_files_are_served(site: str) -> None:
+    page = httpx.get(f"{site}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ('id="video-file"', 'id="live-canvas"', 'id="legend"', 'id="models"', 'id="adapt-panel"'):
+        assert needle in page.text
+    assert "http" not in page.text.split("<body>")[0].replace("http-equiv", "")  # no CDN in <head>
+    assert httpx.get(f"{site}/static/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(f"{site}/static/style.css").status_code == 200
+    assert httpx.get(f"{site}/static/secret.txt").status_code == 404
+    assert httpx.get(f"{site}/static/%2E%2E%2Fsettings.py").status_code == 404
+    classes = httpx.get(f"{site}/v1/classes").json()
+    assert classes["model_version"] == "v0001" and len(classes["classes"]) == len(classes["palette"]) == 7
+
+
 def _shot(page, tmp_path: Path, name: str) -> Path:
     path = Path(SCREENSHOT_DIR or tmp_path) / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,81 +106,70 @@ def _shot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_upload_shows_the_overlay_video_and_legend(browser, tmp_path: Path, tiny_checkpoint: Path,
-                                                  synthetic_video) -> None:
-    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        page.wait_for_selector("#legend li")
-        assert page.locator("#legend li").count() == 7
-        page.wait_for_selector("#models li.active")
-        assert page.locator("#models li.active").inner_text().startswith("v0001")
-        assert page.locator("#adapt-panel").is_hidden()  # no /v1/adapt in this app
-        page.set_input_files("#video-file", str(synthetic_video.path))
-        page.select_option("#upload-format", "mp4")
-        page.click("#upload-button")
-        page.wait_for_function("document.getElementById('result-video').readyState >= 2", timeout=60_000)
-        size = page.evaluate("[document.getElementById('result-video').videoWidth, "
-                             "document.getElementById('result-video').videoHeight]")
-        assert size == [128, 64]
-        assert "segmented" in page.locator("#upload-status").inner_text()
-        _shot(page, tmp_path, "upload.png")
-        page.close()
-
-
-def test_upload_error_is_shown(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_upload_shows_the_overlay_video_and_legend(browser, site: str, short_video: Path, tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(site)
     bad = tmp_path / "notes.mp4"
     bad.write_bytes(b"not a video at all\n" * 100)
-    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.set_input_files("#video-file", str(bad))
-        page.click("#upload-button")
-        page.wait_for_selector("#upload-status.error")
-        assert "unsupported_media_type" in page.locator("#upload-status").inner_text()
-        page.close()
+    page.set_input_files("#video-file", str(bad))
+    page.click("#upload-button")
+    page.wait_for_selector("#upload-status.error")  # errors are shown, and the page stays usable
+    assert "unsupported_media_type" in page.locator("#upload-status").inner_text()
+    page.wait_for_selector("#legend li")
+    assert page.locator("#legend li").count() == 7
+    page.wait_for_selector("#models li.active")
+    assert page.locator("#models li.active").inner_text().startswith("v0001")
+    has_adapt = "/v1/adapt" in page.evaluate("fetch('/openapi.json').then(r => r.json())")["paths"]
+    page.wait_for_function(f"document.getElementById('adapt-panel').hidden === {str(not has_adapt).lower()}")
+    page.set_input_files("#video-file", str(short_video))
+    page.select_option("#upload-format", "mp4")
+    page.click("#upload-button")  # 4 frames: the result comes back with the response
+    page.wait_for_function("document.getElementById('result-video').readyState >= 2", timeout=60_000)
+    size = page.evaluate("[document.getElementById('result-video').videoWidth, "
+                         "document.getElementById('result-video').videoHeight]")
+    assert size == [128, 64]
+    assert "segmented" in page.locator("#upload-status").inner_text()
+    _shot(page, tmp_path, "upload.png")
+    page.close()
 
 
-def test_job_progress_and_live_stream_of_a_local_file(browser, tmp_path: Path, tiny_checkpoint: Path,
-                                                     synthetic_video) -> None:
-    with live_server(make_app(tmp_path, tiny_checkpoint, job_frame_threshold=2)) as url:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        page.set_input_files("#video-file", str(synthetic_video.path))
-        page.select_option("#upload-format", "json")
-        page.click("#upload-button")  # 6 frames > threshold 2: a job, polled by the page
-        page.wait_for_selector("#result-stats tr", timeout=60_000)
-        assert page.locator("#result-stats tr").count() == 7
-        assert page.locator("#upload-progress .bar").evaluate("e => e.style.width") == "100%"
+def test_job_progress_and_live_stream_of_a_local_file(browser, site: str, synthetic_video, tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(site)
+    page.set_input_files("#video-file", str(synthetic_video.path))
+    page.select_option("#upload-format", "json")
+    page.click("#upload-button")  # 6 frames > 4: a job, polled by the page
+    page.wait_for_selector("#result-stats tr", timeout=60_000)
+    assert page.locator("#result-stats tr").count() == 7
+    assert page.locator("#upload-progress .bar").evaluate("e => e.style.width") == "100%"
 
-        page.set_input_files("#stream-file", str(synthetic_video.path))
-        page.wait_for_function("document.getElementById('stat-version').textContent.startsWith('v0001')",
-                               timeout=60_000)
-        page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
-        painted = page.evaluate("""() => {
-            const c = document.getElementById('live-canvas');
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let lit = 0;
-            for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] > 0) lit++;
-            return [c.width, c.height, lit];
-        }""")
-        assert painted[:2] == [128, 64] and painted[2] > 0.5 * 128 * 64
-        _shot(page, tmp_path, "stream.png")
-        page.click("#stop-button")
-        page.close()
+    page.set_input_files("#stream-file", str(synthetic_video.path))
+    page.wait_for_function("document.getElementById('stat-version').textContent.startsWith('v0001')",
+                           timeout=60_000)
+    page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
+    painted = page.evaluate("""() => {
+        const c = document.getElementById('live-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let lit = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] > 0) lit++;
+        return [c.width, c.height, lit];
+    }""")
+    assert painted[:2] == [128, 64] and painted[2] > 0.5 * 128 * 64
+    _shot(page, tmp_path, "stream.png")
+    page.click("#stop-button")
+    page.close()
 
 
-def test_webcam_stream_draws_a_live_overlay(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:
-    with live_server(make_app(tmp_path, tiny_checkpoint)) as url:
-        context = browser.new_context(permissions=["camera"])
-        page = context.new_page()
-        page.goto(url)
-        page.click("#webcam-button")  # Chromium's fake camera stands in for getUserMedia
-        page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
-        assert page.locator("#stat-version").inner_text().startswith("v0001")
-        assert int(page.locator("#stat-dropped").inner_text()) >= 0
-        width = page.evaluate("document.getElementById('live-canvas').width")
-        assert 0 < width <= 640
-        page.click("#stop-button")
-        page.wait_for_function("document.getElementById('stop-button').disabled")
-        context.close()
+def test_webcam_stream_draws_a_live_overlay(browser, site: str) -> None:
+    context = browser.new_context(permissions=["camera"])
+    page = context.new_page()
+    page.goto(site)
+    page.click("#webcam-button")  # Chromium's fake camera stands in for getUserMedia
+    page.wait_for_function("parseFloat(document.getElementById('stat-fps').textContent) > 0", timeout=60_000)
+    assert page.locator("#stat-version").inner_text().startswith("v0001")
+    assert int(page.locator("#stat-dropped").inner_text()) >= 0
+    width = page.evaluate("document.getElementById('live-canvas').width")
+    assert 0 < width <= 640
+    page.click("#stop-button")
+    page.wait_for_function("document.getElementById('stop-button').disabled")
+    context.close()

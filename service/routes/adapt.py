@@ -1,0 +1,251 @@
+"""Online adaptation: ``POST /v1/adapt`` (also ``/adapt``), ``GET /v1/adapt[/{id}]``, ``POST /v1/adapt/{id}/cancel``.
+
+A job adapts the ACTIVE model to the clips in the buffer in the adaptation worker (another
+process), gates the candidate, and publishes + activates it only if the gate passes; every server
+sharing the model directory then hot-swaps it in. One job runs at a time. ``AdaptationPlane`` holds
+what these routes, the clip routes and the collect hook share: the buffer, its background writer,
+the job store and, with ``VSS_WORKER=spawn``, the supervisor of the worker child process (started
+with the first job, or at startup when the auto policy is on or a job is waiting).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
+from ..buffer import ClipBuffer, ClipCollector
+from ..deps import ApiError, RequireApiKey
+from ..settings import Settings
+from ..supervisor import WorkerSupervisor, worker_command
+from ..worker import clip_buffer, worker_settings_json
+
+JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class AdaptationPlane:
+    """The clip buffer, its writer thread, the job store and the worker supervisor of one app."""
+
+    settings: Settings
+    buffer: ClipBuffer
+    collector: ClipCollector
+    jobs: AdaptJobStore
+    supervisor: WorkerSupervisor | None
+
+    def start(self) -> None:
+        self.jobs.root.mkdir(parents=True, exist_ok=True)
+        if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
+            self.ensure_worker()
+
+    def ensure_worker(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.start()
+
+    def worker_status(self) -> dict[str, Any]:
+        s = self.settings
+        sup = self.supervisor
+        return {"mode": s.worker, "pid": sup.pid if sup else None, "restarts": sup.restarts if sup else 0,
+                "alive": self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0))}
+
+    def close(self) -> None:
+        self.collector.close()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+
+
+def build_plane(app: Any) -> AdaptationPlane:
+    settings: Settings = app.state.settings
+    buffer = clip_buffer(settings)
+    manager = app.state.engine_manager
+
+    def input_size() -> tuple[int, int] | None:
+        engine = manager.peek()
+        return None if engine is None else (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
+
+    metrics = getattr(app.state, "metrics", None)
+    on_added = None
+    if metrics is not None:
+        from prometheus_client import Counter
+
+        counter = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip buffer", ["source"],
+                          registry=metrics.registry)
+        on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
+    jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+    supervisor = None
+    if settings.worker == "spawn":
+        supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
+                                      settings.adapt_heartbeat_timeout_s)
+    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor)
+
+
+def adaptation_plane(app: Any) -> AdaptationPlane:
+    """The app's plane (built at startup by this router's lifespan; built here if the app never started)."""
+    plane = getattr(app.state, "adaptation", None)
+    if plane is None:
+        plane = app.state.adaptation = build_plane(app)
+    return plane
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    plane = adaptation_plane(app)
+    await run_in_threadpool(plane.start)
+    try:
+        yield
+    finally:
+        await run_in_threadpool(plane.close)
+
+
+router = APIRouter(tags=["adapt"], lifespan=_lifespan)
+
+
+class AdaptRequest(BaseModel):
+    """What to run; everything but ``method`` has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl or selftrain")
+    steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
+    lr: float | None = Field(None, ge=0, description="learning rate (default: the method's)")
+    time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")
+    batch_size: int = Field(2, ge=1, le=32, description="(t-1, t) frame pairs per step")
+    seed: int = Field(0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="method keyword arguments")
+
+    @field_validator("lr", "time_budget_s")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class JobState(BaseModel):
+    """An adaptation job (``GET /v1/adapt/{id}``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    state: str = Field(description="queued, running, gating, published, rejected, failed or cancelled")
+    trigger: str = Field(description="api, or auto (the worker's auto policy)")
+    request: dict[str, Any]
+    stage: str | None = Field(description="loading, bn_prepass, train, gate, publishing")
+    step: int
+    steps: int
+    progress: float = Field(description="training progress in [0, 1]")
+    losses: list[dict[str, float]] = Field(description="training log every 10 steps (newest last)")
+    parent: str | None = Field(description="the version that was adapted")
+    version: str | None = Field(description="the published version (state published)")
+    activated: bool
+    gate: dict[str, Any] | None = Field(description="passed, reasons and metrics of the publish gate")
+    clips: dict[str, Any] | None = Field(description="buffered clips used for training and held out")
+    error: dict[str, str] | None
+    cancel_requested: bool
+    created: float
+    started: float | None
+    finished: float | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobState]
+    worker: dict[str, Any] = Field(description="worker mode, the spawned pid and its restarts, live heartbeats")
+
+
+def _validate_method(body: AdaptRequest, settings: Settings) -> None:
+    from adaptation.methods import build_method
+    from adaptation.sourcefree import SOURCE_FREE
+
+    if body.method not in SOURCE_FREE:
+        raise ApiError(422, "unknown_method", f"unknown method {body.method!r}; choose one of {', '.join(SOURCE_FREE)}")
+    if body.steps > settings.adapt_max_steps:
+        raise ApiError(422, "invalid_request", f"steps={body.steps} is over the limit of {settings.adapt_max_steps}")
+    try:
+        build_method(body.method, seed=body.seed, **body.options)
+    except (TypeError, ValueError) as e:
+        raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}") from e
+
+
+def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
+    settings = plane.settings
+    plane.jobs.reap(settings.adapt_heartbeat_timeout_s)
+    train = sum(not c.heldout for c in plane.buffer.clips())
+    if train < settings.adapt_min_clips:
+        raise ApiError(409, "not_enough_clips", f"the clip buffer holds {train} training clip(s); at least "
+                                                f"{settings.adapt_min_clips} are needed: stream or segment target "
+                                                "videos with collect on, or POST /v1/clips")
+    try:
+        job = plane.jobs.create(body.model_dump())
+    except JobConflict as e:
+        raise ApiError(409, "job_running", str(e), {"Location": f"/v1/adapt/{e.job['id']}"},
+                       details={"job": e.job["id"], "state": e.job["state"]}) from e
+    plane.ensure_worker()
+    return job
+
+
+@router.post("/v1/adapt", summary="Start an adaptation job on the buffered clips", status_code=202,
+             dependencies=[RequireApiKey], response_model=JobState,
+             responses={202: {"description": "queued; poll the `Location` URL"},
+                        401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
+                        409: {"description": "a job is already queued or running, or too few buffered clips"},
+                        422: {"description": "unknown method, bad options or out-of-range values"}})
+@router.post("/adapt", include_in_schema=False, status_code=202, dependencies=[RequireApiKey])
+async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
+    """Adapt the ACTIVE model to the clip buffer with `method` for `steps` steps (or `time_budget_s`).
+
+    The candidate is published and activated only if it passes the gate (held-out buffered clips,
+    plus labeled validation clips when the server has `VSS_VAL_DIR`); the job ends `published`
+    with the new `version`, `rejected` with the gate's reasons, `failed` or `cancelled`."""
+    plane = adaptation_plane(request.app)
+    _validate_method(body, plane.settings)
+    job = await run_in_threadpool(_create, plane, body)
+    return JSONResponse(job, 202, headers={"Location": f"/v1/adapt/{job['id']}"})
+
+
+@router.get("/v1/adapt", summary="List adaptation jobs, newest first")
+async def list_jobs(request: Request) -> JobList:
+    plane = adaptation_plane(request.app)
+
+    def read() -> JobList:
+        plane.jobs.reap(plane.settings.adapt_heartbeat_timeout_s)
+        return JobList(jobs=plane.jobs.list(), worker=plane.worker_status())
+
+    return await run_in_threadpool(read)
+
+
+async def _get(plane: AdaptationPlane, job_id: str) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        plane.jobs.reap(plane.settings.adapt_heartbeat_timeout_s)
+        return plane.jobs.get(job_id)
+
+    try:
+        return await run_in_threadpool(read)
+    except JobNotFound as e:
+        raise ApiError(404, "job_not_found", f"no adaptation job {job_id!r}") from e
+
+
+@router.get("/v1/adapt/{job_id}", summary="State, progress, losses, gate report and version of a job",
+            responses={404: {"description": "unknown job"}})
+async def get_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
+    return JobState(**await _get(adaptation_plane(request.app), job_id))
+
+
+@router.post("/v1/adapt/{job_id}/cancel", summary="Cancel a job", dependencies=[RequireApiKey],
+             responses={404: {"description": "unknown job"}, 409: {"description": "the job already ended"}})
+async def cancel_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
+    """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`
+    (nothing is published)."""
+    plane = adaptation_plane(request.app)
+    job = await _get(plane, job_id)
+    if job["state"] not in ACTIVE_STATES:
+        raise ApiError(409, "job_finished", f"job {job_id} already ended ({job['state']})")
+    return JobState(**await run_in_threadpool(plane.jobs.request_cancel, job_id))

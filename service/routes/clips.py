@@ -1,0 +1,206 @@
+"""The clip buffer over HTTP: ``GET /v1/clips`` (counts), ``POST /v1/clips`` (add target clips), ``DELETE /v1/clips``.
+
+Streams and uploads feed the buffer on their own (one run of ``buffer_clip_frames`` consecutive
+frames every ``buffer_clip_every`` frames, unless the client sends ``collect=false``). This route
+adds target clips explicitly: a multipart body with one ``video`` file, or with ``images`` files
+(consecutive frames, in order). Frames are stored at the served model's input size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import cv2
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from .. import decode
+from ..deps import ApiError, EngineDep, RequireApiKey, SettingsDep
+from ..jobs import data_plane
+from ..settings import Settings
+from ..stream_codec import StreamConfig, StreamError, precheck_frame
+from ..uploads import MULTIPART_OVERHEAD
+from ..video import VideoError
+from .adapt import adaptation_plane
+from .segment import check_limits, decode_limits
+
+router = APIRouter(tags=["adapt"])
+
+VIDEO_FIELD, IMAGE_FIELDS = "video", ("images", "image")
+MAX_IMAGES = 512
+CLIPS_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {
+        VIDEO_FIELD: {"type": "string", "format": "binary", "description": "a target-domain video"},
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                   "description": "or consecutive frames (JPEG/PNG), in order"}}}}}}}
+
+
+@dataclass
+class Part:
+    name: str
+    path: Path
+    size: int = 0
+
+
+async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list[Part]:
+    """Stream every file part of a multipart body to its own file under ``workdir`` (413 past ``max_bytes``)."""
+    media, params = parse_options_header(request.headers.get("content-type"))
+    if media != b"multipart/form-data" or not params.get(b"boundary"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'video' file or 'images' files")
+    too_large = ApiError(413, "payload_too_large", f"the upload is larger than the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+        raise too_large
+    parts: list[Part] = []
+    current: dict[str, Any] = {"file": None, "header": b"", "value": b"", "disposition": b""}
+
+    def on_part_begin() -> None:
+        current["disposition"] = b""
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        current["header"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        current["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        if current["header"].lower() == b"content-disposition":
+            current["disposition"] = current["value"]
+        current["header"] = current["value"] = b""
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(current["disposition"])
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name == VIDEO_FIELD or name in IMAGE_FIELDS:
+            if len(parts) >= MAX_IMAGES:
+                raise ApiError(422, "too_many_parts", f"at most {MAX_IMAGES} images per request")
+            parts.append(Part(name, workdir / f"part-{len(parts):04d}"))
+            current["file"] = open(parts[-1].path, "wb")  # noqa: SIM115 - closed in on_part_end
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if current["file"] is not None:
+            current["file"].write(data[start:end])
+            parts[-1].size += end - start
+
+    def on_part_end() -> None:
+        if current["file"] is not None:
+            current["file"].close()
+            current["file"] = None
+
+    parser = MultipartParser(params[b"boundary"], {  # type: ignore[arg-type]
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes + MULTIPART_OVERHEAD:
+                raise too_large
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as e:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from e
+    finally:
+        on_part_end()
+    return parts
+
+
+def _image_frames(parts: list[Part], settings: Settings) -> list[np.ndarray]:
+    config, max_pixels = StreamConfig(), settings.max_width * settings.max_height
+    frames = []
+    for i, part in enumerate(parts):
+        data = part.path.read_bytes()
+        try:
+            precheck_frame(data, config, max_pixels)
+        except StreamError as e:
+            status = 422 if e.code == "frame_too_large" else 415
+            raise ApiError(status, e.code, f"image {i}: {e.message}") from e
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ApiError(415, "undecodable_image", f"image {i} is not a decodable JPEG or PNG")
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return frames
+
+
+def _video_frames(part: Part, settings: Settings, max_frames: int, stride: int,
+                  size: tuple[int, int]) -> list[np.ndarray]:
+    """Decode (in the isolated decoder child) and resize to the model input size as frames arrive."""
+    from ..buffer import resize_frames
+
+    with decode.VideoStream(part.path, max_frames=max_frames, stride=stride, limits=decode_limits(settings)) as video:
+        try:
+            info = video.probe()
+            check_limits(info, settings, stride, max_frames)
+            return [resize_frames([frame], size)[0] for frame in video]
+        except VideoError as e:
+            raise ApiError(415, "unsupported_media_type", str(e).replace(part.path.name, "the video")) from e
+
+
+@router.get("/v1/clips", summary="What the adaptation clip buffer holds")
+async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    """Counts (training and held-out clips), bytes, limits, the oldest and newest clip, and how traffic is
+    sampled into the buffer."""
+    stats = await run_in_threadpool(adaptation_plane(request.app).buffer.stats)
+    return {**stats, "collect": settings.buffer_enabled, "clip_frames": settings.buffer_clip_frames,
+            "clip_every": settings.buffer_clip_every}
+
+
+@router.post("/v1/clips", summary="Add target clips to the buffer", status_code=201, dependencies=[RequireApiKey],
+             openapi_extra=CLIPS_BODY, responses={
+                 400: {"description": "malformed multipart body"}, 413: {"description": "upload too large"},
+                 415: {"description": "not multipart, or undecodable video/images"},
+                 422: {"description": "no usable part, fewer than 2 frames, or a limit exceeded"}})
+async def add_clips(
+    request: Request, settings: SettingsDep, engine: EngineDep,
+    clip_frames: Annotated[int | None, Query(ge=2, le=64, description="frames per clip "
+                                             "(default: buffer_clip_frames)")] = None,
+    stride: Annotated[int, Query(ge=1, le=100, description="keep every stride-th video frame")] = 1,
+    max_frames: Annotated[int, Query(ge=2, le=2048, description="decode at most this many video frames")] = 256,
+) -> JSONResponse:
+    """Send one `video` file, or `images` files (consecutive frames in order). They are cut into clips of
+    `clip_frames` consecutive frames (a shorter remainder of at least 2 frames is kept) and stored at the
+    model's input size; some clips are held out for the publish gate."""
+    plane = adaptation_plane(request.app)
+    size = (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
+    per_clip = clip_frames or settings.buffer_clip_frames
+    workdir = data_plane(request.app).jobs.workdir()
+    try:
+        parts = await receive_parts(request, workdir, settings.max_upload_bytes)
+        videos = [p for p in parts if p.name == VIDEO_FIELD]
+        images = [p for p in parts if p.name != VIDEO_FIELD]
+        if len(videos) > 1 or (videos and images):
+            raise ApiError(422, "invalid_request", "send one 'video' file or 'images' files, not both")
+        if not parts or any(p.size == 0 for p in parts):
+            raise ApiError(422, "missing_frames", "the body needs a non-empty 'video' file or 'images' files")
+        if videos:
+            frames = await run_in_threadpool(_video_frames, videos[0], settings, min(max_frames, settings.max_frames),
+                                             stride, size)
+        else:
+            frames = await run_in_threadpool(_image_frames, images, settings)
+        if len(frames) < 2:
+            raise ApiError(422, "too_few_frames", f"a clip needs at least 2 consecutive frames, got {len(frames)}")
+
+        def store() -> list[dict[str, Any]]:
+            pieces = [frames[i:i + per_clip] for i in range(0, len(frames), per_clip)]
+            return [plane.buffer.add(p, "api", size).to_dict() for p in pieces if len(p) >= 2]
+
+        added = await run_in_threadpool(store)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    stats = await run_in_threadpool(plane.buffer.stats)
+    return JSONResponse({"added": added, "frames": len(frames), "buffer": stats}, 201)
+
+
+@router.delete("/v1/clips", summary="Empty the clip buffer", dependencies=[RequireApiKey])
+async def clear_clips(request: Request) -> dict[str, Any]:
+    """Remove every buffered clip (training and held-out)."""
+    removed = await run_in_threadpool(adaptation_plane(request.app).buffer.clear)
+    return {"removed": removed}
