@@ -16,12 +16,14 @@ unwrapped model (no collective calls), the other ranks wait at a barrier.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 
 from models.accel import AccelSegmenter
 
@@ -115,3 +117,31 @@ def barrier(env: DistEnv) -> None:
 def shutdown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def batch_indices(n: int, batch: int, seed: int, env: DistEnv, start_step: int = 0) -> Iterator[list[int]]:
+    """Endless per-rank batches of indices (DistributedSampler order, reshuffled each epoch), from ``start_step``."""
+    if n == 0:
+        raise ValueError("dataset is empty")
+    sampler = DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
+    pending: list[int] = []
+    epoch, step = 0, 0
+    while True:
+        while len(pending) < batch:
+            sampler.set_epoch(epoch)
+            pending += list(sampler)
+            epoch += 1
+        chunk, pending = pending[:batch], pending[batch:]
+        if step >= start_step:
+            yield chunk
+        step += 1
+
+
+class BatchIndices:
+    """Iterable of ``batch_indices`` for ``DataLoader(batch_sampler=...)``."""
+
+    def __init__(self, n: int, batch: int, seed: int, env: DistEnv, start_step: int = 0) -> None:
+        self.n, self.batch, self.seed, self.env, self.start_step = n, batch, seed, env, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return batch_indices(self.n, self.batch, self.seed, self.env, self.start_step)

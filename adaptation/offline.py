@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from models.accel import build_model
 from models.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_atomic
@@ -38,7 +38,7 @@ from models.classes import palette_for
 from models.config import ModelConfig, get_config
 
 from .datasets import VideoFrameDataset, accepted_options, build_dataset, classes_of, label_space_of, parse_spec
-from .distributed import DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
+from .distributed import BatchIndices, DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
 from .evaluate import build_eval_dataset, evaluate
 from .methods import METHODS, build_method
 from .trainer import TrainConfig, make_optimizer, train
@@ -87,34 +87,6 @@ class OfflineConfig:
         return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RUN_IDENTITY}
 
 
-def batch_indices(n: int, batch: int, seed: int, env: DistEnv, start_step: int = 0) -> Iterator[list[int]]:
-    """Endless per-rank batches of indices (DistributedSampler order, reshuffled each epoch), from ``start_step``."""
-    if n == 0:
-        raise ValueError("dataset is empty")
-    sampler = DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
-    pending: list[int] = []
-    epoch, step = 0, 0
-    while True:
-        while len(pending) < batch:
-            sampler.set_epoch(epoch)
-            pending += list(sampler)
-            epoch += 1
-        chunk, pending = pending[:batch], pending[batch:]
-        if step >= start_step:
-            yield chunk
-        step += 1
-
-
-class _Batches:
-    """Iterable of index lists for ``DataLoader(batch_sampler=...)``."""
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return batch_indices(*self.args)
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -123,7 +95,7 @@ def batch_stream(source: VideoFrameDataset, target: VideoFrameDataset | None, cf
                  start_step: int) -> Iterator[dict[str, Any]]:
     """UDA batches ``{"source": ..., "target": ...}`` (or flat source batches when ``target`` is None)."""
     def loader(ds: VideoFrameDataset, salt: int) -> DataLoader:
-        return DataLoader(ds, batch_sampler=_Batches(len(ds), cfg.batch, cfg.seed + salt, env, start_step),
+        return DataLoader(ds, batch_sampler=BatchIndices(len(ds), cfg.batch, cfg.seed + salt, env, start_step),
                           num_workers=cfg.workers, pin_memory=env.device.type == "cuda")
     src = loader(source, 0)
     if target is None:

@@ -141,6 +141,9 @@ class AdaptJobStore:
         """The queued, running or gating job, if any."""
         return next((j for j in self._all() if j["state"] in ACTIVE_STATES), None)
 
+    def has_queued(self) -> bool:
+        return any(j["state"] == QUEUED for j in self._all())
+
     def last_created(self) -> float | None:
         jobs = self._all()
         return jobs[-1]["created"] if jobs else None

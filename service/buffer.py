@@ -3,18 +3,18 @@
 Layout of ``root`` (shared by every server process and the worker; no in-memory state is shared)::
 
     <id>.npz    frames (T, h, w, 3) uint8 RGB at the model input size (compressed)
-    <id>.json   {"id", "frames", "height", "width", "bytes", "created", "source", "heldout"}
+    <id>.json   {"id", "frames", "height", "width", "bytes", "created", "source", "heldout", "sha256"}
 
 (``bytes`` is the size of the frames file; the limits count it, the small JSON is not counted.)
 
-A clip id is ``<unix time in ns, 20 digits>-<8 hex>``, so names sort by age and two writers never
-collide. Both files are written to temp names and renamed into place, the JSON last: a clip exists
+A clip id is ``<unix time in ns, 20 digits>-<first 8 hex digits of the frames' sha256>``, so names
+sort by age and two writers never collide. Both files are written to temp names and renamed into place, the JSON last: a clip exists
 once its JSON does. Eviction removes the JSON first, so readers never list a clip without frames
 (a reader racing an eviction gets ``ClipNotFound`` and skips the clip).
 
 Held-out clips (``heldout``: true) are for the publish gate only and never trained on. The split is
-decided once, when a clip is added, from a hash of its id: deterministic, and the same in every
-process. ``ClipCollector`` writes clips sampled from live traffic on a background thread, so a
+decided once, when a clip is added, from the sha256 of its frames: deterministic, the same in every
+process, and a clip seen twice (a looping video) always lands on the same side. ``ClipCollector`` writes clips sampled from live traffic on a background thread, so a
 request or stream never waits for compression or disk.
 """
 
@@ -26,7 +26,6 @@ import logging
 import os
 import queue
 import re
-import secrets
 import tempfile
 import threading
 import time
@@ -64,19 +63,15 @@ class ClipInfo:
     created: float
     source: str
     heldout: bool
+    sha256: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def new_clip_id() -> str:
-    return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
-
-
-def is_heldout(clip_id: str, fraction: float) -> bool:
-    """The deterministic split: the first 8 bytes of sha256(id) as a fraction of 2**64 < ``fraction``."""
-    value = int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:8], "big")
-    return value / 2.0**64 < fraction
+def is_heldout(digest: str, fraction: float) -> bool:
+    """The deterministic split: the first 16 hex digits of a clip's sha256 as a fraction of 2**64 < ``fraction``."""
+    return int(digest[:16], 16) / 2.0**64 < fraction
 
 
 def resize_frames(frames: Sequence[np.ndarray], size: tuple[int, int] | None) -> np.ndarray:
@@ -133,12 +128,13 @@ class ClipBuffer:
             raise ValueError(f"a clip needs at least 2 consecutive frames, got {len(frames)}")
         stack = resize_frames(frames, size)
         self.root.mkdir(parents=True, exist_ok=True)
-        clip_id = new_clip_id()
+        digest = hashlib.sha256(stack.tobytes()).hexdigest()
+        clip_id = f"{time.time_ns():020d}-{digest[:8]}"
         nbytes = _write_atomic(self.root / f"{clip_id}{FRAMES_SUFFIX}",
                                lambda f: np.savez_compressed(f, frames=stack))
         t, h, w = stack.shape[:3]
         info = ClipInfo(clip_id, int(t), int(h), int(w), nbytes, time.time(), str(source)[:32],
-                        is_heldout(clip_id, self.heldout_fraction))
+                        is_heldout(digest, self.heldout_fraction), digest)
         _write_atomic(self.root / f"{clip_id}{META_SUFFIX}", lambda f: f.write(json.dumps(info.to_dict()).encode()))
         self.evict()
         return info

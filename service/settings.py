@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     buffer_clip_frames: int = Field(8, ge=2, le=64, description="consecutive frames per sampled clip")
     buffer_clip_every: int = Field(240, ge=2, description="a sampled clip starts every this many served frames")
     buffer_heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of clips kept for the publish "
-                                           "gate only (chosen by a hash of the clip id)")
+                                           "gate only (chosen by a hash of the clip's frames)")
     worker: Literal["spawn", "external", "off"] = Field(
         "spawn", description="adaptation worker: spawn a child process, rely on `vss worker`, or none")
     adapt_job_dir: Path | None = Field(None, description="adaptation job files (default: <buffer_dir>/jobs)")

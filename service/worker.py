@@ -155,13 +155,22 @@ class Worker:
 
     def poll_once(self) -> bool:
         """Run the next queued job (or an automatic one); False when there was nothing to do."""
-        job = self.jobs.claim(self.identity)
-        if job is None and self._auto_job() is not None:
-            job = self.jobs.claim(self.identity)
-        if job is None:
+        if not self.jobs.has_queued() and self._auto_job() is None:
             return False
+        self._import_runtime()
+        job = self.jobs.claim(self.identity)
+        if job is None:
+            return False  # another worker was quicker
         self.run_job(job)
         return True
+
+    def _import_runtime(self) -> None:
+        """Import torch and the adaptation code *before* claiming a job: a cold import holds the GIL for
+        seconds (tens of seconds on a loaded machine), which would starve the heartbeat of a claimed job."""
+        import adaptation.sourcefree  # noqa: F401
+        import models.checkpoint  # noqa: F401
+
+        self.registry  # noqa: B018 - builds the registry (imports service.registry)
 
     def _auto_job(self) -> dict[str, Any] | None:
         """Queue a job when ``adapt_auto_clips`` clips arrived since the last job (the auto policy)."""

@@ -160,8 +160,8 @@ class StreamSession:
         except (WebSocketDisconnect, RuntimeError):
             self.queue.finish(_Disconnected())
 
-    def _engine(self) -> Any:
-        """The registry's current engine for the next frame (a swap makes the next frame a keyframe)."""
+    def _segmenter(self) -> StreamSegmenter:
+        """The segmenter, on the registry's current engine (after a swap the next frame is a keyframe)."""
         raw = self.manager.current()
         if raw is not self._raw_engine:
             self._raw_engine = raw
@@ -176,7 +176,7 @@ class StreamSession:
     def process(self, item: _Item) -> tuple[dict[str, Any], bytes]:
         """Decode, segment and encode one frame (worker thread)."""
         frame = decode_frame(item.data, self.config, self.settings.max_width * self.settings.max_height)
-        result = self._engine().step(frame)
+        result = self._segmenter().step(frame)
         blob = encode_labels(result.labels, self.config.format)
         if self.sampler is not None:
             self.sampler.push(frame)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import adaptation.offline as offline
-from adaptation.offline import OfflineConfig, OfflineRun, batch_indices
-from adaptation.distributed import DistEnv, unwrap_model
+from adaptation.distributed import DistEnv, batch_indices, unwrap_model
+from adaptation.offline import OfflineConfig, OfflineRun
 from models.checkpoint import load_checkpoint
 from service.cli import main
 

@@ -65,7 +65,7 @@ def png_frames(n: int, seed: int = 0, style: str = "fog") -> list[tuple[str, tup
 
 
 def fill_buffer(client: TestClient, train: int = 2, heldout: int = 1) -> dict[str, Any]:
-    """POST clips until the buffer has enough training and held-out ones (the split is by id hash)."""
+    """POST clips until the buffer has enough training and held-out ones (the split is by a hash of the frames)."""
     for seed in range(100):
         stats = client.get("/v1/clips").json()
         if stats["train_clips"] >= train and stats["heldout_clips"] >= heldout:
@@ -240,7 +240,7 @@ def test_web_panel_starts_a_job_and_shows_the_result(browser: Any, tmp_path: Pat
     try:
         wait_for(lambda: server.started and app.state.engine_manager.ready, 30, "the server")
         buffer = app.state.adaptation.buffer
-        for seed in range(100):  # enough training and held-out clips (the split is by id hash)
+        for seed in range(100):  # enough training and held-out clips (the split is by a hash of the frames)
             if buffer.stats()["train_clips"] >= 2 and buffer.stats()["heldout_clips"] >= 1:
                 break
             buffer.add(generate_clip("fog", frames=3, size=SIZE, seed=seed).frames, "test")

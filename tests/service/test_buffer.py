@@ -58,16 +58,21 @@ def test_oldest_clips_are_evicted_by_count_and_bytes(tmp_path: Path) -> None:
     assert buf.clear() == 2 and buf.stats()["clips"] == 0 and buf.stats()["oldest"] is None
 
 
-def test_heldout_split_is_a_deterministic_hash_of_the_id(tmp_path: Path) -> None:
-    ids = [f"{i:020d}-0000abcd" for i in range(2000)]
-    share = np.mean([is_heldout(i, 0.25) for i in ids])
+def test_heldout_split_is_a_deterministic_hash_of_the_frames(tmp_path: Path) -> None:
+    import hashlib
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+    share = np.mean([is_heldout(d, 0.25) for d in digests])
     assert 0.2 < share < 0.3
-    assert [is_heldout(i, 0.25) for i in ids] == [is_heldout(i, 0.25) for i in ids]
     buf = ClipBuffer(tmp_path, heldout_fraction=0.5)
     infos = [buf.add(frames(2, seed=i)) for i in range(12)]
-    assert all(c.heldout == is_heldout(c.id, 0.5) for c in infos)
+    assert all(c.heldout == is_heldout(c.sha256, 0.5) for c in infos)
+    assert 0 < sum(c.heldout for c in infos) < 12
+    again = [buf.add(frames(2, seed=i)) for i in range(12)]  # the same frames once more (a looping video)
+    assert [c.heldout for c in again] == [c.heldout for c in infos]
+    assert len({c.id for c in infos + again}) == 24
     stats = buf.stats()
-    assert stats["heldout_clips"] + stats["train_clips"] == 12
+    assert stats["heldout_clips"] + stats["train_clips"] == 24
 
 
 def test_half_written_clips_are_invisible_and_orphans_removed(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ STRICT = GateThresholds(min_agreement=100.5)  # no candidate can agree with its 
 
 
 def fill(buffer: ClipBuffer, train: int = 2, heldout: int = 1, style: str = "fog") -> None:
-    """Add synthetic target clips until the buffer holds enough of both kinds (the split is by id hash)."""
+    """Add synthetic target clips until the buffer holds enough of both kinds (the split is by a hash of the frames)."""
     from adaptation.synth import generate_clip
 
     for seed in range(200):
