@@ -8,14 +8,15 @@ Layout of ``root`` (shared by every server process and the worker; no in-memory 
 (``bytes`` is the size of the frames file; the limits count it, the small JSON is not counted.)
 
 A clip id is ``<unix time in ns, 20 digits>-<first 8 hex digits of the frames' sha256>``, so names
-sort by age and two writers never collide. Both files are written to temp names and renamed into place, the JSON last: a clip exists
-once its JSON does. Eviction removes the JSON first, so readers never list a clip without frames
-(a reader racing an eviction gets ``ClipNotFound`` and skips the clip).
+sort by age and two writers never collide. Both files are written to temp names and renamed into
+place, the JSON last: a clip exists once its JSON does. Eviction removes the JSON first, so readers
+never list a clip without frames (a reader racing an eviction gets ``ClipNotFound`` and skips it).
 
 Held-out clips (``heldout``: true) are for the publish gate only and never trained on. The split is
 decided once, when a clip is added, from the sha256 of its frames: deterministic, the same in every
-process, and a clip seen twice (a looping video) always lands on the same side. ``ClipCollector`` writes clips sampled from live traffic on a background thread, so a
-request or stream never waits for compression or disk.
+process, and a clip seen twice (a looping video) always lands on the same side. ``ClipCollector``
+writes clips sampled from live traffic on a background thread, so a request or stream never waits
+for compression or disk.
 """
 
 from __future__ import annotations
