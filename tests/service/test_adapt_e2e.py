@@ -10,24 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from websockets.sync.client import ClientConnection, connect
 
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.service.live import live_server
 from service.stream_codec import raw_frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,24 +49,6 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 in a thread, with a model loaded; yields ``127.0.0.1:PORT``."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (server.started and app.state.engine_manager.ready):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 class Stream:
@@ -124,7 +101,7 @@ def test_stream_adapt_publish_hot_swap_and_reject_sabotage(tmp_path: Path, demo_
                         adapt_min_clips=2)
     frames = np.concatenate([generate_clip(STYLE, frames=8, size=MODEL_SIZE, seed=s).frames for s in SCENES])
     app = create_app(settings)
-    with live_server(app) as host, httpx.Client(base_url=f"http://{host}", timeout=30) as http, \
+    with live_server(app, None) as host, httpx.Client(base_url=f"http://{host}", timeout=30) as http, \
             connect(f"ws://{host}/v1/stream") as ws:
         ws.send(json.dumps({"format": "rle", "collect": True}))
         assert json.loads(ws.recv(timeout=30))["model_version"] == "v0001"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +13,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -23,30 +20,13 @@ from websockets.sync.client import ClientConnection, connect
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.service.live import live_server
 from service.stream_codec import decode_labels, decode_rle, encode_rle, raw_frame
 
 FRAME_KEYS = {"type", "frame", "model_version", "latency_ms", "compute_ms", "dropped", "class_fractions",
               "keyframe", "width", "height", "format"}
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn on 127.0.0.1 in a thread, with a model loaded; yields ``ws://127.0.0.1:PORT``."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=64 * 2**20))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not (server.started and app.state.engine_manager.ready):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        yield f"ws://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def start_server(root: Path, checkpoint: Path, **overrides: object):
@@ -59,7 +39,7 @@ def start_server(root: Path, checkpoint: Path, **overrides: object):
         "buffer_dir": root / "buffer", "demo_model": None, "registry_poll_ms": 50, "intra_op_threads": 1,
         "device": "cpu", "flow": "dis-ultrafast", "buffer_enabled": False, **overrides})
     app = create_app(settings)
-    return live_server(app), app
+    return live_server(app, "ws", ws_max_size=64 * 2**20), app
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.service.live import live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT_DIR = os.environ.get("VSS_TEST_SCREENSHOTS")  # set to keep the screenshots somewhere
@@ -32,24 +28,6 @@ def make_app(root: Path, checkpoint: Path, **overrides: object) -> FastAPI:
         "device": "cpu", "flow": "dis-ultrafast", "buffer_enabled": False, **overrides}))
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn on 127.0.0.1 in a thread, with a model loaded; yields ``http://127.0.0.1:PORT``."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not (server.started and app.state.engine_manager.ready):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
