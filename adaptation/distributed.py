@@ -10,7 +10,8 @@ stays off: every method's loss reaches every parameter of the network and fusion
 discriminators are frozen while the generator's adversarial term is built, so their gradients come
 from one backward only. Several forwards per step are fine under these conditions (checked by
 tests/adaptation/test_distributed.py). Logging, evaluation and checkpoints happen on rank 0 with the
-unwrapped model (no collective calls), the other ranks wait at a barrier.
+unwrapped model (no collective calls), the other ranks wait at a barrier. Each rank reads its own
+share of every epoch (``batch_indices``: DistributedSampler order, resumable at any step).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def make_wrapper(env: DistEnv):
         if not env.enabled:
             return module
         ids = [env.local_rank] if env.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=True)
+        # Buffers (BN running statistics) are synced from rank 0 at every forward (the default).
+        return DDP(module, device_ids=ids, find_unused_parameters=False, forward_sync_buffers=True)
     return wrap
 
 

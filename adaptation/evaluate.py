@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import load_checkpoint
 
-from .datasets import DataSpec, VideoFrameDataset, build_dataset, label_space_of, parse_spec
+from .datasets import DataSpec, VideoFrameDataset, accepted_options, build_dataset, label_space_of, parse_spec
 from .distributed import unwrap_model
 from .metrics import confusion_matrix, iou_from_confusion, temporal_consistency
 
@@ -105,13 +105,17 @@ def build_eval_dataset(spec: DataSpec | str, split: str, size: tuple[int, int], 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", flow: str | None = None,
                         flow_dir: str | None = None, input_size: tuple[int, int] | None = None,
                         max_items: int | None = None, device: str = "cpu", num_workers: int = 0,
-                        native_labels: bool = False, with_tc: bool = True) -> dict[str, Any]:
-    """``vss eval --data``: load a checkpoint, build the dataset in its label space, evaluate."""
+                        native_labels: bool = False, with_tc: bool = True, **dataset_options: Any) -> dict[str, Any]:
+    """``vss eval --data``: load a checkpoint, build the dataset in its label space, evaluate.
+
+    ``dataset_options`` go to the dataset class (e.g. ``clips`` / ``frames_per_clip`` for synthetic data).
+    """
     model, meta = load_checkpoint(checkpoint)
     spec = parse_spec(data)
     size = tuple(input_size or meta["input_size"])
     space = label_space_of(meta["classes"]) if spec.name == "cityscapes-seq" else None
-    kw = dict(flow=flow, label_space=space, flow_dir=flow_dir, native_labels=native_labels)
+    kw = dict(flow=flow, label_space=space, flow_dir=flow_dir, native_labels=native_labels,
+              **accepted_options(spec, dataset_options))
     dataset = build_eval_dataset(spec, split, size, **kw) if with_tc else build_dataset(spec, split, size, **kw)
     if list(dataset.classes) != list(meta["classes"]):
         raise ValueError(f"{spec} is labelled with {list(dataset.classes)} but the checkpoint predicts "

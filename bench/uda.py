@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for style in targets:
         target = f"synthetic:{style}"
-        res = evaluate_checkpoint(init, target, input_size=size)
+        res = evaluate_checkpoint(init, target, input_size=size, **DATA)  # the val clips the runs are scored on
         results[style] = {"init": {"miou": res["miou"], "tc": res["tc"]}}
         log(f"[{style}] init mIoU {res['miou']:.1f}")
         for row in rows:
