@@ -31,14 +31,16 @@ from .trainer import Cancelled, NonFiniteLoss, TrainConfig, TrainResult, train
 
 SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain")
 
-# Recommended settings per method (chosen with bench/adaptation.py on the synthetic benchmark).
+# Recommended settings per method, chosen with bench/adaptation.py on the synthetic benchmark:
+# the learning rate, the method's options, and ``AdaptConfig`` fields left unset (None) by the caller.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "bn": {"lr": 0.0, "options": {}},
-    "tent": {"lr": 1e-3, "options": {}},
-    "itcr": {"lr": 1e-4, "options": {}},
-    "stpl": {"lr": 1e-4, "options": {}},
-    "selftrain": {"lr": 1e-4, "options": {}},
+    "bn": {"lr": 0.0, "options": {}, "config": {"batch_size": 2, "crop": None}},
+    "tent": {"lr": 1e-3, "options": {}, "config": {"batch_size": 2, "crop": None}},
+    "itcr": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None}},
+    "stpl": {"lr": 1e-4, "options": {}, "config": {"batch_size": 4, "crop": (128, 256)}},
+    "selftrain": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None}},
 }
+FULL_FRAME = (1 << 30, 1 << 30)  # a crop larger than any frame: train on full frames
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -56,8 +58,8 @@ class AdaptConfig:
     time_budget_s: float | None = None  # time for BN pre-pass + training (the gate is extra)
     budget_clock: str = "wall"  # "wall", or "cpu": CPU seconds of this process (load-independent)
     seed: int = 0
-    batch_size: int = 2
-    crop: tuple[int, int] | None = None
+    batch_size: int | None = None  # (t-1, t) pairs per step; None: the method's default
+    crop: tuple[int, int] | None = None  # random (h, w) crops; None: the method's default; FULL_FRAME: none
     flip: bool = True
     sampling: str = "class-balanced"  # or "random"
     heldout_fraction: float = 0.25
@@ -72,6 +74,9 @@ class AdaptConfig:
         d = asdict(self)
         d["lr"] = DEFAULTS[self.method]["lr"] if self.lr is None else self.lr
         d["options"] = {**DEFAULTS[self.method]["options"], **self.options}
+        for key, value in DEFAULTS[self.method]["config"].items():
+            if d[key] is None:
+                d[key] = value
         return d
 
 
@@ -185,7 +190,9 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     if should_stop is not None and should_stop():
         raise Cancelled("cancelled before training")
     method = build_method(cfg.method, seed=cfg.seed, **settings["options"])
-    sampler = PairSampler(train_clips, cfg.batch_size, cfg.sampling, weights, cfg.crop, cfg.flip, cfg.seed)
+    crop = settings["crop"]
+    sampler = PairSampler(train_clips, settings["batch_size"], cfg.sampling, weights,
+                          None if crop is None else tuple(crop), cfg.flip, cfg.seed)
     batches: Iterator[dict[str, Any]] = iter(sampler) if dev.type == "cpu" else _on_device(iter(sampler), dev)
     wall_left = None
     if cfg.time_budget_s is not None:

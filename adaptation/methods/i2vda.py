@@ -59,6 +59,12 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
+def keyframe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Main logits of the ACCEL model on a single image: the frame fused with itself (no flow)."""
+    main = model.frame(x)["main"]
+    return model.fuse(main, main, None)[0]
+
+
 class I2VDA(SourceOnly):
     name = "i2vda"
     needs = {"source": (), "target": ("flow_fwd",)}
@@ -115,20 +121,24 @@ class I2VDA(SourceOnly):
         size = tuple(src["cur"].shape[-2:])
         if step % self.iter_copy == 0 or (self.proxy is None and step >= self.iter_launch):
             self._copy_proxy(model)
-        # Source images: the per-frame network only (no temporal information on the source side).
+        # Source IMAGES: no temporal information. The ACCEL model sees an image as a keyframe, the image
+        # fused with itself (no flow), so the supervision reaches the fusion layer too; training the
+        # per-frame logits alone left the fusion inconsistent with them (-8 mIoU on noise-blur).
         s_out = model.frame(src["cur"])
-        loss = segmentation_ce(s_out["main"], src["label"])
+        s_main = model.fuse(s_out["main"], s_out["main"], None)[0]
+        loss = segmentation_ce(s_main, src["label"])
         logs = {"ce": float(loss.detach())}
         if "aux" in s_out and self.aux_weight > 0:
-            loss = loss + self.aux_weight * segmentation_ce(s_out["aux"], src["label"])
+            loss = loss + self.aux_weight * segmentation_ce(model.fuse(s_out["aux"], s_out["aux"], None)[0],
+                                                            src["label"])
         # Temporal augmentation: I_t between I_0 = k-1 and I_1 = k.
         i0, i1, f10, f01 = trg["prev"], trg["cur"], trg["flow"], trg["flow_fwd"]
         t = torch.rand(i0.shape[0], generator=self.gen).to(i0.device)
         with torch.no_grad():
             it = interpolate_frame(i0, i1, f10, f01, t, self.alpha)
-        p0 = model.frame(i0)["main"]
+        p0 = keyframe(model, i0)
         with bn_stats_frozen(model):
-            pt = model.frame(it)["main"]
+            pt = keyframe(model, it)
         # Adversarial (LSGAN) on per-frame softmax maps; the discriminator is frozen for this term.
         set_requires_grad([self.disc], False)
         adv = adversarial_lsgan(self._d(softmax_up(p0, size)), SOURCE) + \
@@ -138,7 +148,7 @@ class I2VDA(SourceOnly):
         logs["adv"] = float(adv.detach())
         if step >= self.iter_launch and self.proxy is not None:
             with torch.no_grad():
-                p1 = self.proxy.frame(i1)["main"]
+                p1 = keyframe(self.proxy, i1)
                 probs1 = softmax_up(p1, size)
                 pl = entropy_pseudo_labels(probs1, self.delta, occlusion_mask(f10, f01, self.eta))
             # P_1^W = W(P_t, F_1->t) with F_1->t ~ (1 - t) F_1->0 (linear motion between the frames).
@@ -149,7 +159,7 @@ class I2VDA(SourceOnly):
             loss = loss + self.lambda_tc * tc
             logs["tc"] = float(tc.detach())
             logs["pl_kept"] = float((pl != 255).float().mean())
-        d_loss = adversarial_lsgan(self._d(softmax_up(s_out["main"].detach(), size)), SOURCE) + \
+        d_loss = adversarial_lsgan(self._d(softmax_up(s_main.detach(), size)), SOURCE) + \
             0.5 * adversarial_lsgan(self._d(softmax_up(p0.detach(), size)), TARGET) + \
             0.5 * adversarial_lsgan(self._d(softmax_up(pt.detach(), size)), TARGET)
         logs["d_loss"] = float(d_loss.detach())

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     p.add_argument("--time-budget", type=float, metavar="S", help="stop training after S seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=2, help="(t-1, t) pairs per step (default: 2)")
+    p.add_argument("--batch-size", type=int, help="(t-1, t) pairs per step (default: the method's)")
+    p.add_argument("--crop", metavar="HxW", help="train on random HxW crops, or 'full' frames (default: the method's)")
     p.add_argument("--sampling", choices=("class-balanced", "random"), default="class-balanced")
     p.add_argument("--max-frames", type=int, default=300, help="frames decoded per video (default: 300)")
     p.add_argument("--stride", type=int, default=1, help="keep every STRIDE-th frame (default: 1)")
@@ -63,6 +64,20 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = value
     return out
+
+
+def parse_crop(text: str | None) -> tuple[int, int] | None:
+    from adaptation.sourcefree import FULL_FRAME
+    from service.cli import CLIError
+
+    if text is None:
+        return None
+    if text == "full":
+        return FULL_FRAME
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) < 8 or int(w) < 8:
+        raise CLIError(f"--crop expects HxW (e.g. 128x256, at least 8x8) or 'full', got {text!r}")
+    return int(h), int(w)
 
 
 def read_video(path: str, max_frames: int, stride: int) -> list[np.ndarray]:
@@ -125,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--val-video and --val-labels go together")
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    parse_crop(args.crop)
     parent_dir = Path(args.checkpoint) if args.checkpoint else DEMO_MODEL
     try:
         parent, meta = load_checkpoint(parent_dir)
@@ -147,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         val = [prepare_clip(frames, size, labels=np.stack(labels), flow_provider=flow)]
     cfg = AdaptConfig(method=args.method, options=parse_options(args.option), steps=args.steps, lr=args.lr,
                       time_budget_s=args.time_budget, seed=args.seed, batch_size=args.batch_size,
-                      sampling=args.sampling)
+                      crop=parse_crop(args.crop), sampling=args.sampling)
     inputs = [{"path": Path(v).name, "sha256": sha256_file(Path(v))} for v in args.video]
     torch.manual_seed(args.seed)
     result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val,
