@@ -25,7 +25,7 @@ from models.config import ModelConfig
 
 from .clips import PairSampler, TargetClip, class_balanced_weights, data_sha256, frames_tensor, split_heldout
 from .gate import GateReport, GateThresholds, gate
-from .methods import METHODS, build_method
+from .methods import build_method
 from .methods.bn import recalibrate_bn
 from .trainer import Cancelled, NonFiniteLoss, TrainConfig, TrainResult, train
 
@@ -65,6 +65,7 @@ class AdaptConfig:
     heldout_fraction: float = 0.25
     chunk: int = 16  # frames per piece when splitting held-out clips
     bn_prepass: bool = True  # re-estimate BN statistics on target frames before training
+    bn_postpass: bool = False  # ... and again after training (measured: no better on the benchmark)
     prepass_frames: int = 32  # at most this many frames (evenly spaced) in the pre-pass
 
     def resolved(self) -> dict[str, Any]:
@@ -179,11 +180,18 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     dev = torch.device(device) if device is not None else next(parent.parameters()).device
     candidate = copy.deepcopy(parent).to(dev)
     num_classes = int(candidate.num_classes)
+    frames = _spaced([f for c in train_clips for f in c.frames], cfg.prepass_frames)
+
+    def bn_pass() -> float:
+        start = budget.spent()
+        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])).to(dev) for i in range(0, len(frames), 4)))
+        return budget.spent() - start
+
+    reserve = 0.0
     if cfg.bn_prepass and cfg.method != "bn":
-        progress("bn_prepass", {"frames": min(cfg.prepass_frames, sum(len(c) for c in train_clips))})
-        frames = _spaced([f for c in train_clips for f in c.frames], cfg.prepass_frames)
-        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])).to(dev)
-                                   for i in range(0, len(frames), 4)))
+        progress("bn_prepass", {"frames": len(frames)})
+        spent = bn_pass()
+        reserve = spent if cfg.bn_postpass else 0.0  # keep as much time for the post-pass
     weights = None
     if cfg.sampling == "class-balanced":
         weights = class_balanced_weights(_predicted_histograms(candidate, train_clips, num_classes))
@@ -196,6 +204,7 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     batches: Iterator[dict[str, Any]] = iter(sampler) if dev.type == "cpu" else _on_device(iter(sampler), dev)
     wall_left = None
     if cfg.time_budget_s is not None:
+        budget.seconds = max(0.0, cfg.time_budget_s - reserve)
         if cfg.budget_clock == "cpu":
             batches = until_spent(batches, budget)
         else:
@@ -212,6 +221,9 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     finish = getattr(method, "finish", None)
     if finish is not None:
         finish(candidate)
+    if failure is None and cfg.bn_postpass and cfg.method != "bn":
+        progress("bn_postpass", {"frames": len(frames)})
+        bn_pass()
     candidate.eval()
     progress("gate", {"heldout_clips": len(heldout)})
     if failure is not None:
@@ -235,8 +247,3 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
                      train=train_info, gate=report.to_dict(), **(provenance or {}))
     progress("done", {"passed": report.passed, "seconds": round(elapsed, 2)})
     return AdaptResult(candidate, report, meta, result, elapsed)
-
-
-def available_methods() -> tuple[str, ...]:
-    """Source-free methods that are registered (all of ``SOURCE_FREE``)."""
-    return tuple(m for m in SOURCE_FREE if m in METHODS)

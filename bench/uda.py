@@ -44,8 +44,10 @@ TARGETS = ("fog", "night", "noise-blur", "recolor")
 # Row -> (method, options). Paper settings unless noted; what was tuned (on fog and recolor, 40 CPU-s
 # pilots) and why: the I-TCR weight lambda_u = 1e-3 does nothing in ~100 steps, so 0.1; TPS without a
 # confidence threshold and with its full-strength jitter collapsed road/sidewalk on fog (19.7 mIoU),
-# so threshold 0.9 and half the jitter (39.4); the DACS target weight 1.0 lost 11 mIoU on fog to
-# confidently wrong pseudo-labels, so 0.2; discriminators are 16 wide instead of 64 (CPU budget).
+# so threshold 0.9, half the jitter (39.4) and TPS's own VIPER weight lambda_T = 0.1 (night: 13.8 ->
+# 26.6); the DACS target weight 1.0 lost 11 mIoU on fog to confidently wrong pseudo-labels, so 0.2;
+# I2VDA's consistency loss at weight 1 collapsed night (7.1, 25.2 without it), so 0.1 (17.6);
+# discriminators are 16 wide instead of 64 (CPU budget).
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "source-only": ("source-only", {}),
     # Control: DA-VSN's data flow with every target loss switched off. Target frames still pass through
@@ -55,8 +57,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "davsn": ("davsn", {"ndf": 16, "lambda_itcr": 0.1}),
     "davsn-ctcr": ("davsn", {"ndf": 16, "itcr": False}),
     "davsn-itcr": ("davsn", {"ctcr": False, "lambda_itcr": 0.1}),
-    "tps": ("tps", {"threshold": 0.9, "jitter": 0.4}),
-    "i2vda": ("i2vda", {"ndf": 16}),
+    "tps": ("tps", {"threshold": 0.9, "jitter": 0.4, "lambda_t": 0.1}),
+    "i2vda": ("i2vda", {"ndf": 16, "lambda_tc": 0.1}),
     "uvda-ema": ("uvda", {"lambda_target": 0.2}),
 }
 DATA = {"clips": 6, "frames_per_clip": 10}

@@ -1,7 +1,8 @@
 """I2VDA (Wu et al., ECCV 2022): image-to-video UDA, from the paper (its code is not public).
 
-Source = single labelled IMAGES (frame k only, per-frame network). Target = two consecutive frames
-I_0 = k-1 and I_1 = k. Per step:
+Source = single labelled IMAGES (frame k only). Target = two consecutive frames I_0 = k-1 and I_1 = k.
+Every prediction here is the ACCEL model's image ("keyframe") output, the frame fused with itself,
+so the per-frame network and the fusion layer stay consistent. Per step:
 * temporal augmentation: a frame I_t, t ~ U(0, 1) per sample, interpolated from I_0 and I_1 with the
   bidirectional flow (eq. 1-3, alpha = 0.5);
 * adversarial LSGAN on the per-frame predictions P^s (source), P_0 and P_t (target): the segmenter
@@ -14,8 +15,8 @@ I_0 = k-1 and I_1 = k. Per step:
 Choices where the paper is silent or inconsistent: delta = 0.3 (the best value of its Table 5; the
 text says 0.8); F_1->t is approximated as (1 - t) F_1->0 (the paper runs FlowNet2 on (I_1, I_t), which
 we do not ship); the occlusion check is done on I_1's grid (see ``uda_losses.occlusion_mask``);
-iter_copy / iter_launch default to 16 % of the run (8k of 50k in the paper). The source term keeps
-DeepLabV2's 0.1 x aux-head CE. Batches: see ``adaptation.methods.davsn``; the target needs extra
+iter_copy / iter_launch default to 16 % of the run (8k of 50k in the paper); I_t passes through BN
+without entering its running statistics. The source term keeps DeepLabV2's 0.1 x aux-head CE. Batches: see ``adaptation.methods.davsn``; the target needs extra
 ``flow_fwd`` (flow k-1 -> k).
 """
 

@@ -143,3 +143,24 @@ def test_vss_adapt_labeled_validation(parent_dir, video, clip, tmp_path):
     else:  # rejected on labeled mIoU: nothing written
         assert code == adapt_command.EXIT_REJECTED and not out.exists()
     assert np.isfinite(float(code))
+
+
+def test_config_defaults_crop_parsing_and_budget():
+    from adaptation.sourcefree import DEFAULTS, FULL_FRAME, Budget
+
+    resolved = AdaptConfig(method="stpl", options={"fusion": "concat"}).resolved()
+    assert resolved["lr"] == DEFAULTS["stpl"]["lr"] and resolved["options"]["fusion"] == "concat"
+    assert resolved["crop"] == DEFAULTS["stpl"]["config"]["crop"]
+    assert AdaptConfig(method="stpl", crop=FULL_FRAME, batch_size=1, lr=0.5).resolved()["batch_size"] == 1
+    with pytest.raises(ValueError, match="unknown source-free method"):
+        AdaptConfig(method="source-only").resolved()
+    assert adapt_command.parse_crop("128x256") == (128, 256) and adapt_command.parse_crop("full") == FULL_FRAME
+    from service.cli import CLIError
+
+    with pytest.raises(CLIError, match="HxW"):
+        adapt_command.parse_crop("big")
+    budget = Budget(1e9, "cpu")
+    assert budget.left() > 0 and budget.spent() >= 0
+    assert Budget(None).left() is None
+    with pytest.raises(ValueError, match="clock"):
+        Budget(1.0, "gpu")

@@ -181,3 +181,14 @@ def test_davsn_needs_a_regulariser_and_uvda_validates_options() -> None:
         build_method("davsn", num_classes=7, ctcr=False, itcr=False)
     with pytest.raises(ValueError, match="refinement"):
         build_method("uvda", num_classes=7, refine="oracle")
+
+
+def test_interpolated_frames_stay_out_of_bn_running_statistics() -> None:
+    from adaptation.methods.i2vda import bn_stats_frozen
+
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).train()
+    x = torch.randn(2, 3, 4, 4) * 5 + 3
+    with bn_stats_frozen(bn):
+        y = bn(x)
+    assert torch.equal(bn[0].running_mean, torch.zeros(3)) and bn[0].momentum == 0.1
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)  # batch statistics used
