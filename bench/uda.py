@@ -1,15 +1,17 @@
 """Offline UDA benchmark on the synthetic benchmark: source style -> each target style (DESIGN §4-5).
 
-    python -m bench.uda [--init service/demo_model] [--targets fog,night,noise-blur,recolor]
+    python -m bench.uda [--init CHECKPOINT] [--targets fog,night,noise-blur,recolor]
                         [--methods source-only,davsn,...] [--budget 40] [--size 128x256] [--json out.json]
 
-Every row starts from the same initial model (the bundled demo model when it exists, else a short
-source-only pre-training that is cached in the output directory) and trains with the real
-``vss train`` driver for the same CPU budget: each method's step count is its budget divided by its
-measured CPU seconds per step (``time.process_time`` over a few calibration steps, so other load on
-the machine does not shrink a run). Each run is scored once, at its end, on the held-out target
-val clips (no model selection on the evaluation split). Prints a markdown mIoU table and checks the
-targets: every method beats source-only on average; DA-VSN's C-TCR alone and I-TCR alone each beat it.
+Every row starts from the same initial model (``--init``, else a short source-only pre-training at the
+benchmark's input size, cached in the output directory: the bundled demo model was trained at 256x512)
+and trains with the real ``vss train`` driver for the same CPU budget: each method's step count is its
+budget divided by its measured CPU seconds per step (``time.process_time`` over a few calibration
+steps, so other load on the machine does not shrink a run). Each run is scored once, at its end, on
+the held-out target val clips (no model selection on the evaluation split); with ``--seeds K`` every
+cell is the mean of K runs with different seeds (sampling order, augmentation, discriminator init).
+Prints a markdown mIoU table and checks the targets: every method beats source-only on average;
+DA-VSN's C-TCR alone and I-TCR alone each beat it.
 """
 
 from __future__ import annotations
@@ -91,11 +93,11 @@ def cpu_seconds_per_step(row: str, init: Path, size: tuple[int, int], style: str
 
 
 def pretrain(out: Path, size: tuple[int, int], steps: int, lr: float) -> Path:
-    """A source-only starting model when the bundled demo model is missing (cached in ``out``)."""
+    """The source-only starting model of every row, unless ``--init`` names one (cached in ``out``)."""
     run = out / "pretrain"
     if (run / "best" / "meta.json").is_file():
         return run / "best"
-    log(f"no demo model: pre-training source-only for {steps} steps")
+    log(f"pre-training source-only for {steps} steps")
     run_offline(OfflineConfig(method="source-only", source="synthetic:source", target=None, run_dir=run,
                               iters=steps, batch=4, lr=lr, optimizer="adam", weight_decay=1e-4, poly_power=0.9,
                               input_size=size, eval_items=18, progress=False, device="cpu",
@@ -114,7 +116,7 @@ def table(results: dict[str, dict[str, Any]], rows: list[str], targets: list[str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--init", default=None, help="starting checkpoint (default: service/demo_model if present)")
+    ap.add_argument("--init", default=None, help="starting checkpoint (default: a source-only pre-training)")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--methods", default=",".join(ROWS))
     ap.add_argument("--budget", type=float, default=40.0, help="CPU seconds of training per run")
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=600, help="source-only pre-training steps (batch 4)")
     ap.add_argument("--out", default=None, help="directory for runs and results (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per cell (seeds seed..seed+K-1), averaged")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = tuple(int(v) for v in args.size.split("x"))
@@ -135,11 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-uda-"))
     out.mkdir(parents=True, exist_ok=True)
-    demo = Path(__file__).resolve().parent.parent / "service" / "demo_model"
-    init = Path(args.init) if args.init else (demo if (demo / "meta.json").is_file() else None)
     t_start = time.time()
-    if init is None:
-        init = pretrain(out, size, args.pretrain_steps, 2e-3)
+    init = Path(args.init) if args.init else pretrain(out, size, args.pretrain_steps, 2e-3)
     log(f"init: {init}")
     per_step = {row: cpu_seconds_per_step(row, init, size, targets[0], args.lr) for row in rows}
     steps = {row: max(5, int(args.budget / per_step[row])) for row in rows}
@@ -152,18 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{style}] init mIoU {res['miou']:.1f}")
         for row in rows:
             name, opts = ROWS[row]
-            run_dir = out / style / row
-            shutil.rmtree(run_dir, ignore_errors=True)
+            runs = []
             t0 = time.time()
-            run_offline(OfflineConfig(
-                method=name, source="synthetic:source", target=target, run_dir=run_dir, iters=steps[row],
-                lr=args.lr, optimizer="sgd", poly_power=0.9, input_size=size, init=str(init), seed=args.seed,
-                progress=False, device="cpu", method_args=opts, dataset_args=dict(DATA)))
-            final = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["eval"]
-            results[style][row] = {"miou": final["miou"], "tc": final["tc"], "steps": steps[row],
-                                   "wall_s": round(time.time() - t0, 1), "per_class": final["per_class"]}
-            log(f"[{style}] {row}: mIoU {final['miou']:.1f} TC {final['tc']:.1f} ({steps[row]} steps, "
-                f"{time.time() - t0:.0f}s)")
+            for seed in range(args.seed, args.seed + args.seeds):
+                run_dir = out / style / row / f"seed{seed}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_offline(OfflineConfig(
+                    method=name, source="synthetic:source", target=target, run_dir=run_dir, iters=steps[row],
+                    lr=args.lr, optimizer="sgd", poly_power=0.9, input_size=size, init=str(init), seed=seed,
+                    progress=False, device="cpu", method_args=opts, dataset_args=dict(DATA)))
+                runs.append(json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["eval"])
+            cell = {k: float(np.mean([r[k] for r in runs])) for k in ("miou", "tc")}
+            results[style][row] = {**cell, "runs": [r["miou"] for r in runs], "steps": steps[row],
+                                   "wall_s": round(time.time() - t0, 1), "per_class": runs[0]["per_class"]}
+            log(f"[{style}] {row}: mIoU {cell['miou']:.1f} {results[style][row]['runs']} TC {cell['tc']:.1f} "
+                f"({steps[row]} steps, {time.time() - t0:.0f}s)")
     print(table(results, rows, targets))
     mean = {r: float(np.mean([results[t][r]["miou"] for t in targets])) for r in ["init"] + rows}
     checks = {}
@@ -172,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         checks = {f"{r} > source-only": mean[r] > base for r in rows if r != "source-only"}
         for name, ok in checks.items():
             print(f"{'PASS' if ok else 'FAIL'}  {name} (mean {mean[name.split(' ')[0]]:.1f} vs {base:.1f})")
-    print(f"total {time.time() - t_start:.0f}s wall; init {init}; budget {args.budget} CPU-s per run; size {args.size}")
+    print(f"total {time.time() - t_start:.0f}s wall; init {init}; budget {args.budget} CPU-s per run; "
+          f"size {args.size}; {args.seeds} seed(s) per cell")
     if args.json:
         Path(args.json).write_text(json.dumps({"init": str(init), "budget_cpu_s": args.budget, "size": size,
-                                               "per_step_cpu_s": per_step, "results": results, "mean": mean,
-                                               "checks": checks}, indent=2))
+                                               "seeds": args.seeds, "per_step_cpu_s": per_step, "results": results,
+                                               "mean": mean, "checks": checks}, indent=2))
     return 0
 
 
