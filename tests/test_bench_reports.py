@@ -1,0 +1,42 @@
+"""The benchmark scripts' report logic: tables and target checks on hand-made results (no training)."""
+
+from __future__ import annotations
+
+from bench.adaptation import checks, table
+from bench.uda import table as uda_table
+
+
+def _row(style: str, source: float, oracle: float, **methods: float) -> dict:
+    row = {"style": style, "source": {"miou": source}, "oracle": {"miou": oracle}}
+    for name, miou in methods.items():
+        row[name] = {"miou": miou, "raw_miou": miou, "passed": True}
+    return row
+
+
+def test_adaptation_checks_recovered_share_and_floor() -> None:
+    rows = [_row("fog", 20.0, 80.0, bn=40.0, stpl=56.0), _row("night", 10.0, 50.0, bn=20.0, stpl=30.0)]
+    result = checks(rows, ["oracle", "bn", "stpl"])
+    # shares 0.6 and 0.5 -> 55 %; stpl - bn = +16 and +10
+    assert result["stpl recovers >= 50 % on average (55 %)"] is True
+    assert result["stpl beats bn by >= 3 mIoU on average (+13.0)"] is True
+    assert result["bn never below source-only (worst +10.0)"] is True
+    rows[1]["bn"]["miou"] = 9.5
+    assert checks(rows, ["oracle", "bn", "stpl"])["bn never below source-only (worst -0.5)"] is False
+    rows[0]["stpl"]["miou"] = 30.0  # share 1/6 and 1/2 -> 33 %
+    assert checks(rows, ["oracle", "bn", "stpl"])["stpl recovers >= 50 % on average (33 %)"] is False
+
+
+def test_adaptation_table_marks_rejected_candidates() -> None:
+    rows = [_row("fog", 20.0, 80.0, bn=40.0, stpl=20.0)]
+    rows[0]["stpl"].update(passed=False, raw_miou=12.5)
+    text = table(rows, ["oracle", "bn", "stpl"])
+    assert "| fog | 20.0 | 80.0 | 40.0 | 20.0 (rejected; 12.5) |" in text
+    assert "| **recovered** | – | – | 33% | 0% |" in text
+
+
+def test_uda_table_has_init_row_mean_and_steps() -> None:
+    results = {"fog": {"init": {"miou": 30.0}, "davsn": {"miou": 40.0, "steps": 90}},
+               "night": {"init": {"miou": 10.0}, "davsn": {"miou": 20.0, "steps": 90}}}
+    text = uda_table(results, ["davsn"], ["fog", "night"])
+    assert "| init | 30.0 | 10.0 | 20.0 | – |" in text
+    assert "| davsn | 40.0 | 20.0 | 30.0 | 90 |" in text
