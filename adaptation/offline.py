@@ -325,7 +325,7 @@ class OfflineRun:
         if env.is_main and not (self.run_dir / "best").exists():
             self._save_best(self.last_step or start, None)
         summary = {"run_dir": str(self.run_dir), "method": cfg.method, "steps": cfg.iters,
-                   "resumed_from": start, "best": self.best,
+                   "world_size": env.world_size, "resumed_from": start, "best": self.best,
                    "stopped_by": result.stopped_by if result else "complete",
                    "elapsed_s": round(time.monotonic() - self._t0, 1)}
         if env.is_main:

@@ -8,48 +8,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from adaptation.datasets import DatasetError, build_dataset, label_space_of, parse_spec
 from adaptation.datasets.cityscapes_seq import CityscapesSeq
 from adaptation.datasets.synthia_seq import SynthiaSeq
 from adaptation.datasets.viper import Viper, remove_ego_vehicle
-
-H, W = 64, 128
-
-
-def _rgb(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    cv2.imwrite(str(path), img)
-
-
-def _palette_png(path: Path, ids: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(ids.astype(np.uint8), mode="P")
-    im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
-    im.save(path)
-
-
-def _flow_file(path: Path, value: float, size: tuple[int, int]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.full((*size, 2), int(value * 10), np.int16))
+from tests.adaptation.trees import H, W, flow_file, make_cityscapes, make_viper, palette_png, rgb
 
 
 # ---- Cityscapes-Seq -------------------------------------------------------------------------
 @pytest.fixture()
 def cityscapes(tmp_path: Path) -> Path:
-    root = tmp_path / "Cityscapes"
-    for split in ("train", "val"):
-        for f in (17, 18, 19, 20):
-            _rgb(root / "leftImg8bit_sequence" / split / "aachen" / f"aachen_000000_{f:06d}_leftImg8bit.png", f)
-        ids = np.zeros((H, W), np.uint8)
-        ids[:20], ids[20:40], ids[40:50, :64], ids[40:50, 64:] = 23, 7, 25, 26  # sky, road, rider, car; rest 0
-        _palette_png(root / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png", ids)
-    flows = tmp_path / "Estimated_optical_flow_Cityscapes-Seq_train"
-    _flow_file(flows / "aachen_000000_000019_000018_int16_x10.npy", 1.0, (H // 2, W // 2))
-    _flow_file(flows / "aachen_000000_000018_000017_int16_x10.npy", -2.0, (H // 2, W // 2))
-    return root
+    return make_cityscapes(tmp_path)
 
 
 def test_cityscapes_items_labels_and_precomputed_flow(cityscapes: Path) -> None:
@@ -101,19 +71,7 @@ def test_cityscapes_errors_name_the_path(cityscapes: Path, tmp_path: Path) -> No
 # ---- VIPER ------------------------------------------------------------------------------------
 @pytest.fixture()
 def viper(tmp_path: Path) -> Path:
-    root = tmp_path / "Viper"
-    for f in (8, 9, 10):
-        _rgb(root / "train" / "img" / "001" / f"001_{f:05d}.jpg", f)
-    ids = np.full((H, W), 3, np.uint8)  # road
-    ids[:10] = 2  # sky
-    ids[50:, 40:90] = 24  # ego car touching the bottom centre
-    ids[20:30, 0:20] = 24  # another car
-    ids[20:30, 100:120] = 25  # van -> ignore
-    _palette_png(root / "train" / "cls" / "001" / "001_00010.png", ids)
-    flows = tmp_path / "Estimated_optical_flow_Viper_train"
-    _flow_file(flows / "001_0001000009_int16_x10.npy", 0.5, (H, W))
-    _flow_file(flows / "001_0000900008_int16_x10.npy", 0.5, (H, W))
-    return root
+    return make_viper(tmp_path)
 
 
 def test_viper_mapping_ego_vehicle_and_flow(viper: Path) -> None:
@@ -140,7 +98,7 @@ def test_viper_errors(viper: Path) -> None:
     (viper / "train/img/001/001_00009.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="001_00009.jpg"):
         Viper(viper, "train", (H, W), flow="dis")
-    _palette_png(viper / "train/cls/001/1_10.png", np.zeros((H, W), np.uint8))
+    palette_png(viper / "train/cls/001/1_10.png", np.zeros((H, W), np.uint8))
     with pytest.raises(DatasetError, match="1_10.png"):
         Viper(viper, "train", (H, W), flow="dis")
     with pytest.raises(FileNotFoundError, match="val/img"):
@@ -158,7 +116,7 @@ def synthia(tmp_path: Path) -> Path:
     seq = root / "SEQS-04-DAWN"
     full = (76, 128)  # 760x1280 scaled by 1/10: the bottom 12 rows are the cropped bonnet
     for f in range(4):
-        _rgb(seq / "rgb" / f"{f:06d}.png", f, full)
+        rgb(seq / "rgb" / f"{f:06d}.png", f, full)
         ids = np.full(full, 3, np.uint16)  # road
         ids[:10] = 1  # sky
         ids[30:40, :50] = 8  # car
@@ -170,7 +128,7 @@ def synthia(tmp_path: Path) -> Path:
         cv2.imwrite(str(seq / "label" / f"{f:06d}.png"), bgr)
     flows = tmp_path / "Estimated_optical_flow_SynthiaSeq_train"
     for f in range(1, 4):
-        _flow_file(flows / f"{f:06d}_int16_x10.npy", 1.0, (38, 64))  # full-frame aspect, half resolution
+        flow_file(flows / f"{f:06d}_int16_x10.npy", 1.0, (38, 64))  # full-frame aspect, half resolution
     return root
 
 
