@@ -165,7 +165,8 @@ class JsonSink:
         pass  # nothing is on disk before finish()
 
 
-def _make_sink(fmt: str, path: Path, classes: list[str], palette: np.ndarray, fps: float) -> Sink:
+def make_sink(fmt: str, path: Path, classes: list[str], palette: np.ndarray, fps: float) -> Sink:
+    """The sink that writes an output format (``FORMATS``) to ``path``."""
     if fmt == "zip":
         return ZipSink(path, classes, palette)
     if fmt == "mp4":
@@ -203,7 +204,7 @@ def segment_video(engine: Engine, flow: FlowProvider, video_path: str | Path, ou
     fps = info.fps / stride
     total = _expected_total(info, max_frames, stride)
     segmenter = StreamSegmenter(engine, flow)
-    sink = _make_sink(fmt, out_path, classes, palette, fps)
+    sink = make_sink(fmt, out_path, classes, palette, fps)
     start = time.perf_counter()
     shares = np.zeros(len(classes))
     done = 0

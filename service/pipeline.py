@@ -35,6 +35,28 @@ class FrameResult:
     keyframe: bool  # True when no cached t-1 logits were used (first frame, reset, model swap)
 
 
+@dataclass
+class PendingFrame:
+    """A frame through the network whose label map is not made yet (see ``StreamSegmenter.advance``)."""
+
+    index: int
+    logits: np.ndarray  # (C, h, w) fused logits at model resolution
+    size: tuple[int, int]  # (H, W) of the label map to make
+    classes: list[str]
+    model_version: str
+    keyframe: bool
+    seconds: float  # wall time spent so far (pre-processing, network, fusion)
+
+    def resolve(self) -> FrameResult:
+        """Upsample + argmax into the label map; latency = the network part + this part (no queueing)."""
+        start = time.perf_counter()
+        labels = labels_from_logits(self.logits, self.size)
+        fractions = class_fractions(labels, self.classes)
+        latency = self.seconds + time.perf_counter() - start
+        return FrameResult(index=self.index, labels=labels, class_fractions=fractions,
+                           model_version=self.model_version, latency_ms=latency * 1000.0, keyframe=self.keyframe)
+
+
 def _upsample_matrix(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
     """Affine map of align_corners=True bilinear resizing from ``src`` (h, w) to ``dst`` (H, W)."""
     (h, w), (big_h, big_w) = src, dst
@@ -157,6 +179,11 @@ class StreamSegmenter:
 
     def step(self, frame_rgb: np.ndarray) -> FrameResult:
         """Segment the next frame of the stream."""
+        return self.advance(frame_rgb).resolve()
+
+    def advance(self, frame_rgb: np.ndarray) -> PendingFrame:
+        """Run the network on the next frame; the label map is made by ``resolve()`` of the result,
+        which another thread may call (the upload pipeline does, to overlap it with the next frame)."""
         start = time.perf_counter()
         frame = check_frame(frame_rgb)
         engine = self.engine  # one engine for the whole step, even if another thread swaps it meanwhile
@@ -174,18 +201,11 @@ class StreamSegmenter:
             flow_nchw = None if flow is None else np.ascontiguousarray(flow.transpose(2, 0, 1)[None])
             fused = engine.fuse(current, previous, flow_nchw)
         self._prev_frame, self._prev_logits, self._version = small, current, engine.version
-        size = self.output_size or frame.shape[:2]
-        labels = labels_from_logits(fused[0], size)
-        result = FrameResult(
-            index=self._index,
-            labels=labels,
-            class_fractions=class_fractions(labels, list(engine.meta["classes"])),
-            model_version=engine.version,
-            latency_ms=(time.perf_counter() - start) * 1000.0,
-            keyframe=keyframe,
-        )
+        pending = PendingFrame(index=self._index, logits=fused[0], size=self.output_size or frame.shape[:2],
+                               classes=list(engine.meta["classes"]), model_version=engine.version,
+                               keyframe=keyframe, seconds=time.perf_counter() - start)
         self._index += 1
-        return result
+        return pending
 
     def _previous_logits(self, engine: Engine) -> np.ndarray:
         assert self._prev_logits is not None and self._prev_frame is not None

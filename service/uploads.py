@@ -7,7 +7,8 @@ the limit is refused before a single body byte is read); nothing is ever held wh
 ``segment_frames`` segments decoded frames into a ``service.outputs`` sink with the stages
 overlapped: a producer thread prefetches frames (the decoding itself runs in the child process of
 ``service.decode``) and computes their optical flow, the network runs in the caller's thread, and
-overlay drawing and encoding run in a writer thread, with small bounded queues in between.
+the label maps (upsampling + argmax at the video's resolution), overlay drawing and encoding run in a
+writer thread, with small bounded queues in between.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from starlette.requests import Request
 from models.flow import FlowProvider
 
 from .deps import ApiError
-from .outputs import JsonSink, Mp4Sink, Sink, ZipSink
-from .pipeline import FrameResult, StreamSegmenter, resize_rgb
+from .outputs import Sink, make_sink
+from .pipeline import FrameResult, PendingFrame, StreamSegmenter, resize_rgb
 from .video import VideoError, VideoInfo
 
 FIELD = "video"  # the multipart field that carries the video
@@ -148,17 +149,6 @@ class SizedSegmenter(StreamSegmenter):
         return self._input_size or super().input_size
 
 
-def make_sink(fmt: str, path: Path, classes: list[str], palette: np.ndarray, fps: float) -> Sink:
-    """The ``service.outputs`` sink of an output format."""
-    if fmt == "zip":
-        return ZipSink(path, classes, palette)
-    if fmt == "mp4":
-        return Mp4Sink(path, classes, palette, fps)
-    if fmt == "json":
-        return JsonSink(path, classes, palette)
-    raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(MEDIA_TYPES)}")
-
-
 def prefetch(items: Iterable[Any], depth: int, stop: threading.Event) -> Iterator[Any]:
     """Iterate ``items`` in a producer thread at most ``depth`` ahead; its errors surface here."""
     q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
@@ -203,10 +193,13 @@ def prefetch(items: Iterable[Any], depth: int, stop: threading.Event) -> Iterato
 
 
 class SinkWriter:
-    """Feeds a sink from its own thread through a bounded queue."""
+    """Finishes frames in its own thread, fed through a bounded queue: the label map (upsampling to the
+    video's resolution + argmax, ``PendingFrame.resolve``), then the sink, then ``on_result``; so that
+    post-processing and encoding overlap the network's work on the next frame."""
 
-    def __init__(self, sink: Sink, depth: int = 4) -> None:
-        self.sink = sink
+    def __init__(self, sink: Sink, depth: int = 4,
+                 on_result: Callable[[np.ndarray, FrameResult], None] | None = None) -> None:
+        self.sink, self.on_result = sink, on_result
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="vss-sink", daemon=True)
@@ -216,17 +209,21 @@ class SinkWriter:
         while (item := self._queue.get()) is not _END:
             if self._error is None:
                 try:
-                    self.sink.add(*item)
+                    frame, pending = item
+                    result = pending.resolve()
+                    self.sink.add(frame, result)
+                    if self.on_result is not None:
+                        self.on_result(frame, result)
                 except BaseException as e:  # noqa: BLE001 - re-raised by put()/close()
                     self._error = e
 
-    def put(self, frame: np.ndarray, result: FrameResult) -> None:
+    def put(self, frame: np.ndarray, pending: PendingFrame) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((frame, result))
+        self._queue.put((frame, pending))
 
     def close(self) -> None:
-        """Wait until every queued frame is in the sink; raise the sink's error if it had one."""
+        """Wait until every queued frame is in the sink; raise the first error of the thread if any."""
         self._queue.put(_END)
         self._thread.join()
         if self._error is not None:
@@ -279,20 +276,22 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
     lookahead = LookaheadFlow(flow)
     segmenter = SizedSegmenter(engine, lookahead, input_size)
     sink = make_sink(fmt, out_path, classes, palette, fps)
-    writer = SinkWriter(sink, depth)
-    shares = np.zeros(len(classes))
+    shares = np.zeros(len(classes))  # summed in the writer thread, read after close() joined it
+
+    def finished(frame: np.ndarray, result: FrameResult) -> None:
+        shares[:] += [result.class_fractions[c] for c in classes]
+        if on_frame is not None:
+            on_frame(frame, result)
+
+    writer = SinkWriter(sink, depth, finished)
     done, start, stop = 0, time.perf_counter(), threading.Event()
     try:
         for frame, frame_flow in prefetch(with_flow(frames, flow, segmenter.input_size), depth, stop):
             lookahead.next = frame_flow
-            result = segmenter.step(frame)
-            writer.put(frame, result)
-            shares += [result.class_fractions[c] for c in classes]
+            writer.put(frame, segmenter.advance(frame))
             done += 1
             if progress is not None:
                 progress(done)
-            if on_frame is not None:
-                on_frame(frame, result)
         writer.close()
         if done == 0:
             raise VideoError("the video has no decodable frames")

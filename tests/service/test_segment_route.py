@@ -227,3 +227,31 @@ def test_overlapped_loop_matches_the_plain_stream_segmenter(tiny_checkpoint, syn
     plain = StreamSegmenter(engine, DISFlow("ultrafast"))
     assert overlapped == [plain.step(f).class_fractions for f in frames]
     assert summary["frames"] == len(frames) and summary["flow"] == "dis-ultrafast"
+
+
+def test_writer_thread_reports_every_frame_and_surfaces_its_errors(tiny_checkpoint, synthetic_video,
+                                                                   tmp_path) -> None:
+    from models.checkpoint import load_checkpoint
+    from models.flow import DISFlow
+    from service.engine import TorchEngine
+    from service.uploads import segment_frames
+    from service.video import VideoInfo
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    engine = TorchEngine(model, meta, "t")
+    frames = list(synthetic_video.frames)
+    info = VideoInfo(128, 64, 10.0, len(frames), 0.6, 0, "h264")
+    seen: list[tuple[int, float]] = []
+    summary = segment_frames(engine, DISFlow("ultrafast"), iter(frames), info, tmp_path / "r.zip", "zip",
+                             on_frame=lambda frame, result: seen.append((result.index, result.latency_ms)))
+    assert [i for i, _ in seen] == list(range(len(frames))) and all(ms > 0 for _, ms in seen)
+    assert abs(sum(summary["class_fractions"].values()) - 1.0) < 1e-3
+
+    def broken(frame, result) -> None:
+        if result.index == 2:
+            raise RuntimeError("hook failed on frame 2")
+
+    out = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError, match="frame 2"):
+        segment_frames(engine, DISFlow("ultrafast"), iter(frames), info, out, "mp4", on_frame=broken)
+    assert not out.exists() and not list(tmp_path.glob(".broken.mp4*"))  # the sink was aborted
