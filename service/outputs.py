@@ -1,4 +1,4 @@
-"""Segment a whole video file into one of three outputs, written atomically (temp file + rename).
+"""The three outputs of a segmented video (sinks, written atomically: temp file + rename).
 
 - ``zip``: one palette-mode PNG label map per frame (``000000.png`` ...) at the video's resolution,
   plus ``manifest.json`` (the summary: classes, palette, model version, fps, frame count ``frames``, and
@@ -13,9 +13,7 @@ import io
 import json
 import os
 import tempfile
-import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,14 +21,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from models.flow import FlowProvider
-
-from .engine import Engine
-from .pipeline import FrameResult, StreamSegmenter, overlay
-from .video import FILE_MODE, VideoInfo, VideoWriter, probe_video, read_frames
+from .pipeline import FrameResult, overlay
+from .video import FILE_MODE, VideoWriter
 
 FORMATS = ("zip", "mp4", "json")
-Progress = Callable[[int, int], None]
 
 
 def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
@@ -174,58 +168,3 @@ def make_sink(fmt: str, path: Path, classes: list[str], palette: np.ndarray, fps
     if fmt == "json":
         return JsonSink(path, classes, palette)
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-def _expected_total(info: VideoInfo, max_frames: int | None, stride: int) -> int:
-    total = -(-info.frames // stride) if info.frames else 0
-    if max_frames is not None:
-        total = min(total, max_frames) if total else max_frames
-    return total
-
-
-def segment_video(engine: Engine, flow: FlowProvider, video_path: str | Path, out_path: str | Path, fmt: str, *,
-                  max_frames: int | None = None, stride: int = 1, progress: Progress | None = None) -> dict[str, Any]:
-    """Segment every ``stride``-th frame (at most ``max_frames``) of a video into ``out_path``.
-
-    Raises ``VideoError`` for unreadable input (nothing is written then) and ``ValueError`` for a bad
-    format or arguments. Returns a summary: frames, fps, model_version, seconds, ms_per_frame, ...
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    info = probe_video(video_path)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    classes = list(engine.meta["classes"])
-    palette = np.asarray(engine.meta["palette"], dtype=np.uint8).reshape(-1, 3)
-    fps = info.fps / stride
-    total = _expected_total(info, max_frames, stride)
-    segmenter = StreamSegmenter(engine, flow)
-    sink = make_sink(fmt, out_path, classes, palette, fps)
-    start = time.perf_counter()
-    shares = np.zeros(len(classes))
-    done = 0
-    try:
-        for frame in read_frames(video_path, max_frames=max_frames, stride=stride):
-            result = segmenter.step(frame)
-            sink.add(frame, result)
-            shares += [result.class_fractions[c] for c in classes]
-            done += 1
-            if progress is not None:
-                progress(done, max(total, done))
-        seconds = time.perf_counter() - start
-        summary = {
-            "format": fmt, "output": str(out_path), "frames": done, "fps": round(fps, 4),
-            "width": info.width, "height": info.height, "stride": stride, "model_version": engine.version,
-            "backend": engine.backend, "flow": getattr(flow, "name", type(flow).__name__),
-            "seconds": round(seconds, 3), "ms_per_frame": round(1000.0 * seconds / max(done, 1), 2),
-            "class_fractions": {c: round(float(s) / max(done, 1), 6) for c, s in zip(classes, shares)},
-        }
-        sink.finish(summary)
-    except BaseException:
-        sink.abort()
-        raise
-    return summary

@@ -112,7 +112,7 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.outputs import segment_video
+    from service.overlap import segment_video
 
     if args.output.is_dir():
         raise CLIError(f"output {args.output} is a directory; give a file name")

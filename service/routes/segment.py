@@ -30,9 +30,10 @@ from .. import decode
 from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
 from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
 from ..metrics import Metrics
+from ..overlap import segment_frames
 from ..pipeline import FrameResult
 from ..settings import Settings
-from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload, segment_frames
+from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
 
 Format = Literal["zip", "mp4", "json"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from models.checkpoint import load_checkpoint
 from models.flow import DISFlow, NoFlow
 from service.engine import TorchEngine
-from service.outputs import segment_video
+from service.overlap import segment_video
 from service.pipeline import NaiveSegmenter, StreamSegmenter, colorize, labels_from_logits, overlay
 from service.video import VideoError
 

@@ -214,8 +214,8 @@ def test_overlapped_loop_matches_the_plain_stream_segmenter(tiny_checkpoint, syn
     from models.checkpoint import load_checkpoint
     from models.flow import DISFlow
     from service.engine import TorchEngine
+    from service.overlap import segment_frames
     from service.pipeline import StreamSegmenter
-    from service.uploads import segment_frames
     from service.video import VideoInfo
 
     model, meta = load_checkpoint(tiny_checkpoint)
@@ -234,7 +234,7 @@ def test_writer_thread_reports_every_frame_and_surfaces_its_errors(tiny_checkpoi
     from models.checkpoint import load_checkpoint
     from models.flow import DISFlow
     from service.engine import TorchEngine
-    from service.uploads import segment_frames
+    from service.overlap import segment_frames
     from service.video import VideoInfo
 
     model, meta = load_checkpoint(tiny_checkpoint)
