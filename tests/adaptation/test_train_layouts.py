@@ -19,6 +19,7 @@ from tests.adaptation.trees import make_cityscapes, make_viper
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--iters", "2", "--input-size", "64x128", "--config", "mini-os8", "--flow", "dis", "--no-progress",
         "--eval-items", "1", "--log-every", "1"]
+METHODS = ("source-only", "davsn", "tps", "i2vda", "uvda")
 SMALL_DISCRIMINATORS = {"davsn": ["--method-arg", "ndf=8"], "i2vda": ["--method-arg", "ndf=8"],
                         "uvda": ["--method-arg", "video_discriminator=true", "--method-arg", "ndf=8"]}
 
@@ -29,7 +30,7 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_viper(base), make_cityscapes(base)
 
 
-@pytest.mark.parametrize("method", ["source-only", "davsn", "tps", "i2vda", "uvda"])
+@pytest.mark.parametrize("method", METHODS)
 def test_train_viper_to_cityscapes_then_import(method: str, trees: tuple[Path, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     viper, cityscapes = trees
@@ -52,14 +53,15 @@ def test_train_viper_to_cityscapes_then_import(method: str, trees: tuple[Path, P
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not installed beside this interpreter")
-def test_torchrun_two_cpu_processes(trees: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_two_cpu_processes(method: str, trees: tuple[Path, Path], tmp_path: Path) -> None:
     viper, cityscapes = trees
     run = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train", "--method", "davsn",
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train", "--method", method,
            "--source", f"viper:{viper}", "--target", f"cityscapes-seq:{cityscapes}", *TINY,
-           *SMALL_DISCRIMINATORS["davsn"], "--device", "cpu", "-o", str(run)]
+           *SMALL_DISCRIMINATORS.get(method, []), "--device", "cpu", "-o", str(run)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
