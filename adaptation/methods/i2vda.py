@@ -16,8 +16,8 @@ Choices where the paper is silent or inconsistent: delta = 0.3 (the best value o
 text says 0.8); F_1->t is approximated as (1 - t) F_1->0 (the paper runs FlowNet2 on (I_1, I_t), which
 we do not ship); the occlusion check is done on I_1's grid (see ``uda_losses.occlusion_mask``);
 iter_copy / iter_launch default to 16 % of the run (8k of 50k in the paper); I_t passes through BN
-without entering its running statistics. The source term keeps DeepLabV2's 0.1 x aux-head CE. Batches: see ``adaptation.methods.davsn``; the target needs extra
-``flow_fwd`` (flow k-1 -> k).
+without entering its running statistics. The source term keeps DeepLabV2's 0.1 x aux-head CE.
+Batches: see ``adaptation.methods.davsn``; the target needs extra ``flow_fwd`` (flow k-1 -> k).
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ class UnifiedVideoDA(SourceOnly):
             logs.update(adv=float(adv.detach()), d_loss=float(aux_loss.detach()))
         return LossOutput(loss, aux_loss, logs)
 
-    def _video_adversarial(self, model: nn.Module, s_out: dict, src: dict, trg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _video_adversarial(self, model: nn.Module, s_out: dict, src: dict,
+                           trg: dict) -> tuple[torch.Tensor, torch.Tensor]:
         size = tuple(src["cur"].shape[-2:])
         t_out = model(trg["cur"], trg["prev"], trg["flow"])
         s_prev = accel_previous(model, s_out, src)["main"]
