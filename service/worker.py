@@ -18,7 +18,6 @@ Validation clips (``VSS_VAL_DIR``): one ``.npz`` per clip with ``frames`` (T, H,
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -82,6 +81,10 @@ def load_val_clips(directory: Path, size: tuple[int, int]) -> list[Any]:
         except (OSError, KeyError, ValueError) as e:
             raise JobFailure("bad_validation_clip", f"validation clip {path.name}: {e}") from e
     return clips
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -261,17 +264,12 @@ class Worker:
         val = load_val_clips(self.settings.val_dir, size) if self.settings.val_dir is not None else None
         clips_info["val"] = len(val) if val else 0
         self.jobs.set(job_id, parent=parent, clips=clips_info, stage="adapting", device=device)
-        kwargs: dict[str, Any] = {}
-        if device != "cpu":
-            if "device" in inspect.signature(adapt).parameters:
-                kwargs["device"] = device
-            else:
-                log.warning("adaptation.sourcefree.adapt takes no device; adapting on the CPU")
+        kwargs: dict[str, Any] = {"device": device}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
         cfg = AdaptConfig(method=request["method"], options=dict(request.get("options") or {}),
                           steps=int(request["steps"]), lr=request.get("lr"), time_budget_s=request.get("time_budget_s"),
-                          seed=int(request.get("seed", 0)), batch_size=int(request.get("batch_size", 2)))
+                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")))
 
         def on_progress(stage: str, info: dict[str, Any]) -> None:
             if stage == "gate":

@@ -118,7 +118,8 @@ class AdaptRequest(BaseModel):
     steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
     lr: float | None = Field(None, ge=0, description="learning rate (default: the method's)")
     time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")
-    batch_size: int = Field(2, ge=1, le=32, description="(t-1, t) frame pairs per step")
+    batch_size: int | None = Field(None, ge=1, le=32,
+                                   description="(t-1, t) frame pairs per step (default: the method's)")
     seed: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="method keyword arguments")
 

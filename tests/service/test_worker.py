@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adaptation.gate import GateThresholds
+from adaptation.sourcefree import DEFAULTS
 from service.adapt_jobs import AdaptJobStore, JobConflict
 from service.buffer import ClipBuffer
 from service.registry import ModelRegistry
@@ -84,6 +85,13 @@ def test_passing_candidate_is_published_and_activated(env: dict[str, Any]) -> No
     meta = registry.meta("v0002")
     assert meta["parent"] == "v0001" and meta["provenance"]["job_id"] == job["id"]
     assert set(meta["provenance"]["clips"]["heldout"]).isdisjoint(meta["provenance"]["clips"]["train"])
+    assert meta["provenance"]["hyperparameters"]["batch_size"] == DEFAULTS["bn"]["config"]["batch_size"]
+
+
+def test_request_batch_size_overrides_the_method_default(env: dict[str, Any]) -> None:
+    job = run(env, {"method": "bn", "steps": 1, "batch_size": 3})
+    assert job["state"] == "published", job["error"]
+    assert env["registry"].meta(job["version"])["provenance"]["hyperparameters"]["batch_size"] == 3
 
 
 def test_rejected_candidate_leaves_active_unchanged(env: dict[str, Any]) -> None:
