@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = np.diff([m["t"] for m in replies])
     print(f"style {args.style}, method {args.method}, budget {args.budget:.0f} s wall, {args.threads} thread(s)")
     metrics = {k: v for k, v in (job.get("gate") or {}).get("metrics", {}).items() if "share" not in k}
-    print(f"job: {job['state']} -> {job.get('version')}; steps {job.get('losses', [{}])[-1].get('step')}; "
+    print(f"job: {job['state']} -> {job.get('version')}; last logged step {job.get('losses', [{}])[-1].get('step')}; "
           f"gate {json.dumps(metrics)}")
     if job.get("gate", {}).get("reasons"):
         print("gate reasons: " + "; ".join(job["gate"]["reasons"]))
