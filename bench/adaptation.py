@@ -4,10 +4,11 @@
                                [--budget 60] [--clock cpu] [--threads 2] [--json results.json]
 
 For every target style: the source-only mIoU of the parent, an oracle fine-tuned on target labels,
-and each source-free method, all with the same wall-clock budget per run on CPU. Every candidate
-is evaluated on held-out target clips (other seeds than the adaptation clips) and passed through
-the gate; a rejected candidate counts as the parent's mIoU. Prints a markdown table with the
-recovered share (adapted - source) / (oracle - source).
+and each source-free method, all with the same budget per run (CPU seconds of this process by
+default, ``--clock wall`` for wall-clock seconds). Every candidate is evaluated on held-out target
+clips (other seeds than the adaptation clips) and passed through the gate; a rejected candidate
+counts as the parent's mIoU. Prints a markdown table with the recovered share
+(adapted - source) / (oracle - source), then the issue's target checks.
 """
 
 from __future__ import annotations
