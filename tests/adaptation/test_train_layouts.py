@@ -68,3 +68,17 @@ def test_torchrun_two_cpu_processes(method: str, trees: tuple[Path, Path], tmp_p
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # rank 0 logs once per step
     assert (run / "best" / "meta.json").is_file() and json.loads((run / "state.json").read_text())["step"] == 2
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["davsn", "uvda"])
+def test_amp_training_on_cuda(method: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "amp"
+    code = main(["train", "--method", method, "--source", "synthetic:source", "--target", "synthetic:fog",
+                 "--iters", "3", "--input-size", "64x128", "--no-progress", "--eval-items", "1", "--log-every", "1",
+                 "--data-arg", "clips=1", "--data-arg", "frames_per_clip=5", "--amp", "--device", "cuda",
+                 *SMALL_DISCRIMINATORS[method], "-o", str(run)])
+    assert code == 0, capsys.readouterr().err
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 3 and all(abs(v) < 1e6 for v in losses)
+    assert load_checkpoint(run / "best")[1]["provenance"]["method"] == method
