@@ -69,7 +69,8 @@ def run_style(style: str, parent: torch.nn.Module, meta: dict[str, Any], args: a
                              "gt", labels=True)
     val = None
     if args.gate == "labeled":
-        val, _ = make_clips(style, range(VAL_SEED, VAL_SEED + 1), args.test_frames, size, args.flow, labels=True)
+        val, _ = make_clips(style, range(VAL_SEED, VAL_SEED + args.val_clips), args.test_frames, size, args.flow,
+                            labels=True)
     log(f"[{style}] data ready in {time.time() - t0:.0f}s")
     classes = meta["classes"]
     row: dict[str, Any] = {"style": style}
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow", choices=("dis", "gt"), default="dis", help="flow of the adaptation clips")
     ap.add_argument("--gate", choices=("unlabeled", "labeled"), default="unlabeled",
                     help="gate on unsupervised proxies (the worker's setting) or on a labeled validation clip")
+    ap.add_argument("--val-clips", type=int, default=1, help="labeled validation clips of the labeled gate")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="method option (e.g. stpl.fusion=concat) or, with a cfg. prefix, an AdaptConfig field "
                          "(e.g. stpl.cfg.lr=3e-4)")
