@@ -26,13 +26,14 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,6 @@ class JobConflict(RuntimeError):
 
 def _now() -> float:
     return round(time.time(), 3)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def pid_alive(pid: int) -> bool:

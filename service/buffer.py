@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import re
-import tempfile
 import threading
 import time
 import zipfile
@@ -38,6 +36,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from .atomic import write_through
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +95,6 @@ def resize_frames(frames: Sequence[np.ndarray], size: tuple[int, int] | None) ->
     return np.ascontiguousarray(np.stack(out))
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> int:
-    """Write through ``write(file)`` into a temp file next to ``path``, fsync, rename; returns the size."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
 class ClipBuffer:
     """Bounded by ``max_clips`` and ``max_bytes`` (oldest evicted first); safe with several writer processes."""
 
@@ -131,12 +115,12 @@ class ClipBuffer:
         self.root.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(stack.tobytes()).hexdigest()
         clip_id = f"{time.time_ns():020d}-{digest[:8]}"
-        nbytes = _write_atomic(self.root / f"{clip_id}{FRAMES_SUFFIX}",
+        nbytes = write_through(self.root / f"{clip_id}{FRAMES_SUFFIX}",
                                lambda f: np.savez_compressed(f, frames=stack))
         t, h, w = stack.shape[:3]
         info = ClipInfo(clip_id, int(t), int(h), int(w), nbytes, time.time(), str(source)[:32],
                         is_heldout(digest, self.heldout_fraction), digest)
-        _write_atomic(self.root / f"{clip_id}{META_SUFFIX}", lambda f: f.write(json.dumps(info.to_dict()).encode()))
+        write_through(self.root / f"{clip_id}{META_SUFFIX}", lambda f: f.write(json.dumps(info.to_dict()).encode()))
         self.evict()
         return info
 
