@@ -116,7 +116,8 @@ def test_nan_loss_fails_the_job_with_the_reason(env: dict[str, Any], monkeypatch
     assert env["registry"].versions() == ["v0001"] and env["registry"].active() == "v0001"
 
 
-def test_cancelling_a_running_job(env: dict[str, Any]) -> None:
+def training_job(env: dict[str, Any]) -> tuple[dict[str, Any], Worker, threading.Thread]:
+    """A long TENT job that a worker thread is training (stopped again if it never gets there)."""
     jobs: AdaptJobStore = env["jobs"]
     job = jobs.create({"method": "tent", "steps": 100000})
     worker = make_worker(env)
@@ -124,6 +125,17 @@ def test_cancelling_a_running_job(env: dict[str, Any]) -> None:
     thread.start()
     try:
         wait_for(lambda: jobs.get(job["id"])["stage"] == "train")
+    except BaseException:
+        worker.stop_event.set()
+        thread.join(60)
+        raise
+    return job, worker, thread
+
+
+def test_cancelling_a_running_job(env: dict[str, Any]) -> None:
+    jobs: AdaptJobStore = env["jobs"]
+    job, _, thread = training_job(env)
+    try:
         assert jobs.request_cancel(job["id"])["cancel_requested"]
     finally:
         thread.join(60)
@@ -144,11 +156,7 @@ def test_cancelling_a_queued_job_and_one_job_at_a_time(env: dict[str, Any]) -> N
 
 def test_a_stopped_worker_fails_its_job(env: dict[str, Any]) -> None:
     jobs: AdaptJobStore = env["jobs"]
-    job = jobs.create({"method": "tent", "steps": 100000})
-    worker = make_worker(env)
-    thread = threading.Thread(target=worker.poll_once)
-    thread.start()
-    wait_for(lambda: jobs.get(job["id"])["stage"] == "train")
+    job, worker, thread = training_job(env)
     worker.stop_event.set()  # what SIGTERM does
     thread.join(60)
     assert jobs.get(job["id"])["error"]["code"] == "worker_stopped"
