@@ -36,6 +36,37 @@ def _too_large(limit: int) -> ApiError:
                                               f"({limit / 2**20:.1f} MiB)")
 
 
+class PartHeaders:
+    """Collects the headers of the current multipart part (``python_multipart`` callbacks) and reads the
+    field name and filename from its Content-Disposition."""
+
+    def __init__(self) -> None:
+        self._field = self._value = self._disposition = b""
+
+    def begin(self) -> None:
+        self._disposition = b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._field.lower() == b"content-disposition":
+            self._disposition = self._value
+        self._field = self._value = b""
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_header_field": self.on_header_field, "on_header_value": self.on_header_value,
+                "on_header_end": self.on_header_end}
+
+    def name_and_filename(self) -> tuple[str, str]:
+        _, options = parse_options_header(self._disposition)
+        return (options.get(b"name", b"").decode("utf-8", "replace"),
+                options.get(b"filename", b"").decode("utf-8", "replace"))
+
+
 async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload:
     """Stream the ``video`` part of a multipart body into ``dest``; raise ``ApiError`` 413/415/400/422."""
     media, params = parse_options_header(request.headers.get("content-type"))
@@ -54,40 +85,27 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload
     names: list[str] = []
     pending: list[bytes] = []
     state = {"video_parts": 0, "video_bytes": 0, "filename": ""}
-    header = {"field": b"", "value": b"", "disposition": b""}
+    headers = PartHeaders()
 
     def on_part_begin() -> None:
         part.clear()
-        header["disposition"] = b""
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if header["field"].lower() == b"content-disposition":
-            header["disposition"] = header["value"]
-        header["field"] = header["value"] = b""
+        headers.begin()
 
     def on_headers_finished() -> None:
-        _, options = parse_options_header(header["disposition"])
-        name = options.get(b"name", b"").decode("utf-8", "replace")
+        name, filename = headers.name_and_filename()
         names.append(name)
         part["is_video"] = name == FIELD
         if part["is_video"]:
             state["video_parts"] += 1
-            state["filename"] = options.get(b"filename", b"").decode("utf-8", "replace")
+            state["filename"] = filename
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if part.get("is_video") and state["video_parts"] == 1:
             pending.append(bytes(data[start:end]))
             state["video_bytes"] += end - start
 
-    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                 "on_header_value": on_header_value, "on_header_end": on_header_end,
-                 "on_headers_finished": on_headers_finished, "on_part_data": on_part_data}
+    callbacks = {"on_part_begin": on_part_begin, **headers.callbacks(), "on_headers_finished": on_headers_finished,
+                 "on_part_data": on_part_data}
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     received = 0
     with open(dest, "wb") as out:

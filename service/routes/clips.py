@@ -26,7 +26,7 @@ from ..deps import ApiError, EngineDep, RequireApiKey, SettingsDep
 from ..jobs import data_plane
 from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, precheck_frame
-from ..uploads import MULTIPART_OVERHEAD
+from ..uploads import MULTIPART_OVERHEAD, PartHeaders
 from ..video import VideoError
 from .adapt import adaptation_plane
 from .segment import check_limits, decode_limits
@@ -59,25 +59,11 @@ async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise too_large
     parts: list[Part] = []
-    current: dict[str, Any] = {"file": None, "header": b"", "value": b"", "disposition": b""}
-
-    def on_part_begin() -> None:
-        current["disposition"] = b""
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        current["header"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        current["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if current["header"].lower() == b"content-disposition":
-            current["disposition"] = current["value"]
-        current["header"] = current["value"] = b""
+    current: dict[str, Any] = {"file": None}
+    headers = PartHeaders()
 
     def on_headers_finished() -> None:
-        _, options = parse_options_header(current["disposition"])
-        name = options.get(b"name", b"").decode("utf-8", "replace")
+        name, _ = headers.name_and_filename()
         if name == VIDEO_FIELD or name in IMAGE_FIELDS:
             if len(parts) >= MAX_IMAGES:
                 raise ApiError(422, "too_many_parts", f"at most {MAX_IMAGES} images per request")
@@ -95,8 +81,7 @@ async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list
             current["file"] = None
 
     parser = MultipartParser(params[b"boundary"], {  # type: ignore[arg-type]
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_begin": headers.begin, **headers.callbacks(), "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end})
     received = 0
     try:
