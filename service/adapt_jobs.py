@@ -206,12 +206,7 @@ class AdaptJobStore:
             if state == PUBLISHED:
                 job["progress"] = 1.0
 
-        with self._locked():
-            job = self.get(job_id)
-            if job["state"] in FINAL_STATES:
-                return job
-            apply(job)
-            return self._write(job)
+        return self.update(job_id, apply)
 
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued job now; ask the worker to stop a running one (it ends ``cancelled``)."""

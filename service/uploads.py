@@ -7,6 +7,7 @@ the limit is refused before a single body byte is read); nothing is ever held wh
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,12 @@ class PartHeaders:
                 options.get(b"filename", b"").decode("utf-8", "replace"))
 
 
-async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload:
-    """Stream the ``video`` part of a multipart body into ``dest``; raise ``ApiError`` 413/415/400/422."""
+def multipart_boundary(request: Request, max_bytes: int, expected: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` request: 415 for another type (``expected`` says what
+    to send), 400 without a boundary, 413 when the declared ``Content-Length`` is already over the limit."""
     media, params = parse_options_header(request.headers.get("content-type"))
     if media != b"multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", f"send the video as multipart/form-data with a file field "
-                                                      f"named '{FIELD}' (got Content-Type "
+        raise ApiError(415, "unsupported_media_type", f"send {expected} as multipart/form-data (got Content-Type "
                                                       f"{media.decode('latin-1') or 'none'})")
     boundary = params.get(b"boundary")
     if not boundary:
@@ -80,7 +81,30 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise _too_large(max_bytes)
+    return boundary
 
+
+async def feed_parser(request: Request, parser: MultipartParser, max_bytes: int,
+                      after_chunk: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Feed the body to ``parser`` as it arrives: 413 once it passes ``max_bytes`` (plus the multipart
+    overhead), 400 when it is malformed. ``after_chunk`` runs after each chunk (e.g. to flush to disk)."""
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes + MULTIPART_OVERHEAD:
+                raise _too_large(max_bytes)
+            parser.write(chunk)
+            if after_chunk is not None:
+                await after_chunk()
+        parser.finalize()
+    except FormParserError as e:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from e
+
+
+async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload:
+    """Stream the ``video`` part of a multipart body into ``dest``; raise ``ApiError`` 413/415/400/422."""
+    boundary = multipart_boundary(request, max_bytes, f"the video in a file field named '{FIELD}'")
     part: dict[str, Any] = {}
     names: list[str] = []
     pending: list[bytes] = []
@@ -107,22 +131,16 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int) -> Upload
     callbacks = {"on_part_begin": on_part_begin, **headers.callbacks(), "on_headers_finished": on_headers_finished,
                  "on_part_data": on_part_data}
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-    received = 0
     with open(dest, "wb") as out:
-        try:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > max_bytes + MULTIPART_OVERHEAD:
-                    raise _too_large(max_bytes)
-                parser.write(chunk)
-                if state["video_bytes"] > max_bytes:
-                    raise _too_large(max_bytes)
-                if sum(map(len, pending)) >= WRITE_CHUNK:
-                    await run_in_threadpool(out.writelines, pending[:])
-                    pending.clear()
-            parser.finalize()
-        except FormParserError as e:
-            raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from e
+
+        async def flush() -> None:
+            if state["video_bytes"] > max_bytes:
+                raise _too_large(max_bytes)
+            if sum(map(len, pending)) >= WRITE_CHUNK:
+                await run_in_threadpool(out.writelines, pending[:])
+                pending.clear()
+
+        await feed_parser(request, parser, max_bytes, flush)
         await run_in_threadpool(out.writelines, pending[:])
     if state["video_parts"] == 0:
         got = ", ".join(repr(n) for n in names) or "no parts"

@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser
 from starlette.concurrency import run_in_threadpool
 
 from .. import decode
@@ -26,7 +25,7 @@ from ..deps import ApiError, EngineDep, RequireApiKey, SettingsDep
 from ..jobs import data_plane
 from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, precheck_frame
-from ..uploads import MULTIPART_OVERHEAD, PartHeaders
+from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
 from .adapt import adaptation_plane
 from .segment import check_limits, decode_limits
@@ -51,13 +50,7 @@ class Part:
 
 async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list[Part]:
     """Stream every file part of a multipart body to its own file under ``workdir`` (413 past ``max_bytes``)."""
-    media, params = parse_options_header(request.headers.get("content-type"))
-    if media != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'video' file or 'images' files")
-    too_large = ApiError(413, "payload_too_large", f"the upload is larger than the limit of {max_bytes} bytes")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
-        raise too_large
+    boundary = multipart_boundary(request, max_bytes, "a 'video' file or 'images' files")
     parts: list[Part] = []
     current: dict[str, Any] = {"file": None}
     headers = PartHeaders()
@@ -80,19 +73,11 @@ async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list
             current["file"].close()
             current["file"] = None
 
-    parser = MultipartParser(params[b"boundary"], {  # type: ignore[arg-type]
+    parser = MultipartParser(boundary, {  # type: ignore[arg-type]
         "on_part_begin": headers.begin, **headers.callbacks(), "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end})
-    received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes + MULTIPART_OVERHEAD:
-                raise too_large
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError as e:
-        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from e
+        await feed_parser(request, parser, max_bytes)
     finally:
         on_part_end()
     return parts
