@@ -40,20 +40,8 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condi
 
 
 @pytest.fixture()
-def make_client(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Callable[..., TestClient]]:
-    ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        client = TestClient(create_app(settings_for(tmp_path, **overrides)))
-        client.__enter__()
-        clients.append(client)
-        wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(tmp_path: Path, start_client: Callable[[Settings], TestClient]) -> Callable[..., TestClient]:
+    return lambda **overrides: start_client(settings_for(tmp_path, **overrides))
 
 
 def png_frames(n: int, seed: int = 0, style: str = "fog") -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,23 +30,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 
 @pytest.fixture()
-def make_client(tmp_path: Path, tiny_checkpoint: Path) -> Iterator:
-    ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
-    clients: list[TestClient] = []
-
-    def make(**overrides: object) -> TestClient:
-        client = TestClient(create_app(make_settings(tmp_path, **overrides)))
-        client.__enter__()
-        clients.append(client)
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(tmp_path: Path, start_client: Callable[[Settings], TestClient]) -> Callable[..., TestClient]:
+    return lambda **overrides: start_client(make_settings(tmp_path, **overrides))
 
 
 def post(client: TestClient, data: bytes, query: str = "?format=json", field: str = "video", name: str = "v.mp4"):

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.jobs import FairLock, JobStore, data_plane
-from service.registry import ModelRegistry
 from service.settings import Settings
 from service.video import read_frames
 
@@ -29,28 +27,9 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     return Settings(_env_file=None, **{**base, **overrides})
 
 
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.02)
-
-
 @pytest.fixture()
-def make_client(tmp_path: Path, tiny_checkpoint: Path) -> Iterator:
-    ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
-    clients: list[TestClient] = []
-
-    def make(**overrides: object) -> TestClient:
-        client = TestClient(create_app(make_settings(tmp_path, **overrides)))
-        client.__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(tmp_path: Path, start_client: Callable[[Settings], TestClient]) -> Callable[..., TestClient]:
+    return lambda **overrides: start_client(make_settings(tmp_path, **overrides))
 
 
 def upload(client: TestClient, path: Path, query: str = "", name: str = "clip.mp4"):
