@@ -33,12 +33,15 @@ SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain")
 
 # Recommended settings per method, chosen with bench/adaptation.py on the synthetic benchmark:
 # the learning rate, the method's options, and ``AdaptConfig`` fields left unset (None) by the caller.
+# Self-training anchors to the frozen starting model (the parent after the BN pre-pass): at seed 0 it
+# gained 0.5-1.3 mIoU on every style, and on `recolor` its mean change over 16 test clips went from
+# -0.5 (below the parent) to +0.3.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bn": {"lr": 0.0, "options": {}, "config": {"batch_size": 2, "crop": None}},
     "tent": {"lr": 1e-3, "options": {}, "config": {"batch_size": 2, "crop": None}},
     "itcr": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None}},
     "stpl": {"lr": 1e-4, "options": {}, "config": {"batch_size": 4, "crop": (128, 256)}},
-    "selftrain": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None}},
+    "selftrain": {"lr": 1e-4, "options": {"anchor_weight": 1.0}, "config": {"batch_size": 2, "crop": None}},
 }
 FULL_FRAME = (1 << 30, 1 << 30)  # a crop larger than any frame: train on full frames
 

@@ -1,13 +1,14 @@
 """Source-free adaptation benchmark on the synthetic target styles (DESIGN §5, §7).
 
     python -m bench.adaptation [--model service/demo_model] [--styles fog,night] [--methods bn,stpl]
-                               [--budget 60] [--clock cpu] [--threads 2] [--json results.json]
+                               [--budget 60] [--clock cpu] [--threads 2] [--seeds 3] [--json results.json]
 
 For every target style: the source-only mIoU of the parent, an oracle fine-tuned on target labels,
 and each source-free method, all with the same budget per run (CPU seconds of this process by
 default, ``--clock wall`` for wall-clock seconds). Every candidate is evaluated on held-out target
 clips (other seeds than the adaptation clips) and passed through the gate; a rejected candidate
-counts as the parent's mIoU. Prints a markdown table with the recovered share
+counts as the parent's mIoU. With ``--seeds K`` every cell is the mean of K runs (seeds of sampling,
+augmentation and heads; the same data). Prints a markdown table with the recovered share
 (adapted - source) / (oracle - source), then the issue's target checks.
 """
 
@@ -77,26 +78,45 @@ def run_style(style: str, parent: torch.nn.Module, meta: dict[str, Any], args: a
     source = evaluate_clips(parent, test_raw, classes)
     row["source"] = {"miou": source["miou"], "tc": source["tc"]}
     log(f"[{style}] source-only mIoU {source['miou']:.1f}")
+    seeds = range(args.seed, args.seed + args.seeds)
     if "oracle" in args.methods:
-        model, steps = oracle(parent, adapt_clips, args.budget, args.clock, args.seed)
-        r = evaluate_clips(model, test_raw, classes)
-        row["oracle"] = {"miou": r["miou"], "tc": r["tc"], "steps": steps}
-        log(f"[{style}] oracle mIoU {r['miou']:.1f} ({steps} steps)")
+        runs = []
+        for seed in seeds:
+            model, steps = oracle(parent, adapt_clips, args.budget, args.clock, seed)
+            r = evaluate_clips(model, test_raw, classes)
+            runs.append({"seed": seed, "miou": r["miou"], "tc": r["tc"], "steps": steps})
+            log(f"[{style}] oracle seed {seed}: mIoU {r['miou']:.1f} ({steps} steps)")
+        row["oracle"] = average(runs)
     unlabeled = [TargetClip(c.frames, c.flows) for c in adapt_clips]
     for method in [m for m in args.methods if m in SOURCE_FREE]:
-        cfg = AdaptConfig(method=method, steps=10**6, time_budget_s=args.budget, budget_clock=args.clock,
-                          seed=args.seed, options=args.options.get(method, {}), **args.adapt.get(method, {}))
-        res = adapt(parent, meta, unlabeled, cfg, val=val, thresholds=GateThresholds())
-        r = evaluate_clips(res.model, test_raw, classes)
-        passed = res.report.passed
-        row[method] = {"miou": r["miou"] if passed else source["miou"], "raw_miou": r["miou"], "tc": r["tc"],
-                       "passed": passed, "reasons": res.report.reasons,
-                       "steps": res.train.steps if res.train else 0,
-                       "gate": {k: v for k, v in res.report.metrics.items() if not k.startswith("class_share")}}
-        verdict = "passed" if passed else "REJECTED: " + "; ".join(res.report.reasons)
-        log(f"[{style}] {method}: mIoU {r['miou']:.1f} ({verdict})"
-            f" steps {row[method]['steps']} in {res.elapsed_s:.0f}s")
+        runs = []
+        for seed in seeds:
+            cfg = AdaptConfig(method=method, steps=10**6, time_budget_s=args.budget, budget_clock=args.clock,
+                              seed=seed, options=args.options.get(method, {}), **args.adapt.get(method, {}))
+            res = adapt(parent, meta, unlabeled, cfg, val=val, thresholds=GateThresholds())
+            r = evaluate_clips(res.model, test_raw, classes)
+            passed = res.report.passed
+            runs.append({"seed": seed, "miou": r["miou"] if passed else source["miou"], "raw_miou": r["miou"],
+                         "tc": r["tc"], "passed": passed, "reasons": res.report.reasons,
+                         "steps": res.train.steps if res.train else 0,
+                         "gate": {k: v for k, v in res.report.metrics.items() if not k.startswith("class_share")}})
+            verdict = "passed" if passed else "REJECTED: " + "; ".join(res.report.reasons)
+            log(f"[{style}] {method} seed {seed}: mIoU {r['miou']:.1f} ({verdict})"
+                f" steps {runs[-1]['steps']} in {res.elapsed_s:.0f}s")
+        row[method] = average(runs)
     return row
+
+
+def average(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from the runs of its seeds: mean mIoU (a rejected run counts as the parent's), mean raw
+    mIoU, TC and steps; ``passed`` only when every run passed; the runs themselves under ``per_seed``."""
+    cell: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in ("miou", "raw_miou", "tc", "steps")
+                            if k in runs[0]}
+    if "passed" in runs[0]:
+        cell["passed"] = all(r["passed"] for r in runs)
+        cell["rejected_seeds"] = [r["seed"] for r in runs if not r["passed"]]
+    cell["per_seed"] = runs
+    return cell
 
 
 def log(msg: str) -> None:
@@ -115,7 +135,9 @@ def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
             v = row[c]
             cell = f"{v['miou']:.1f}"
             if c in SOURCE_FREE and not v["passed"]:
-                cell += f" (rejected; {v['raw_miou']:.1f})"
+                seeds = v.get("rejected_seeds")
+                which = f" {len(seeds)}/{len(v['per_seed'])}" if seeds and len(v.get("per_seed", [])) > 1 else ""
+                cell += f" (rejected{which}; {v['raw_miou']:.1f})"
             cells.append(cell)
         lines.append(f"| {row['style']} | " + " | ".join(cells) + " |")
     mean = {c: float(np.mean([r[c]["miou"] for r in rows if c in r])) for c in cols if all(c in r for r in rows)}
@@ -172,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="method option (e.g. stpl.fusion=concat) or, with a cfg. prefix, an AdaptConfig field "
                          "(e.g. stpl.cfg.lr=3e-4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="runs per cell (seeds seed..seed+K-1, same data); cells and checks use their mean")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

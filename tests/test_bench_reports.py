@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.adaptation import checks, table
+from bench.adaptation import average, checks, table
 from bench.uda import table as uda_table
 
 
@@ -32,6 +32,18 @@ def test_adaptation_table_marks_rejected_candidates() -> None:
     text = table(rows, ["oracle", "bn", "stpl"])
     assert "| fog | 20.0 | 80.0 | 40.0 | 20.0 (rejected; 12.5) |" in text
     assert "| **recovered** | – | – | 33% | 0% |" in text
+
+
+def test_adaptation_seeds_average_into_one_cell() -> None:
+    runs = [{"seed": 0, "miou": 30.0, "raw_miou": 30.0, "tc": 90.0, "steps": 100, "passed": True},
+            {"seed": 1, "miou": 20.0, "raw_miou": 15.0, "tc": 80.0, "steps": 110, "passed": False}]
+    cell = average(runs)
+    assert cell["miou"] == 25.0 and cell["raw_miou"] == 22.5 and cell["steps"] == 105.0
+    assert cell["passed"] is False and cell["rejected_seeds"] == [1] and cell["per_seed"] == runs
+    assert average([{"seed": 0, "miou": 80.0, "tc": 95.0, "steps": 120}]) == {
+        "miou": 80.0, "tc": 95.0, "steps": 120.0, "per_seed": [{"seed": 0, "miou": 80.0, "tc": 95.0, "steps": 120}]}
+    row = {"style": "fog", "source": {"miou": 20.0}, "oracle": {"miou": 80.0}, "stpl": cell}
+    assert "| fog | 20.0 | 80.0 | 25.0 (rejected 1/2; 22.5) |" in table([row], ["oracle", "stpl"])
 
 
 def test_uda_table_has_init_row_mean_and_steps() -> None:
