@@ -43,6 +43,13 @@ class SizedSegmenter(StreamSegmenter):
         return self._input_size or super().input_size
 
 
+def close_iterator(it: Iterator[Any]) -> None:
+    """Close ``it`` when it can be closed (a generator): its ``finally`` blocks release what it holds."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
 def prefetch(items: Iterable[Any], depth: int, stop: threading.Event) -> Iterator[Any]:
     """Iterate ``items`` in a producer thread at most ``depth`` ahead; its errors surface here."""
     q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
@@ -66,9 +73,7 @@ def prefetch(items: Iterable[Any], depth: int, stop: threading.Event) -> Iterato
         except BaseException as e:  # noqa: BLE001 - handed over to the consumer
             outcome = (_END, e)
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()  # e.g. kills the decoder child when the consumer stopped early
+            close_iterator(it)  # e.g. kills the decoder child when the consumer stopped early
         offer(outcome)
 
     thread = threading.Thread(target=produce, name="vss-prefetch", daemon=True)
@@ -150,9 +155,7 @@ def with_flow(frames: Iterable[np.ndarray], flow: FlowProvider,
             yield frame, (None if previous is None else flow(previous, small))
             previous = small
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        close_iterator(it)
 
 
 def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray], info: VideoInfo,
