@@ -119,7 +119,13 @@ class ModelRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         now = time.time()
         for entry in self.root.iterdir():
-            if entry.name.startswith(STAGING_PREFIX) and now - entry.stat().st_mtime > STALE_STAGING_S:
+            if not entry.name.startswith(STAGING_PREFIX):
+                continue
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue  # another publisher committed (renamed) it since the listing
+            if age > STALE_STAGING_S:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def activate(self, version: str) -> None:

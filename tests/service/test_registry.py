@@ -125,6 +125,18 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path: Path, tiny_checkp
     assert sorted(results) == ["v0001", "v0002", "v0003", "v0004"] == reg.versions()
 
 
+def test_ensure_ignores_a_staging_directory_committed_while_listing(tmp_path: Path, monkeypatch) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    reg.root.mkdir()
+    staging = reg.root / f"{STAGING_PREFIX}other-publisher"
+    staging.mkdir()
+    listing = list(reg.root.iterdir())
+    staging.rename(reg.root / "v0001")  # the other publisher commits between the listing and the stat
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(listing))
+    reg.ensure()
+    assert (reg.root / "v0001").is_dir()
+
+
 def test_import_rejects_corrupt_checkpoints(tmp_path: Path, tiny_checkpoint: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoint, bad)
