@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# make run [PORT=8001] [HOST=0.0.0.0]: unset, they fall back to $VSS_PORT / $VSS_HOST (8000 on 127.0.0.1).
 run: $(STAMP)
-	$(BIN)/vss serve
+	$(BIN)/vss serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 demo: $(STAMP)
 	$(BIN)/vss demo

@@ -28,7 +28,7 @@ from models.checkpoint import CheckpointError
 from . import routes
 from .deps import ApiError
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
-from .metrics import QUIET_ROUTES, REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var
+from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -211,12 +211,7 @@ class RequestContextMiddleware:
         method = scope.get("method", "WS")
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(method, route).observe(seconds)
-        if route in QUIET_ROUTES:
-            level = logging.DEBUG
-        else:
-            level = logging.INFO
-            if status >= 500 and scope["type"] == "http":
-                level = logging.WARNING if status == 503 else logging.ERROR  # 503: not ready / overloaded
+        level = request_log_level(method, route, status, scope["type"] == "http")
         log.log(level, "%s %s %s", method, scope.get("path"), status,
                 extra={"method": method, "path": scope.get("path"), "route": route, "status": status,
                        "duration_ms": round(seconds * 1000, 2),

@@ -29,6 +29,9 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug level only
+# What clients (the web page, vss_client) poll: successful GETs are logged at debug level only.
+POLL_ROUTES = frozenset({"/v1/jobs/{job_id}", "/v1/adapt", "/v1/adapt/{job_id}", "/v1/models", "/v1/models/active",
+                         "/v1/clips"})
 
 
 class Metrics:
@@ -126,11 +129,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: str = "info", json_lines: bool = True) -> None:
-    """Route all logs (ours, uvicorn's, libraries') to stderr; called by ``vss serve``, not at import."""
+def request_log_level(method: str, route: str, status: int, is_http: bool) -> int:
+    """The level of a request's log line: debug for probes and for successful polls, warnings and errors
+    for server-side failures, info otherwise."""
+    if route in QUIET_ROUTES or (method == "GET" and route in POLL_ROUTES and status < 400):
+        return logging.DEBUG
+    if status >= 500 and is_http:
+        return logging.WARNING if status == 503 else logging.ERROR  # 503: not ready / overloaded
+    return logging.INFO
+
+
+class TextFormatter(logging.Formatter):
+    """For people at a terminal: ``12:00:01 INFO  vss.app: POST /v1/segment 202 (812 ms)``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        duration = record.__dict__.get("duration_ms")
+        return text if duration is None else f"{text} ({duration:.0f} ms)"
+
+
+def configure_logging(level: str = "info", json_lines: bool | None = True) -> None:
+    """Route all logs (ours, uvicorn's, libraries') to stderr; called by ``vss serve``, not at import.
+
+    ``json_lines=None``: JSON unless stderr is a terminal."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

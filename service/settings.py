@@ -96,7 +96,11 @@ class Settings(BaseSettings):
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_json: bool = Field(True, description="JSON-lines logs (false: plain text for humans)")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="log lines: json (one object per line, for collectors), text (for people), auto: "
+                            "text when stderr is a terminal, else json")
+    log_json: bool | None = Field(None, description="older switch, wins over log_format when set: true = json, "
+                                                    "false = text")
 
     @field_validator("demo_model", "val_dir", "raft_weights", "adapt_job_dir", mode="before")
     @classmethod
@@ -109,6 +113,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def json_logs(self, terminal: bool) -> bool:
+        """Whether logs are JSON lines, for a process whose stderr is (or is not) a terminal."""
+        if self.log_json is not None:
+            return self.log_json
+        return self.log_format == "json" or (self.log_format == "auto" and not terminal)
 
     def job_root(self) -> Path:
         """Directory of the adaptation job files (shared by servers and workers)."""

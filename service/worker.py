@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -342,7 +343,7 @@ def serve_worker(settings: Settings, parent_pid: int | None = None, once: bool =
     """Process entry: logging, niceness, signal handling, then the loop."""
     from .metrics import configure_logging
 
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.json_logs(sys.stderr.isatty()))
     if settings.adapt_nice and hasattr(os, "nice"):
         try:
             os.nice(settings.adapt_nice)

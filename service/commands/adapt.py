@@ -23,15 +23,22 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from adaptation.sourcefree import SOURCE_FREE
+# adaptation.sourcefree.SOURCE_FREE, spelled out so that building the parser does not import torch
+# (tests/test_cli.py checks that the two agree).
+METHODS = ("bn", "tent", "itcr", "stpl", "selftrain")
 
-    p = sub.add_parser("adapt", help="adapt a model to unlabeled target videos (source-free) and gate it",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=SOURCE_FREE, default="stpl", help="adaptation method (default: stpl)")
-    p.add_argument("--video", nargs="+", required=True, metavar="V", help="unlabeled target videos")
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .runtime import add_progress_argument, add_server_arguments, add_threads_argument
+
+    p = sub.add_parser("adapt", help="adapt a model to unlabeled target videos (source-free) and gate it, here or "
+                                     "on a server", description=__doc__.split("\n\n")[0] + "\n\n" + SERVER_NOTE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="stpl", help="adaptation method (default: stpl)")
+    p.add_argument("--video", nargs="+", default=None, metavar="V",
+                   help="unlabeled target videos (with --server: added to the server's clip buffer first)")
     p.add_argument("--checkpoint", metavar="IN", help="parent checkpoint directory (default: the demo model)")
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="new checkpoint directory to write")
+    p.add_argument("-o", "--out", default=None, metavar="OUT", help="new checkpoint directory to write (local runs)")
     p.add_argument("--steps", type=int, default=200, help="optimisation steps (default: 200)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     p.add_argument("--time-budget", type=float, metavar="S", help="stop training after S seconds")
@@ -46,8 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="method option, repeatable (e.g. --option fusion=concat --option ce_weight=0.5)")
     p.add_argument("--val-video", metavar="V", help="labeled validation video (makes the gate decide on mIoU)")
     p.add_argument("--val-labels", metavar="DIR", help="one label image per frame of --val-video (sorted names)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
+    add_progress_argument(p)
+    add_threads_argument(p)
+    add_server_arguments(p)
     p.set_defaults(func=run)
+
+
+SERVER_NOTE = """With --server URL the job runs on that server: the --video files (if any) are added to its clip
+buffer, then it adapts its active model to the buffer, gates the candidate and publishes (and
+activates) the new version itself; -o, --checkpoint, --val-* and --crop do not apply."""
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -125,13 +140,26 @@ def read_labels(directory: str, palette: list[list[int]]) -> list[np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.cli import CLIError
+
+    from .runtime import apply_threads, show_progress
+    from .segment import progress_bar
+
+    if args.server is not None:
+        from .remote import adapt as remote_adapt
+
+        return remote_adapt(args, show_progress(args.no_progress or args.quiet))
+    if args.out is None:
+        raise CLIError("adapt needs -o OUT (the checkpoint directory to write), or --server URL")
+    if not args.video:
+        raise CLIError("adapt needs --video V [V ...] (unlabeled target videos)")
+    apply_threads(args)  # before torch is imported, so that OpenMP reads the thread count too
     import torch
 
     from adaptation.clips import prepare_clip
     from adaptation.sourcefree import AdaptConfig, adapt
     from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
     from models.flow import build_flow
-    from service.cli import CLIError
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -150,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     size = tuple(meta["input_size"])
     flow = build_flow(args.flow)
+    bar = show_progress(args.no_progress or args.quiet)
+    # With a progress bar (a terminal) the bar replaces the per-10-step log lines.
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     clips = []
     for v in args.video:
@@ -168,11 +198,18 @@ def run(args: argparse.Namespace) -> int:
                       crop=parse_crop(args.crop), sampling=args.sampling)
     inputs = [{"path": Path(v).name, "sha256": sha256_file(Path(v))} for v in args.video]
     torch.manual_seed(args.seed)
-    result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val,
-                   on_log=lambda step, logs: log(f"step {step} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
-                                                                            if k != "step")),
-                   on_progress=lambda stage, info: log(f"[{stage}] {json.dumps(info)}"),
-                   provenance={"inputs": inputs, "flow": args.flow})
+    with progress_bar(f"adapt {args.method}", bar, unit="step") as progress:
+        def on_log(step: int, logs: dict[str, float]) -> None:
+            text = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "step")
+            if progress is not None:
+                progress(step, args.steps)
+            else:
+                log(f"step {step} {text}")
+
+        result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val, on_log=on_log,
+                       on_progress=lambda stage, info: None if progress is not None else
+                       log(f"[{stage}] {json.dumps(info)}"),
+                       provenance={"inputs": inputs, "flow": args.flow, "parent_sha256": meta.get("sha256")})
     gate_metrics = {k: v for k, v in result.report.metrics.items() if not k.startswith("class_share")}
     log(f"gate: {'passed' if result.report.passed else 'REJECTED'} {json.dumps(gate_metrics)}")
     if not result.report.passed:

@@ -13,6 +13,7 @@ import numpy as np
 
 from service.cli import CLIError
 
+from .runtime import add_progress_argument, add_threads_argument, apply_threads
 from .segment import add_model_arguments, load_engine, make_flow, positive_int, progress_bar
 from .synth import parse_size
 
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown style {args.style!r}; choose one of {', '.join(list_styles())}")
     if args.output.exists() and not args.output.is_dir():
         raise CLIError(f"output {args.output} exists and is not a directory")
+    apply_threads(args)
     engine = load_engine(args.checkpoint, args.device)
     flow = make_flow(args)
     classes = list(engine.meta["classes"])
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
     latency = []
     try:
-        with progress_bar("demo") as progress:
+        with progress_bar("demo", not args.no_progress) as progress:
             for i, frame in enumerate(read_frames(source)):
                 out = segmenter.step(frame)
                 sink.add(frame, out)
@@ -83,4 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=7, help="clip seed (default 7)")
     p.add_argument("--size", type=parse_size, default=DEMO_SIZE, metavar="HxW", help="frame size (default 256x512)")
     add_model_arguments(p)
+    add_threads_argument(p)
+    add_progress_argument(p)
     p.set_defaults(func=run)

@@ -1,26 +1,40 @@
-"""`vss models list|import PATH|activate VERSION`: manage the on-disk model registry.
+"""`vss models list|import PATH|activate VERSION`: manage the on-disk model registry, or a server's models.
 
-Running servers that share the directory pick up an activation within one poll interval.
+Running servers that share the directory pick up an activation within one poll interval. With
+``--server URL`` the listing and the activation go through the server's API instead.
+
+The registry directory is ``--model-dir``, else ``$VSS_MODEL_DIR``, else ``./var/models`` when it
+exists (where `vss serve` / `make run` started in this directory keep their models), else the user
+data directory ``$XDG_DATA_HOME/vss/models`` (``~/.local/share/vss/models``). The output says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.cli import CLIError
+
+from .runtime import add_server_arguments
 
 if TYPE_CHECKING:  # torch stays out of `vss --help`
     from service.registry import ModelRegistry
 
+SERVER_DEFAULT = Path("var/models")  # `vss serve`'s default (service.settings.Settings.model_dir)
+MODEL_DIR_HELP = ("registry directory (default: $VSS_MODEL_DIR, else ./var/models if it exists, else "
+                  "$XDG_DATA_HOME/vss/models, i.e. ~/.local/share/vss/models)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list, import and activate model versions",
-                       description="Manage the model registry (v0001/, v0002/, ... and the ACTIVE pointer).")
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
-                   help="registry directory (default: $VSS_MODEL_DIR or var/models)")
+    p = sub.add_parser("models", help="list, import and activate model versions (here, or on a server with --server)",
+                       description="Manage the model registry (v0001/, v0002/, ... and the ACTIVE pointer), or a "
+                                   "server's models with --server.")
+    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help=MODEL_DIR_HELP)
+    add_server_arguments(p)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="list versions (* marks the active one)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -29,26 +43,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--activate", action="store_true", help="also make it the active version")
     act = actions.add_parser("activate", help="make VERSION the active one (deploy or roll back)")
     act.add_argument("version", metavar="VERSION", help="e.g. v0002")
-    for parser in (ls, imp, act):  # also accept --model-dir after the action
+    for parser in (ls, imp, act):  # also accept the global options after the action
         parser.add_argument("--model-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
+        parser.add_argument("--server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("--api-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
+def default_model_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[Path, str]:
+    """(registry directory, why it was chosen) when no --model-dir is given."""
+    env = dict(os.environ) if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    if env.get("VSS_MODEL_DIR"):
+        return Path(env["VSS_MODEL_DIR"]), "$VSS_MODEL_DIR"
+    if (cwd / SERVER_DEFAULT).is_dir():
+        return cwd / SERVER_DEFAULT, "./var/models, the server's default here"
+    data_home = Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+    return data_home / "vss" / "models", "the user data directory; set VSS_MODEL_DIR or --model-dir to change it"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        if args.model_dir is not None:
+            raise CLIError("give either --model-dir (a local registry) or --server URL, not both")
+        from .remote import models
+
+        return models(args)
     from models.checkpoint import CheckpointError, load_checkpoint
     from service.registry import ModelRegistry, RegistryError
-    from service.settings import Settings
 
-    root = args.model_dir if args.model_dir is not None else Settings().model_dir
+    root, why = (args.model_dir, "--model-dir") if args.model_dir is not None else default_model_dir()
     registry = ModelRegistry(root)
     try:
         if args.action == "list":
-            return _list(registry, args.json)
+            return _list(registry, why, args.json)
         if args.action == "import":
             if not args.path.is_dir():
                 raise CLIError(f"not a directory: {args.path}")
             version = registry.import_dir(args.path, activate=args.activate)
-            print(f"imported {args.path} as {version}" + (" (active)" if args.activate else ""))
+            parent = record_parent(registry, version, args.path)
+            print(f"imported {args.path} as {version} in {registry.root} ({why})"
+                  + (f", parent {parent}" if parent else "") + (" (active)" if args.activate else ""))
             return 0
         load_checkpoint(registry.path(args.version))  # never point ACTIVE at weights that do not load
         registry.activate(args.version)
@@ -58,7 +93,56 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
 
 
-def _list(registry: ModelRegistry, as_json: bool) -> int:
+def record_parent(registry: ModelRegistry, version: str, source: Path) -> str | None:
+    """Name an imported checkpoint's parent by its registry version, not by a filesystem path.
+
+    `vss adapt` records the parent's directory and its weights' sha256; the version in this registry
+    with those weights becomes ``parent`` (the path stays in ``provenance.parent_path``).
+    """
+    from models.checkpoint import META
+    from service.atomic import write_atomic
+    from service.registry import InvalidVersion, validate_version
+
+    meta = registry.meta(version)
+    parent = meta.get("parent")
+    if parent is None:
+        return None
+    try:
+        return validate_version(str(parent))
+    except InvalidVersion:
+        pass
+    provenance = dict(meta.get("provenance") or {})
+    wanted = provenance.get("parent_sha256") or _sha_of(Path(str(parent)), source)
+    match = next((v for v in registry.versions() if v != version and wanted and _meta_sha(registry, v) == wanted), None)
+    if match is None:
+        return str(parent)
+    updated = {**meta, "parent": match, "provenance": {**provenance, "parent_path": str(parent)}}
+    write_atomic(registry.path(version) / META, json.dumps(updated, indent=2).encode())
+    return match
+
+
+def _meta_sha(registry: ModelRegistry, version: str) -> str | None:
+    from models.checkpoint import CheckpointError
+
+    try:
+        return registry.meta(version).get("sha256")
+    except CheckpointError:
+        return None
+
+
+def _sha_of(parent: Path, source: Path) -> str | None:
+    """The weights sha256 in a parent checkpoint directory's meta.json (relative paths: from the child's)."""
+    for candidate in (parent, source / parent):
+        meta = candidate / "meta.json"
+        if meta.is_file():
+            try:
+                return json.loads(meta.read_text()).get("sha256")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _list(registry: ModelRegistry, why: str, as_json: bool) -> int:
     from models.checkpoint import CheckpointError
     from service.registry import InvalidVersion
 
@@ -66,8 +150,8 @@ def _list(registry: ModelRegistry, as_json: bool) -> int:
         active = registry.active()
     except InvalidVersion:
         active = None
-    rows = []
-    for version in registry.versions():
+    rows: list[dict[str, Any]] = []
+    for version in registry.versions() if registry.root.is_dir() else []:
         try:
             meta = registry.meta(version)
             row = {"version": version, "active": version == active, "parent": meta.get("parent"),
@@ -78,18 +162,36 @@ def _list(registry: ModelRegistry, as_json: bool) -> int:
             row = {"version": version, "active": version == active, "error": str(e)}
         rows.append(row)
     if as_json:
-        print(json.dumps({"root": str(registry.root), "active": active, "versions": rows}, indent=2))
+        print(json.dumps({"root": str(registry.root), "chosen_by": why, "active": active, "versions": rows},
+                         indent=2))
         return 0
     if not rows:
-        print(f"no model versions in {registry.root}")
+        print(f"no model versions in {registry.root} ({why})")
         return 0
-    print(f"{'':2}{'VERSION':<9}{'PARENT':<9}{'CREATED':<22}{'BACKBONE':<14}{'CLASSES':<9}{'INPUT':<10}ONNX")
-    for r in rows:
-        mark = "* " if r["active"] else "  "
-        if "error" in r:
-            print(f"{mark}{r['version']:<9}unreadable: {r['error']}")
-            continue
-        size = "x".join(map(str, r["input_size"]))
-        print(f"{mark}{r['version']:<9}{r['parent'] or '-':<9}{r['created'] or '-':<22}{r['backbone']:<14}"
-              f"{r['classes']:<9}{size:<10}{'yes' if r['onnx'] else 'no'}")
+    print(f"models in {registry.root} ({why})", file=sys.stderr)
+    print_table(rows)
     return 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Aligned columns, each as wide as its longest value; ``*`` marks the active version."""
+    header = ("VERSION", "PARENT", "CREATED", "BACKBONE", "CLASSES", "INPUT", "ONNX")
+    lines: list[tuple[str, ...]] = []
+    errors: dict[int, str] = {}
+    for i, r in enumerate(rows):
+        if "error" in r:
+            errors[i] = r["error"]
+            lines.append((r["version"],))
+            continue
+        lines.append((r["version"], str(r.get("parent") or "-"), str(r.get("created") or "-"),
+                      str(r.get("backbone") or "-"), str(r.get("classes", "-")),
+                      "x".join(map(str, r.get("input_size") or [])) or "-", "yes" if r.get("onnx") else "no"))
+    widths = [max([len(h)] + [len(line[c]) for line in lines if len(line) > c]) for c, h in enumerate(header)]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(cells)).rstrip()
+
+    print("  " + fmt(header))
+    for i, (r, line) in enumerate(zip(rows, lines)):
+        mark = "* " if r["active"] else "  "
+        print(mark + (f"{line[0].ljust(widths[0])}  unreadable: {errors[i]}" if i in errors else fmt(line)))

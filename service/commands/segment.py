@@ -84,18 +84,21 @@ def make_flow(args: argparse.Namespace) -> FlowProvider:
 
 
 @contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm ``progress(done, total)`` callback when stderr is a terminal, else ``None``."""
-    if not sys.stderr.isatty():
+def progress_bar(label: str, enabled: bool = True, unit: str = "frame"
+                 ) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm ``progress(done, total)`` callback (rate and ETA) when ``enabled`` and stderr is a terminal,
+    else ``None``."""
+    if not enabled or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, unit="frame", file=sys.stderr, leave=False)
+    bar = tqdm(desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(done: int, total: int) -> None:
         if total and bar.total != total:
             bar.total = total
+            bar.refresh()
         bar.update(done - bar.n)
 
     try:
@@ -104,24 +107,42 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
         bar.close()
 
 
-def _format(args: argparse.Namespace) -> str:
-    if args.format:
-        return str(args.format)
-    suffix = args.output.suffix.lower().lstrip(".")
-    return suffix if suffix in ("zip", "mp4", "json") else "zip"
+FORMATS = ("zip", "mp4", "json")
+
+
+def output_format(output: Path, explicit: str | None) -> str:
+    """The format from ``--format`` and OUT's suffix: they must agree; an unknown suffix needs ``--format``."""
+    suffix = output.suffix.lower().lstrip(".")
+    if explicit is not None:
+        if suffix in FORMATS and suffix != explicit:
+            raise CLIError(f"--format {explicit} but the output is named {output.name}: use a .{explicit} name")
+        return explicit
+    if suffix in FORMATS:
+        return suffix
+    if suffix:
+        raise CLIError(f"cannot tell the output format from {output.name!r}: name it .zip (label PNGs), .mp4 "
+                       "(overlay video) or .json (class statistics), or pass --format")
+    return "zip"
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.overlap import segment_video
+    from .runtime import apply_threads, show_progress
 
     if args.output.is_dir():
         raise CLIError(f"output {args.output} is a directory; give a file name")
-    fmt = _format(args)
+    fmt = output_format(args.output, args.format)
     if not args.video.is_file():
         raise CLIError(f"video not found: {args.video}")
+    if args.server is not None:
+        from .remote import segment
+
+        return segment(args, fmt, show_progress(args.no_progress))
+    from service.overlap import segment_video
+
+    apply_threads(args)
     engine = load_engine(args.checkpoint, args.device)
     flow = make_flow(args)
-    with progress_bar("segment") as progress:
+    with progress_bar("segment", not args.no_progress) as progress:
         try:
             summary = segment_video(engine, flow, args.video, args.output, fmt, max_frames=args.max_frames,
                                     stride=args.stride, progress=progress)
@@ -132,13 +153,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment a video file",
-                       description="Segment a video into label PNGs (zip), an overlay MP4 or per-frame JSON stats.")
+    from .runtime import add_progress_argument, add_server_arguments, add_threads_argument
+
+    p = sub.add_parser("segment", help="segment a video file (here, or on a server with --server)",
+                       description="Segment a video into label PNGs (zip), an overlay MP4 or per-frame JSON stats, "
+                                   "here or on a vss server (--server URL).")
     p.add_argument("video", type=Path, metavar="VIDEO", help="input video (any container/codec FFmpeg decodes)")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output file")
-    p.add_argument("--format", choices=("zip", "mp4", "json"), default=None,
-                   help="output format (default: from OUT's extension, else zip)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                   help="output file: .zip, .mp4 or .json (another name needs --format)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: from OUT's extension; zip when it has none)")
     add_model_arguments(p)
     p.add_argument("--max-frames", type=positive_int, default=None, metavar="N", help="segment at most N frames")
     p.add_argument("--stride", type=positive_int, default=1, metavar="K", help="segment every K-th frame")
+    add_threads_argument(p)
+    add_progress_argument(p)
+    add_server_arguments(p)
     p.set_defaults(func=run)

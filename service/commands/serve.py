@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import socket
+import sys
 from pathlib import Path
 
 from service.cli import CLIError
@@ -19,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model registry directory (default: $VSS_MODEL_DIR or var/models)")
     p.add_argument("--engine", choices=("torch", "onnx"), default=None, help="inference backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                   help="default: $VSS_LOG_LEVEL or info (polls of /healthz, jobs, models ... are debug)")
+    p.add_argument("--log-format", choices=("auto", "json", "text"), default=None,
+                   help="default: $VSS_LOG_FORMAT or auto: text on a terminal, JSON lines otherwise")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without VSS_API_KEY (anyone can activate models)")
     p.set_defaults(func=run)
@@ -42,34 +48,60 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
                        "bind 127.0.0.1, or pass --insecure")
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """Listen on ``host:port`` now, before anything is printed or loaded; a busy port is a one-line error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise CLIError(f"cannot resolve --host {host}: {e.strerror}") from e
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CLIError(f"port {port} on {host} is already in use (another vss serve?): stop it, or pick "
+                           f"another port with --port N (make run PORT=N)") from e
+        if e.errno == errno.EACCES:
+            raise CLIError(f"no permission to listen on port {port} (ports below 1024 need privileges): "
+                           "pick another with --port N") from e
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.settings import Settings
 
     overrides = {"host": args.host, "port": args.port, "model_dir": args.model_dir, "engine": args.engine,
-                 "device": args.device, "log_level": args.log_level}
+                 "device": args.device, "log_level": args.log_level, "log_format": args.log_format}
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         raise CLIError(f"invalid settings: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from e
     check_bind(settings.host, settings.api_key_value(), args.insecure)
-    import uvicorn  # heavy imports (torch) only once the arguments are known to be good
+    sock = bind(settings.host, settings.port)
+    try:
+        import uvicorn  # heavy imports (torch) only once the arguments are known to be good and the port is ours
 
-    from service.app import create_app
-    from service.metrics import configure_logging
+        from service.app import create_app
+        from service.metrics import configure_logging
 
-    configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
-    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{shown}:{settings.port}"
-    auth = "API key required for mutating routes" if settings.api_key_value() else "no API key"
-    print(f"vss: serving on {url} (docs {url}/docs; {settings.engine} engine; models in {settings.model_dir}; "
-          f"{auth})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30,
-                # 1 MiB of headroom so the stream route itself answers oversized frames with 1008 and a
-                # message; video frames do not compress, so per-message deflate only costs CPU.
-                ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
-                server_header=False)
+        # Resolved once, so that the spawned adaptation worker logs in the same format.
+        settings = settings.model_copy(update={"log_json": settings.json_logs(sys.stderr.isatty())})
+        configure_logging(settings.log_level, settings.log_json)
+        app = create_app(settings)
+        port = sock.getsockname()[1]
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        url = f"http://{shown}:{port}"
+        auth = "API key required for mutating routes" if settings.api_key_value() else "no API key"
+        print(f"vss: serving on {url} (docs {url}/docs; {settings.engine} engine; models in {settings.model_dir}; "
+              f"{auth})", flush=True)
+        config = uvicorn.Config(
+            app, host=settings.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+            # 1 MiB of headroom so the stream route itself answers oversized frames with 1008 and a
+            # message; video frames do not compress, so per-message deflate only costs CPU.
+            ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
+            server_header=False)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -62,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from adaptation.offline import OfflineConfig, run_offline
     from models.checkpoint import CheckpointError
 
+    from .runtime import apply_threads, show_progress
+
     if args.iters < 1 or args.batch < 1:
         raise CLIError("--iters and --batch must be >= 1")
+    apply_threads(args)
     cfg = OfflineConfig(
         method=args.method, source=args.source, target=args.target, run_dir=args.output, flow=args.flow,
         source_flow_dir=args.source_flow_dir, target_flow_dir=args.target_flow_dir, iters=args.iters,
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         config=args.config, input_size=args.input_size, source_size=args.source_size,
         init=str(args.init) if args.init else None, seed=args.seed, eval_every=args.eval_every,
         ckpt_every=args.ckpt_every, eval_items=args.eval_items, keep=args.keep, workers=args.workers,
-        device=args.device, log_every=args.log_every, progress=False if args.no_progress else None,
+        device=args.device, log_every=args.log_every, progress=show_progress(args.no_progress),
         method_args=dict(args.method_arg), dataset_args=dict(args.data_arg))
     try:
         summary = run_offline(cfg)
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .runtime import add_progress_argument, add_threads_argument
+
     p = sub.add_parser("train", help="offline domain adaptation / supervised training on datasets",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, metavar="M",
@@ -124,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=nonneg_int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=10, metavar="N", help="JSONL log interval in steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    add_progress_argument(p)
+    add_threads_argument(p)
     p.add_argument("--method-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. ctcr=False, lambda_itcr=0.01, refine='consistency' (repeatable)")
     p.add_argument("--data-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
