@@ -273,6 +273,7 @@ class FrameStream:
             try:
                 ws = connect(self._url, additional_headers=self._headers, max_size=None, open_timeout=10,
                              compression=None)
+                ws.__enter__()  # we close it ourselves; entering marks it managed (websockets >= 17.1 warns otherwise)
             except InvalidURI as e:
                 raise VSSError(f"bad stream URL {self._url}: {e}") from e
             except (OSError, InvalidHandshake) as e:

@@ -1,0 +1,60 @@
+"""Real servers for the client tests: ``create_app`` under uvicorn on a loopback port, short uploads
+answered at once and longer ones (over 3 frames) run as jobs, a spawned adaptation worker."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+from tests.waiting import wait_until
+
+API_KEY = "client-key"
+
+
+def settings_for(root: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "model_dir": root / "models", "buffer_dir": root / "buffer", "cache_dir": root / "cache",
+        "job_dir": root / "jobs", "demo_model": None, "registry_poll_ms": 50, "intra_op_threads": 1,
+        "device": "cpu", "flow": "dis-ultrafast", "worker": "spawn", "adapt_threads": 1, "adapt_min_clips": 2,
+        "buffer_heldout_fraction": 0.3, "job_frame_threshold": 3, "api_key": API_KEY}
+    return Settings(_env_file=None, **{**base, **overrides})
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    settings: Settings
+    app: Any
+
+
+@contextmanager
+def serve(settings: Settings, port: int = 0, wait_ready: bool = True) -> Iterator[Server]:
+    """uvicorn in a thread on 127.0.0.1:``port`` (0: a free one; the address is reusable, so a test can
+    restart a server on the same port). Stopping it is what a restart does: websockets get close 1012."""
+    sock = socket.create_server(("127.0.0.1", port))
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=64 * 2**20,
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        if wait_ready:
+            wait_until(lambda: (server.started and app.state.engine_manager.ready) or not thread.is_alive(), 120,
+                       "the server to start")
+            assert thread.is_alive(), "the server did not start"
+        port = sock.getsockname()[1]
+        yield Server(f"http://127.0.0.1:{port}", port, settings, app)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
