@@ -51,7 +51,8 @@ def test_help_and_version_do_not_import_torch() -> None:
     assert METHODS == SOURCE_FREE
     script = ("import sys\nfrom service.cli import COMMANDS, main\n"
               "for argv in [['--help'], ['--version']] + [[c, '--help'] for c in COMMANDS] + [['models', 'list', "
-              "'--help']]:\n    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+              "'--help']]:\n    try:\n        main(argv)\n    except SystemExit as e:\n"
+              "        assert e.code == 0, argv\n"
               "print('TORCH', 'torch' in sys.modules, 'cv2' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=cli_env())
     assert done.returncode == 0, done.stderr

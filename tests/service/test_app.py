@@ -172,7 +172,7 @@ def test_request_ids_are_kept_or_generated(client: TestClient) -> None:
 
 
 def test_requests_are_logged_with_their_id(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="vss.http"):
+    with caplog.at_level(logging.DEBUG, logger="vss.http"):  # a successful poll route: logged at debug level
         client.get("/v1/models", headers={"X-Request-ID": "log-me"})
     record = next(r for r in caplog.records if getattr(r, "route", None) == "/v1/models")
     line = json.loads(JsonFormatter().format(record))
