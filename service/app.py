@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             await run_in_threadpool(manager.stop)
 
     app = FastAPI(title="vss", summary="Video semantic segmentation that adapts itself to your videos",
-                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan)
+                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # routes/docs.py serves both without a CDN
     app.state.settings = settings
     app.state.registry = registry
     app.state.engine_manager = manager
