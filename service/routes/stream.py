@@ -57,10 +57,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import Message
-
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Message
 
 from models.flow import build_flow
 
