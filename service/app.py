@@ -1,7 +1,8 @@
 """The FastAPI application factory. Everything is built inside ``create_app``; nothing at import.
 
 ``app.state`` carries ``settings``, ``registry`` (on-disk versions), ``engine_manager`` (the only
-owner of the live engine) and ``metrics``; routes reach them through ``service.deps``.
+owner of the live engine), ``metrics`` and ``drain`` (``service.drain``: set by ``vss serve`` on
+SIGTERM); routes reach them through ``service.deps``.
 Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
 """
 
@@ -27,6 +28,7 @@ from models.checkpoint import CheckpointError
 
 from . import routes
 from .deps import ApiError
+from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import QUIET_ROUTES, REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var
 from .registry import ModelRegistry
@@ -105,7 +107,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.registry = registry
     app.state.engine_manager = manager
     app.state.metrics = metrics
+    app.state.drain = drain = Drain()
     _add_error_handlers(app)
+    app.add_middleware(DrainMiddleware, drain=drain, refusal=_draining_response)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
@@ -113,6 +117,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     for router in routes.routers():
         app.include_router(router)
     return app
+
+
+def _draining_response() -> JSONResponse:
+    message = "this server is shutting down; retry: the load balancer sends you to another replica"
+    return JSONResponse(error_body(503, "draining", message), 503,
+                        {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
 def _prepare(settings: Settings, registry: ModelRegistry) -> None:

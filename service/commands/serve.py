@@ -1,4 +1,9 @@
-"""`vss serve`: run the HTTP + websocket server (uvicorn, one process; run one per GPU)."""
+"""`vss serve`: run the HTTP + websocket server (uvicorn, one process; run one per GPU).
+
+SIGTERM (or Ctrl+C) drains before uvicorn's own shutdown (``service/drain.py``): not ready, new work
+refused, streams closed with 1012 and a JSON reason, in-flight uploads finished within
+``VSS_DRAIN_TIMEOUT_S``; then the process exits 0. A second signal stops waiting.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import ipaddress
 from pathlib import Path
 
 from service.cli import CLIError
+
+SHUTDOWN_GRACE_S = 5  # uvicorn's own graceful shutdown, after the drain: leftovers are cancelled then
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # heavy imports (torch) only once the arguments are known to be good
 
     from service.app import create_app
+    from service.drain import DrainingServer
     from service.metrics import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
@@ -66,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
     auth = "API key required for mutating routes" if settings.api_key_value() else "no API key"
     print(f"vss: serving on {url} (docs {url}/docs; {settings.engine} engine; models in {settings.model_dir}; "
           f"{auth})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30,
-                # 1 MiB of headroom so the stream route itself answers oversized frames with 1008 and a
-                # message; video frames do not compress, so per-message deflate only costs CPU.
-                ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
-                server_header=False)
-    return 0
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            # 1 MiB of headroom so the stream route itself answers oversized frames with 1008
+                            # and a message; video frames do not compress, so per-message deflate only costs CPU.
+                            ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
+                            server_header=False)
+    server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's startup failure (e.g. the port is taken)
+
