@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy models adaptation/losses.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/streaming.py
 

@@ -6,7 +6,6 @@ output stride and exposes ``aux_channels`` / ``out_channels``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -65,7 +64,15 @@ RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
-class ResNet(nn.Module):
+class Backbone(nn.Module):
+    """What the DeepLab heads need of a backbone: ``forward`` returns ``{"out": ..., "aux": ...}``
+    features with these channel counts."""
+
+    out_channels: int
+    aux_channels: int
+
+
+class ResNet(Backbone):
     """ResNet trunk with layer3/layer4 strides replaced by dilation to reach output stride 8 or 16."""
 
     def __init__(self, block: type[nn.Module], layers: tuple[int, ...], output_stride: int = 8,
@@ -109,7 +116,7 @@ class ResNet(nn.Module):
         return {"aux": aux, "out": self.layer4(aux)}
 
 
-class MobileNetV3Backbone(nn.Module):
+class MobileNetV3Backbone(Backbone):
     """torchvision MobileNetV3-Large features, strides after the target output stride turned into dilation."""
 
     AUX_INDEX = 12  # last block at stride 16 in the undilated net (112 channels)
@@ -146,13 +153,11 @@ def _dilate_after_stride(features: nn.Module, output_stride: int) -> None:
             m.padding = (dilation * (k - 1) // 2,) * 2
 
 
-def build_backbone(name: str, output_stride: int, width: int = 64, caffe_stride: bool = False) -> nn.Module:
+def build_backbone(name: str, output_stride: int, width: int = 64, caffe_stride: bool = False) -> Backbone:
     """Backbone by name (see ``RESNET_LAYOUTS`` and ``mobilenet_v3_large``)."""
-    builders: dict[str, Callable[[], nn.Module]] = {
-        name_: (lambda b=b, n=n: ResNet(b, n, output_stride, width, caffe_stride))
-        for name_, (b, n) in RESNET_LAYOUTS.items()
-    }
-    builders["mobilenet_v3_large"] = lambda: MobileNetV3Backbone(output_stride)
-    if name not in builders:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(builders)}")
-    return builders[name]()
+    if name == "mobilenet_v3_large":
+        return MobileNetV3Backbone(output_stride)
+    if name not in RESNET_LAYOUTS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted([*RESNET_LAYOUTS, 'mobilenet_v3_large'])}")
+    block, layers = RESNET_LAYOUTS[name]
+    return ResNet(block, layers, output_stride, width, caffe_stride)

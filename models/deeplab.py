@@ -14,12 +14,12 @@ class ASPPClassifier(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
         super().__init__()
-        self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
-        )
-        for conv in self.conv2d_list:
+        convs = [nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates]
+        for conv in convs:
             nn.init.normal_(conv.weight, 0.0, 0.01)
+            assert conv.bias is not None  # bias=True above
             nn.init.zeros_(conv.bias)
+        self.conv2d_list = nn.ModuleList(convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2d_list[0](x)
@@ -30,6 +30,9 @@ class ASPPClassifier(nn.Module):
 
 class Normalize(nn.Module):
     """Maps float RGB 0..255 (N, 3, H, W) to the network's channel order, mean and std."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, norm: Normalization) -> None:
         super().__init__()

@@ -49,13 +49,13 @@ class DISFlow:
         if preset not in self.PRESETS:
             raise ValueError(f"unknown DIS preset {preset!r}; choose one of {sorted(self.PRESETS)}")
         self.name = f"dis-{preset}"
-        self._dis = cv2.DISOpticalFlow_create(self.PRESETS[preset])
+        self._dis = cv2.DISOpticalFlow.create(self.PRESETS[preset])
 
     def __call__(self, previous: np.ndarray, current: np.ndarray) -> np.ndarray:
         g_prev = cv2.cvtColor(np.ascontiguousarray(previous), cv2.COLOR_RGB2GRAY)
         g_cur = cv2.cvtColor(np.ascontiguousarray(current), cv2.COLOR_RGB2GRAY)
         # DIS.calc(I0, I1) returns f with I0(p) ~ I1(p + f(p)): with I0 = current this is backward flow.
-        return self._dis.calc(g_cur, g_prev, None)
+        return np.asarray(self._dis.calc(g_cur, g_prev, None))  # type: ignore[call-overload]  # stubs lack None
 
 
 class NoFlow:

@@ -1,7 +1,8 @@
 """The FastAPI application factory. Everything is built inside ``create_app``; nothing at import.
 
 ``app.state`` carries ``settings``, ``registry`` (on-disk versions), ``engine_manager`` (the only
-owner of the live engine) and ``metrics``; routes reach them through ``service.deps``.
+owner of the live engine), ``metrics`` and ``drain`` (``service.drain``: set by ``vss serve`` on
+SIGTERM); routes reach them through ``service.deps``.
 Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
 """
 
@@ -27,6 +28,7 @@ from models.checkpoint import CheckpointError
 
 from . import routes
 from .deps import ApiError
+from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .registry import ModelRegistry
@@ -99,12 +101,15 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             await run_in_threadpool(manager.stop)
 
     app = FastAPI(title="vss", summary="Video semantic segmentation that adapts itself to your videos",
-                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan)
+                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # routes/docs.py serves both without a CDN
     app.state.settings = settings
     app.state.registry = registry
     app.state.engine_manager = manager
     app.state.metrics = metrics
+    app.state.drain = drain = Drain()
     _add_error_handlers(app)
+    app.add_middleware(DrainMiddleware, drain=drain, refusal=_draining_response)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
@@ -112,6 +117,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     for router in routes.routers():
         app.include_router(router)
     return app
+
+
+def _draining_response() -> JSONResponse:
+    message = "this server is shutting down; retry: the load balancer sends you to another replica"
+    return JSONResponse(error_body(503, "draining", message), 503,
+                        {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
 def _prepare(settings: Settings, registry: ModelRegistry) -> None:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="bearer token required by mutating routes")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight uploads may take to "
+                                   "finish before the server stops anyway (streams are closed at once, with 1012)")
 
     # --- inference -----------------------------------------------------------------------------
     engine: Literal["torch", "onnx"] = "torch"

@@ -119,6 +119,7 @@ class StreamBook:
         self.next_index = 0  # frames taken from the caller's iterable
         self.ready: dict[str, Any] = {}
         self.reconnects = 0
+        self.disconnects: list[StreamError] = []  # why each connection ended before the stream did
 
     def sent(self, data: bytes) -> None:
         self.pending.append(_Sent(self.local, self.next_index, data))

@@ -234,6 +234,11 @@ class FrameStream:
     def reconnects(self) -> int:
         return self.book.reconnects
 
+    @property
+    def disconnects(self) -> list[StreamError]:
+        """Why each connection that was replaced ended (close code, the server's error code and message)."""
+        return list(self.book.disconnects)
+
     def __iter__(self) -> FrameStream:
         return self
 
@@ -320,13 +325,21 @@ class FrameStream:
                     if not book.pending:
                         return
                     meta = c.parse_text(self._recv(ws), "reply")
-                    if meta.get("type") == "error":
-                        raise self._server_error(ws, meta)
+                    if meta.get("type") == "error":  # e.g. "draining", then close 1012: reconnect
+                        error = self._server_error(ws, meta)
+                        if not self._reconnect or error.close_code not in c.RECONNECT_CODES:
+                            raise error
+                        book.disconnects.append(error)
+                        ws.close()
+                        ws = self._connect(first=False)
+                        continue
                     result = book.answer(meta, cast(bytes, self._recv(ws)))
                 except ConnectionClosed as e:
                     code, reason = c.close_code(e)
+                    error = StreamError(code, "closed", reason or "the server closed the stream")
                     if not self._reconnect or code not in c.RECONNECT_CODES:
-                        raise StreamError(code, "closed", reason or "the server closed the stream") from e
+                        raise error from e
+                    book.disconnects.append(error)
                     ws.close()
                     ws = self._connect(first=False)
                     continue

@@ -1,4 +1,9 @@
-"""`vss serve`: run the HTTP + websocket server (uvicorn, one process; run one per GPU)."""
+"""`vss serve`: run the HTTP + websocket server (uvicorn, one process; run one per GPU).
+
+SIGTERM (or Ctrl+C) drains before uvicorn's own shutdown (``service/drain.py``): not ready, new work
+refused, streams closed with 1012 and a JSON reason, in-flight uploads finished within
+``VSS_DRAIN_TIMEOUT_S``; then the process exits 0. A second signal stops waiting.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import sys
 from pathlib import Path
 
 from service.cli import CLIError
+
+SHUTDOWN_GRACE_S = 5  # uvicorn's own graceful shutdown, after the drain: leftovers are cancelled then
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # heavy imports (torch) only once the arguments are known to be good and the port is ours
 
         from service.app import create_app
+        from service.drain import DrainingServer
         from service.metrics import configure_logging
 
         # Resolved once, so that the spawned adaptation worker logs in the same format.
@@ -96,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"vss: serving on {url} (docs {url}/docs; {settings.engine} engine; models in {settings.model_dir}; "
               f"{auth})", flush=True)
         config = uvicorn.Config(
-            app, host=settings.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+            app, host=settings.host, port=port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             # 1 MiB of headroom so the stream route itself answers oversized frames with 1008 and a
             # message; video frames do not compress, so per-message deflate only costs CPU.
             ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
             server_header=False)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
+        server.run(sockets=[sock])
     finally:
         sock.close()
-    return 0
+    return 0 if server.started else 3  # 3: uvicorn's startup failure

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import adapt, clips, health, models, segment, stream, web
+from . import adapt, clips, docs, health, models, segment, stream, web
 
 
 def routers() -> list[APIRouter]:
     """Every router of the app (imported explicitly; no import-time registration)."""
-    return [health.router, models.router, segment.router, stream.router, web.router, adapt.router, clips.router]
+    return [health.router, models.router, segment.router, stream.router, web.router, adapt.router, clips.router,
+            docs.router]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
@@ -28,9 +28,12 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", summary="Readiness: a warmed-up model is serving",
-            responses={503: {"description": "no model loaded yet"}})
-def readyz(manager: EngineManagerDep) -> Ready:
-    """200 once a model version is loaded and one warm-up inference ran; 503 before."""
+            responses={503: {"description": "no model loaded yet, or the server is draining"}})
+def readyz(request: Request, manager: EngineManagerDep) -> Ready:
+    """200 once a model version is loaded and one warm-up inference ran; 503 before, and from the
+    moment the server drains (SIGTERM) so that the load balancer stops routing here."""
+    if request.app.state.drain.draining:
+        raise ApiError(503, "draining", "this server is shutting down", {"Retry-After": "1"})
     engine = manager.peek()
     if engine is None:
         last = manager.last

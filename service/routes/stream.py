@@ -40,6 +40,11 @@ Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and
 payload: bad config JSON or fields, a raw frame of the wrong size) or 1008 (policy: a message over
 ``ws_max_message_bytes`` or a frame over ``max_width`` x ``max_height`` pixels); 1013 before a model is
 loaded and 1011 for a server-side failure.
+
+Draining (``service.drain``): when the server is told to stop (SIGTERM), the stream finishes the frame in
+hand, sends ``{"type": "error", "error": {"code": "draining", ...}, "last_frame": N}`` (``N``: the last frame
+answered, null if none) and closes with 1012 (service restart). Reconnect (the load balancer sends you to
+another replica) and resend from frame ``N + 1``: the first frame of the new connection is a keyframe.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Message
 
 from models.flow import build_flow
 
@@ -67,6 +73,10 @@ from .segment import clip_sampler
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
+
+CLOSE_SERVICE_RESTART = 1012  # the server is draining: reconnect, another replica takes the stream
+DRAINING = StreamError(CLOSE_SERVICE_RESTART, "draining", "the server is shutting down: reconnect and resend "
+                       "from frame last_frame + 1 (the first frame of the new connection is a keyframe)")
 
 
 @dataclass
@@ -112,12 +122,18 @@ class _Disconnected:
     pass
 
 
+class _Draining:
+    pass
+
+
 class StreamSession:
     """One websocket: a receiver task fills the queue, ``run`` segments and replies."""
 
-    def __init__(self, ws: WebSocket, config: StreamConfig) -> None:
+    def __init__(self, ws: WebSocket, config: StreamConfig, drained: asyncio.Future[None]) -> None:
         app = ws.app
         self.ws, self.config = ws, config
+        self.drained = drained  # done when the server starts draining
+        self.last_frame: int | None = None  # index of the last frame whose reply was handed to the sender
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
         self.manager = get_engine_manager(ws)
         self.lock = data_plane(app).engine_lock
@@ -202,11 +218,16 @@ class StreamSession:
     async def run(self) -> None:
         """Segment queued frames one at a time; each reply is sent while the next frame is segmented."""
         receiver = asyncio.create_task(self.receive())
+        self.drained.add_done_callback(self._on_drain)
         sending: asyncio.Task[bool] | None = None
         try:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, _Disconnected):
+                    return
+                if isinstance(item, _Draining):  # waiting frames are abandoned; last_frame tells the client
+                    if sending is None or await sending:
+                        await close_with_error(self.ws, DRAINING, {"last_frame": self.last_frame})
                     return
                 try:
                     if isinstance(item, StreamError):
@@ -225,17 +246,33 @@ class StreamSession:
                 if sending is not None and not await sending:
                     return  # the client left
                 meta["dropped"] = self.dropped
+                self.last_frame = meta["frame"]
                 sending = asyncio.create_task(self._send(meta, blob))
         finally:
             receiver.cancel()
             if sending is not None and not sending.done():
                 sending.cancel()
 
+    def _on_drain(self, drained: asyncio.Future[None]) -> None:
+        if not drained.cancelled() and self.queue.final is None:
+            self.queue.finish(_Draining())
 
-async def close_with_error(ws: WebSocket, error: StreamError) -> None:
-    """Tell the client what went wrong, then close with the error's code."""
+
+async def receive_unless_draining(ws: WebSocket, drained: asyncio.Future[None]) -> Message | None:
+    """The next message, or None when the server starts draining first."""
+    receiving = asyncio.ensure_future(ws.receive())
+    await asyncio.wait({receiving, drained}, return_when=asyncio.FIRST_COMPLETED)
+    if receiving.done():
+        return receiving.result()
+    receiving.cancel()
+    return None
+
+
+async def close_with_error(ws: WebSocket, error: StreamError, extra: dict[str, Any] | None = None) -> None:
+    """Tell the client what went wrong (``extra``: more top-level keys), then close with the error's code."""
     try:
-        await ws.send_text(json.dumps({"type": "error", "error": {"code": error.code, "message": error.message}}))
+        body = {"type": "error", "error": {"code": error.code, "message": error.message}, **(extra or {})}
+        await ws.send_text(json.dumps(body))
         await ws.close(error.close_code, reason=error.message[:120])
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is already gone
@@ -258,10 +295,14 @@ async def stream(ws: WebSocket) -> None:
     await ws.accept()
     metrics = get_metrics(ws)
     metrics.stream_sessions.inc()
+    drained = ws.app.state.drain.started()
     try:
         settings = get_settings(ws)
         try:
-            first = await ws.receive()
+            first = await receive_unless_draining(ws, drained)
+            if first is None:
+                await close_with_error(ws, DRAINING, {"last_frame": None})
+                return
             if first["type"] == "websocket.disconnect":
                 return
             config = parse_config(first, settings.max_width * settings.max_height)
@@ -276,11 +317,12 @@ async def stream(ws: WebSocket) -> None:
             await close_with_error(ws, StreamError(CLOSE_TRY_AGAIN, "not_ready",
                                                    "no model is loaded yet; retry shortly"))
             return
-        session = StreamSession(ws, config)
+        session = StreamSession(ws, config, drained)
         await ws.send_text(json.dumps({
             "type": "ready", "model_version": engine.version, "classes": list(engine.meta["classes"]),
             "palette": [list(map(int, c)) for c in engine.meta["palette"]], "queue": session.queue.size,
             "input_size": list(engine.meta["input_size"])}))
         await session.run()
     finally:
+        drained.cancel()  # no-op once draining began; otherwise forget this stream
         metrics.stream_sessions.dec()

@@ -3,6 +3,7 @@ answered at once and longer ones (over 3 frames) run as jobs, a spawned adaptati
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
+from service.drain import DrainingServer
 from service.settings import Settings
 from tests.waiting import wait_until
 
@@ -38,13 +40,14 @@ class Server:
 
 
 @contextmanager
-def serve(settings: Settings, port: int = 0, wait_ready: bool = True) -> Iterator[Server]:
+def serve(settings: Settings, port: int = 0, wait_ready: bool = True, drain: bool = True) -> Iterator[Server]:
     """uvicorn in a thread on 127.0.0.1:``port`` (0: a free one; the address is reusable, so a test can
-    restart a server on the same port). Stopping it is what a restart does: websockets get close 1012."""
+    restart a server on the same port), as `vss serve` runs it. Leaving the block stops it: with ``drain``
+    as on SIGTERM (streams get a "draining" message, then close 1012), else uvicorn's bare shutdown (1012)."""
     sock = socket.create_server(("127.0.0.1", port))
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=64 * 2**20,
-                                           timeout_graceful_shutdown=10))
+    config = uvicorn.Config(app, log_level="warning", ws_max_size=64 * 2**20, timeout_graceful_shutdown=10)
+    server = DrainingServer(config, app.state.drain, 10.0) if drain else uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -55,6 +58,9 @@ def serve(settings: Settings, port: int = 0, wait_ready: bool = True) -> Iterato
         port = sock.getsockname()[1]
         yield Server(f"http://127.0.0.1:{port}", port, settings, app)
     finally:
-        server.should_exit = True
+        if drain:
+            server.handle_exit(signal.SIGTERM, None)
+        else:
+            server.should_exit = True
         thread.join(60)
         sock.close()

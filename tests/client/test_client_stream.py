@@ -59,8 +59,8 @@ def test_protocol_errors_raise_stream_error(server: Server, synthetic_video) -> 
 
 
 def test_stream_reconnects_after_a_server_restart(tmp_path: Path, tiny_checkpoint: Path, synthetic_video) -> None:
-    """The server stops (close 1012) between two frames; a new one comes up on the same port while the
-    stream retries; the stream resends the frame in flight, gets a keyframe and goes on."""
+    """The server drains as on SIGTERM ("draining", close 1012) between two frames; a new one comes up on
+    the same port while the stream retries; the stream resends the frame in flight, gets a keyframe and goes on."""
     ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
     settings = settings_for(tmp_path, worker="off")
     restarted = threading.Event()
@@ -88,6 +88,9 @@ def test_stream_reconnects_after_a_server_restart(tmp_path: Path, tiny_checkpoin
             results = list(stream)
         assert restarted.is_set() and second_up.is_set()
         assert [r.index for r in results] == list(range(8)) and stream.reconnects == 1
+        # "draining" when the reply was being awaited; "closed" when the next frame's send met the closed socket
+        assert [d.close_code for d in stream.disconnects] == [1012]
+        assert stream.disconnects[0].code in ("draining", "closed")
         assert [r.keyframe for r in results] == [True, False, False, False, True, False, False, False]
     finally:
         stop_second.set()
@@ -97,7 +100,7 @@ def test_stream_reconnects_after_a_server_restart(tmp_path: Path, tiny_checkpoin
 
 def test_no_reconnect_when_turned_off(tmp_path: Path, tiny_checkpoint: Path, synthetic_video) -> None:
     ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
-    ctx = serve(settings_for(tmp_path, worker="off"))
+    ctx = serve(settings_for(tmp_path, worker="off"), drain=False)
     live = ctx.__enter__()
 
     def frames() -> Iterator[np.ndarray]:
