@@ -111,3 +111,45 @@ def test_no_reconnect_when_turned_off(tmp_path: Path, tiny_checkpoint: Path, syn
     with Client(live.url) as vss, pytest.raises(StreamError) as closed:
         list(vss.stream(frames(), reconnect=False))
     assert closed.value.close_code == 1012
+
+
+def test_async_stream_reconnects_after_a_server_restart(tmp_path: Path, tiny_checkpoint: Path,
+                                                        synthetic_video) -> None:
+    import asyncio
+
+    from vss_client import AsyncClient
+
+    ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
+    settings = settings_for(tmp_path, worker="off")
+    stop_second = threading.Event()
+    first = serve(settings)
+    live = first.__enter__()
+    stopped = False
+
+    def run_second() -> None:
+        with serve(settings, port=live.port):
+            stop_second.wait(120)
+
+    async def frames():  # an async iterable of frames
+        nonlocal stopped
+        for i in range(6):
+            if i == 3:
+                await asyncio.to_thread(first.__exit__, None, None, None)
+                stopped = True
+                threading.Thread(target=run_second, daemon=True).start()
+            yield synthetic_video.frames[i]
+
+    async def main() -> tuple[list[int], list[bool], int]:
+        async with AsyncClient(live.url) as vss:
+            stream = vss.stream(frames(), format="png", reconnect_timeout=120)
+            results = [r async for r in stream]
+            return [r.index for r in results], [r.keyframe for r in results], stream.reconnects
+
+    try:
+        indices, keyframes, reconnects = asyncio.run(main())
+        assert indices == list(range(6)) and reconnects == 1
+        assert keyframes == [True, False, False, True, False, False]
+    finally:
+        stop_second.set()
+        if not stopped:
+            first.__exit__(None, None, None)
