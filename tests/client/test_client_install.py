@@ -44,6 +44,9 @@ def test_client_installs_and_works_without_torch(tmp_path: Path, server: Server,
     python = venv / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(REPO / "client")],
                              capture_output=True, text=True, timeout=600, env=env)
+    offline = ("No matching distribution found", "Failed to establish a new connection", "Temporary failure in name")
+    if install.returncode != 0 and any(text in install.stderr for text in offline):
+        pytest.skip(f"pip cannot reach a package index here: {install.stderr.strip().splitlines()[-1]}")
     assert install.returncode == 0, install.stdout + install.stderr
     run = subprocess.run([str(python), "-c", SCRIPT, server.url, str(synthetic_video.path)], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path, env=env)
