@@ -172,8 +172,9 @@ def _describe(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def io_opener(policy: SourcePolicy, timeout_s: float) -> Any:
-    """PyAV's ``io_open``: every URL FFmpeg opens for an HTTP or file source passes the policy."""
+def io_opener(target: Target, policy: SourcePolicy, timeout_s: float) -> Any:
+    """PyAV's ``io_open``: every URL FFmpeg opens for an HTTP or file source passes the policy (the source's
+    own URL was checked as ``target`` just before: it is fetched from that checked address)."""
 
     def io_open(url: str, flags: int, options: dict[str, str]) -> Any:
         if flags & 2:  # AVIO_FLAG_WRITE
@@ -181,7 +182,7 @@ def io_opener(policy: SourcePolicy, timeout_s: float) -> Any:
         scheme = urlsplit(url).scheme.lower()
         try:
             if scheme in ("http", "https"):
-                return HttpFile(policy.check(url), policy, timeout_s)
+                return HttpFile(target if url == target.url else policy.check(url), policy, timeout_s)
             if scheme in ("", "file"):
                 path = url[len("file:"):] if scheme == "file" else url
                 path = path[len("//"):] if path.startswith("//") else path
@@ -203,7 +204,7 @@ def open_container(target: Target, policy: SourcePolicy, connect_s: float, read_
             return av.open(target.pinned_url(), options=options, timeout=(connect_s, read_s))
         name = str(target.path) if target.path is not None else target.url
         # http_persistent=0: the HLS demuxer's keep-alive path needs FFmpeg's own HTTP context.
-        return av.open(name, options={"http_persistent": "0"}, io_open=io_opener(policy, read_s),
+        return av.open(name, options={"http_persistent": "0"}, io_open=io_opener(target, policy, read_s),
                        buffer_size=BUFFER_SIZE, timeout=(connect_s, read_s))
     except SourceError:
         raise

@@ -87,6 +87,7 @@ class Source:
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
         self._finished = False  # the worker has ended: every result was delivered
+        self._final: tuple[str, str | None] = (STOPPED, None)  # what the reader ended with
         self._times: deque[float] = deque(maxlen=32)  # when recent frames were segmented (fps)
         self._t0 = time.monotonic()
         self.output = Path(settings.sources_output_dir) / self.id
@@ -175,7 +176,7 @@ class Source:
                     if self._stop.is_set():
                         break
                     if self.spec.on_end == "stop":
-                        self._set_state(STOPPED, "end of stream")
+                        self._final = (STOPPED, "end of stream")
                         return
                     error = SourceError("end of stream" if decoded else "the stream ended before its first frame")
                 except Unresolvable as e:
@@ -189,12 +190,12 @@ class Source:
                 if self._stop.is_set():
                     break
                 if error.permanent:
-                    self._set_state(FAILED, error.message)
+                    self._final = (FAILED, error.message)
                     return
                 failures = 1 if decoded else failures + 1
                 limit = settings.sources_reconnect_attempts
                 if limit and failures > limit:
-                    self._set_state(FAILED, f"gave up after {limit} reconnects: {error.message}")
+                    self._final = (FAILED, f"gave up after {limit} reconnects: {error.message}")
                     return
                 delay = min(settings.sources_reconnect_max_s, settings.sources_reconnect_min_s * 2 ** (failures - 1))
                 self.retry_at = time.time() + delay
@@ -204,10 +205,9 @@ class Source:
                 if self._stop.wait(delay):
                     break
                 self.retry_at = None
-            self._set_state(STOPPED)
         except Exception:  # noqa: BLE001 - a bug here must still leave a truthful state
             log.exception("source %s: reader crashed", self.id)
-            self._set_state(FAILED, "internal error in the source reader")
+            self._final = (FAILED, "internal error in the source reader")
 
     def _decode(self, container: Any) -> int:
         """Decode until the stream ends or the source stops; returns the frames decoded."""
@@ -276,7 +276,8 @@ class Source:
         finally:
             self.queue.clear()
             self._close_sinks()
-            self._reader.join()  # the reader's last state comes before "end" (it never waits for the worker)
+            self._reader.join()  # it never waits for the worker
+            self._set_state(*self._final)  # only now: every frame was delivered, every sink file published
             with self._lock:
                 self._finished = True
             self._broadcast(("end", self.state_message()))
