@@ -200,7 +200,8 @@ def open_container(target: Target, policy: SourcePolicy, connect_s: float, read_
     try:
         if target.scheme == "rtsp":
             options = {"rtsp_transport": "tcp", "timeout": micro, "rw_timeout": micro,
-                       "allowed_media_types": "video", "protocol_whitelist": "rtsp,tcp,rtp"}
+                       "allowed_media_types": "video", "protocol_whitelist": "rtsp,tcp,rtp",
+                       "analyzeduration": "1000000"}  # probe 1 s of a live stream, not FFmpeg's 5
             return av.open(target.pinned_url(), options=options, timeout=(connect_s, read_s))
         name = str(target.path) if target.path is not None else target.url
         # http_persistent=0: the HLS demuxer's keep-alive path needs FFmpeg's own HTTP context.
@@ -209,13 +210,17 @@ def open_container(target: Target, policy: SourcePolicy, connect_s: float, read_
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV raises FFmpeg errors and re-raises io_open's
-        raise classify(e) from e
+        raise classify(e, live=target.scheme == "rtsp") from e
 
 
-def classify(e: BaseException) -> SourceError:
-    """An exception met while opening or reading a source as a ``SourceError``."""
+def classify(e: BaseException, live: bool = False) -> SourceError:
+    """An exception met while opening or reading a source as a ``SourceError``. From a ``live`` (RTSP)
+    source, invalid data is retried: FFmpeg reports a camera that accepted the connection but never
+    answered (or answered garbage while rebooting) that way."""
     if isinstance(e, SourceError):
         return e
+    if live and isinstance(e, av.error.InvalidDataError):
+        return SourceError(f"no valid RTSP answer or stream data ({_describe(e)})")
     if isinstance(e, av.error.InvalidDataError | av.error.DecoderNotFoundError | av.error.DemuxerNotFoundError):
         return SourceError(f"not a video FFmpeg can read ({_describe(e)})", permanent=True)
     if isinstance(e, av.error.HTTPClientError):

@@ -184,7 +184,7 @@ class Source:
                 except PolicyError as e:
                     error = SourceError(f"refused: {e.message}", permanent=True)
                 except Exception as e:  # noqa: BLE001 - every failure becomes the source's state, never a crash
-                    error = classify(e)
+                    error = classify(e, live=self.spec.url.lower().startswith("rtsp:"))
                     if isinstance(e, av.error.ExitError):
                         error = SourceError(f"no data for {settings.sources_read_timeout_s:g} s (timed out)")
                 if self._stop.is_set():
