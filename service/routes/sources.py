@@ -69,15 +69,16 @@ class SourceRequest(BaseModel):
     sinks: list[Literal["disk", "hls"]] = Field(default_factory=list, max_length=2, description="write the "
                                                 "overlay as MP4 segments to disk and/or as an HLS stream")
     segment_s: float = Field(4.0, ge=0.5, le=60.0, description="length of the sinks' segments")
-    on_end: Literal["stop", "reconnect"] | None = Field(None, description="when the stream ends: stop, or "
-                                                        "reconnect (default: reconnect for rtsp, else stop)")
+    on_end: Literal["stop", "reconnect", "auto"] = Field("auto", description="when the stream ends: stop, "
+                                                         "reconnect, or auto: stop if the stream declared a "
+                                                         "duration (a file, a VOD playlist), else reconnect")
     realtime: bool | None = Field(None, description="pace decoding to the stream's clock (default: true "
                                   "except for rtsp, which is live anyway)")
 
     def spec(self) -> SourceSpec:
         live = self.url.lower().startswith("rtsp:")
         return SourceSpec(self.url, self.name, self.size, self.collect, tuple(dict.fromkeys(self.sinks)),
-                          self.segment_s, self.on_end or ("reconnect" if live else "stop"),
+                          self.segment_s, self.on_end,
                           self.realtime if self.realtime is not None else not live)
 
 
@@ -108,6 +109,8 @@ async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]
     try:
         source = manager.create(body.spec())
     except TooManySources as e:
+        if manager.settings.sources_max == 0:
+            raise ApiError(403, "sources_off", str(e)) from e
         raise ApiError(409, "too_many_sources", str(e)) from e
     return source.public()
 

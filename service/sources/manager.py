@@ -22,7 +22,7 @@ STOP_GRACE_S = 2.0  # beyond the read timeout, for a frame in the network to fin
 
 
 class TooManySources(RuntimeError):
-    """``sources_max`` sources exist already."""
+    """``sources_max`` sources exist already (or it is 0: sources are off)."""
 
 
 class SourceManager:
@@ -49,6 +49,8 @@ class SourceManager:
     def create(self, spec: SourceSpec) -> Source:
         """Start a source; raises ``TooManySources``."""
         with self._lock:
+            if self.settings.sources_max == 0:
+                raise TooManySources("server-side sources are off (VSS_SOURCES_MAX=0)")
             if len(self._sources) >= self.settings.sources_max:
                 raise TooManySources(f"{len(self._sources)} sources exist (VSS_SOURCES_MAX="
                                      f"{self.settings.sources_max}); DELETE one first")

@@ -54,7 +54,7 @@ class SourceSpec:
     collect: bool = False
     sinks: tuple[str, ...] = ()  # "disk", "hls"
     segment_s: float = 4.0
-    on_end: str = "stop"  # "stop" | "reconnect"
+    on_end: str = "auto"  # "stop" | "reconnect" | "auto": stop when the stream had a duration (a file)
     realtime: bool = True  # pace decoding to the stream's timestamps
 
 
@@ -88,6 +88,7 @@ class Source:
         self._subscribers: list[Subscriber] = []
         self._finished = False  # the worker has ended: every result was delivered
         self._final: tuple[str, str | None] = (STOPPED, None)  # what the reader ended with
+        self._finite = False  # the stream declared a duration (so its end is the end, not a drop)
         self._times: deque[float] = deque(maxlen=32)  # when recent frames were segmented (fps)
         self._t0 = time.monotonic()
         self.output = Path(settings.sources_output_dir) / self.id
@@ -175,7 +176,7 @@ class Source:
                         container.close()
                     if self._stop.is_set():
                         break
-                    if self.spec.on_end == "stop":
+                    if self.spec.on_end == "stop" or (self.spec.on_end == "auto" and self._finite):
                         self._final = (STOPPED, "end of stream")
                         return
                     error = SourceError("end of stream" if decoded else "the stream ended before its first frame")
@@ -215,6 +216,7 @@ class Source:
             raise SourceError("the source has no video stream", permanent=True)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        self._finite = bool(container.duration and container.duration > 0)  # a file or a VOD playlist
         self._check_size(stream.codec_context.width, stream.codec_context.height)
         rate = stream.average_rate or stream.guessed_rate
         self.source_fps = float(rate) if rate and 0 < float(rate) < 1000 else DEFAULT_FPS

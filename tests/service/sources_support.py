@@ -7,6 +7,7 @@ import http.server
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import cv2
 import httpx
 import numpy as np
 from websockets.sync.client import ClientConnection, connect
@@ -67,6 +69,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     """Static files, plus ``/redirect?to=URL`` (a 302 anywhere) for the redirect test."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/mjpeg":  # a camera's MJPEG stream: 20 JPEG frames at 20 fps, then the camera hangs up
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            for i in range(20):
+                jpeg = cv2.imencode(".jpg", np.full((48, 80, 3), i * 10, np.uint8))[1].tobytes()
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                 % (len(jpeg), jpeg))
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         if self.path.startswith("/redirect?to="):
             self.send_response(302)
             self.send_header("Location", self.path[len("/redirect?to="):])

@@ -85,6 +85,19 @@ def test_http_source_is_segmented_and_streamed_to_subscribers(server: Server, cl
     assert client.delete(f"/v1/sources/{source['id']}").status_code == 404
 
 
+def test_mjpeg_over_http_like_a_camera(client: httpx.Client, http_media: tuple[str, list[str]]) -> None:
+    base, _ = http_media
+    source = create(client, f"{base}/mjpeg", on_end="stop")
+    done = wait_state(client, source["id"], {"stopped", "failed"})
+    assert done["state"] == "stopped" and done["frames"] == 20 and (done["width"], done["height"]) == (80, 48), done
+    assert done["frames_segmented"] + done["dropped"] == 20 and done["frames_segmented"] > 0
+    # by default a stream without a duration is live: its end is a drop, and the source reconnects
+    live = create(client, f"{base}/mjpeg")
+    again = wait_until(lambda: (s := state_of(client, live["id"]))["reconnects"] >= 1 and s["frames"] > 20 and s,
+                       60, "the MJPEG source to reconnect and go on")
+    assert again["state"] in ("running", "reconnecting") and again["error"] == "end of stream"
+
+
 def test_file_source_runs_to_its_end_with_a_disk_sink(server: Server, client: httpx.Client, media: Path,
                                                       synthetic_video: SyntheticVideo) -> None:
     write_mp4(server.root / "files" / "short.mp4", list(synthetic_video.frames))
@@ -135,6 +148,7 @@ def test_a_name_connects_to_the_checked_address(http_media: tuple[str, list[str]
 def test_non_video_unreachable_and_missing_urls_end_with_a_reason(server: Server, client: httpx.Client,
                                                                   http_media: tuple[str, list[str]]) -> None:
     base, _ = http_media
+    reconnects_before = metric(client, "vss_source_reconnects_total")
     bad = create(client, f"{base}/notvideo.mp4")
     missing = create(client, f"{base}/missing.mp4")
     closed = create(client, "http://127.0.0.1:9/clip.mp4")  # discard port: nothing listens
@@ -145,8 +159,15 @@ def test_non_video_unreachable_and_missing_urls_end_with_a_reason(server: Server
     failed = wait_state(client, closed["id"], {"failed"})
     assert failed["reconnects"] == 2 and "gave up after 2 reconnects" in failed["error"], failed
     assert "refused" in failed["error"].lower()
-    metrics = client.get("/metrics").text
-    assert 'vss_sources{state="failed"} 3.0' in metrics and "vss_source_reconnects_total 2.0" in metrics
+    assert metric(client, 'vss_sources{state="failed"}') == 3
+    assert metric(client, "vss_source_reconnects_total") == reconnects_before + 2
+
+
+def metric(client: httpx.Client, series: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} is not exported")
 
 
 def test_refusals_inside_a_source_redirects_and_playlists(server: Server, client: httpx.Client,

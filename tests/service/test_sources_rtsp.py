@@ -94,7 +94,7 @@ def until(ws: ClientConnection, predicate: Callable[[dict], bool], what: str, ti
 def test_rtsp_camera_drop_reconnects_and_recovers(server: Server, camera: Camera) -> None:
     with server.client() as client:
         source = create(client, camera.url, name="gate")
-        assert source["options"]["on_end"] == "reconnect" and source["options"]["realtime"] is False
+        assert source["options"]["on_end"] == "auto" and source["options"]["realtime"] is False
         with subscribe(server, source["id"], "png") as (ws, _):
             replies = frames_from(ws, 5)
             assert all((m["width"], m["height"]) == (160, 96) for m, _ in replies)
