@@ -87,7 +87,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
             return
         self.server.hosts.append(self.headers.get("Host"))  # type: ignore[attr-defined]
+        if self.path.startswith("/ranged/"):
+            self._ranged(Path(self.directory) / self.path[len("/ranged/"):])
+            return
         super().do_GET()
+
+    def _ranged(self, path: Path) -> None:
+        """Serve a file with byte ranges (``Range: bytes=N-``), as nginx does; http.server has none."""
+        data = path.read_bytes()
+        start = int(self.headers.get("Range", "bytes=0-")[len("bytes="):].split("-")[0] or 0)
+        self.send_response(206 if self.headers.get("Range") else 200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(data) - start))
+        if self.headers.get("Range"):
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        self.wfile.write(data[start:])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass

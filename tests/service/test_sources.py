@@ -7,7 +7,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
+import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -145,6 +147,28 @@ def test_a_name_connects_to_the_checked_address(http_media: tuple[str, list[str]
     assert hosts[-1] == f"camera.test:{port}"  # the Host header names the host, the socket went to 127.0.0.1
 
 
+def test_an_mp4_with_its_index_at_the_end_is_read_by_range_requests(media: Path,
+                                                                   http_media: tuple[str, list[str]]) -> None:
+    base, _ = http_media
+    # noise compresses badly: the file is far larger than FFmpeg's read buffer, so reading it straight
+    # through cannot reach the index at its end and come back (verified: without ranges it is invalid data)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(9)]
+    with av.open(str(media / "moov-last.mp4"), "w", format="mp4") as out:  # no faststart: the index comes last
+        stream = out.add_stream("libx264", rate=10)
+        stream.height, stream.width, stream.pix_fmt = 240, 320, "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    data = (media / "moov-last.mp4").read_bytes()
+    assert data.find(b"moov") > data.find(b"mdat") > 0 and len(data) > 200_000
+    settings = type("S", (), {"sources_allowed_schemes": ["http"], "sources_allowed_hosts": ["127.0.0.1"],
+                              "sources_file_dir": None})
+    policy = SourcePolicy.from_settings(settings)
+    with open_container(policy.check(f"{base}/ranged/moov-last.mp4"), policy, 5, 5) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9
+
+
 def test_non_video_unreachable_and_missing_urls_end_with_a_reason(server: Server, client: httpx.Client,
                                                                   http_media: tuple[str, list[str]]) -> None:
     base, _ = http_media
@@ -225,6 +249,24 @@ def test_max_sources_is_409_until_one_is_deleted(server: Server, client: httpx.C
     listing = client.get("/v1/sources").json()
     assert len(listing["sources"]) == 3 and listing["max"] == 3
     assert listing["allowed"]["hosts"] == ["127.0.0.0/8"]
+
+
+def test_stale_frames_are_dropped_while_the_model_is_busy(server: Server, client: httpx.Client,
+                                                          synthetic_video: SyntheticVideo) -> None:
+    write_mp4(server.root / "files" / "busy.mp4", clip_frames(synthetic_video.frames, 30))
+    dropped_before = metric(client, 'vss_frames_dropped_total{reason="source_stale"}')
+    lock = server.app.state.data_plane.engine_lock  # what every network call of the app waits for
+    lock.acquire()  # the model is busy (a long upload, say): the source's worker cannot segment
+    try:
+        source = create(client, "file:busy.mp4", realtime=False)
+        wait_until(lambda: state_of(client, source["id"])["frames"] == 30, 60, "the reader to decode every frame")
+    finally:
+        lock.release()
+    done = wait_state(client, source["id"], {"stopped"})
+    queue = server.app.state.settings.sources_queue_size
+    # the frame in the network when the lock was taken, and the `queue` freshest ones; the rest dropped
+    assert done["frames_segmented"] <= queue + 1 and done["dropped"] == 30 - done["frames_segmented"], done
+    assert metric(client, 'vss_frames_dropped_total{reason="source_stale"}') == dropped_before + done["dropped"]
 
 
 def test_subscriber_of_an_ended_source_gets_its_state_and_a_normal_close(server: Server, client: httpx.Client,
