@@ -80,6 +80,10 @@ class SourceManager:
         source.stop(self.settings.sources_read_timeout_s + STOP_GRACE_S)
         self.metrics.sources.labels(state=source.state).dec()
         shutil.rmtree(source.output / "hls", ignore_errors=True)
+        try:
+            source.output.rmdir()  # when no disk segments are left in it
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Stop every source (app shutdown)."""

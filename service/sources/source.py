@@ -93,7 +93,6 @@ class Source:
         self._t0 = time.monotonic()
         self.output = Path(settings.sources_output_dir) / self.id
         self.sinks: dict[str, Any] = {}
-        self._sink_error: str | None = None
         self._segmenter: StreamSegmenter | None = None
         self._raw_engine: Any = None
         self._sampler = ctx.sampler(spec) if spec.collect else None
@@ -345,8 +344,7 @@ class Source:
             for sink in self.sinks.values():
                 sink.write(picture, t_ms)
         except (OSError, av.error.FFmpegError, ValueError) as e:
-            self._sink_error = f"sink: {e}"
-            self.error = self._sink_error
+            self.error = f"sink: {e}"
             log.warning("source %s: a sink failed: %s", self.id, e)
 
     def _cut_sinks(self) -> None:

@@ -317,3 +317,13 @@ def test_collect_feeds_the_clip_buffer_through_the_stream_hook(tmp_path: Path, t
         other = create(c, "file:c.mp4")  # collect is off by default
         wait_state(c, other["id"], {"stopped"})
         assert c.get("/v1/clips").json()["sources"]["source"] <= done["frames_segmented"] // 2
+
+
+def test_frames_over_the_pixel_limit_fail_the_source(tmp_path: Path, tiny_checkpoint: Path,
+                                                     synthetic_video: SyntheticVideo) -> None:
+    with vss_server(tmp_path, tiny_checkpoint, max_width=64, max_height=64) as live, live.client() as c:
+        write_mp4(live.root / "files" / "big.mp4", list(synthetic_video.frames))  # 128x64 > 64x64 pixels
+        source = create(c, "file:big.mp4")
+        failed = wait_state(c, source["id"], {"failed"})
+        assert "128x64 frames are over the limit of 64x64 pixels" in failed["error"], failed
+        assert failed["frames_segmented"] == 0
