@@ -23,7 +23,7 @@ PROBE = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRt
          "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
          "assert all(Gst.ElementFactory.find(e) for e in ('videotestsrc', 'x264enc', 'rtph264pay')), 'plugins'")
 PACKAGES = ("python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
-            "gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav")
+            "gstreamer1.0-plugins-ugly")  # videotestsrc, rtph264pay, x264enc
 
 
 def _rtsp_server_missing() -> str | None:
