@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -109,14 +110,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def file_server(directory: Path) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``directory`` over HTTP on loopback; yields (base URL, the Host headers received)."""
+def file_server(directory: Path, tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[str]]]:
+    """Serve ``directory`` over HTTP (HTTPS with ``tls``) on loopback; yields (base URL, the Host headers)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(directory)))
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     server.hosts = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.hosts  # type: ignore[attr-defined]
+        scheme = "https" if tls is not None else "http"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}", server.hosts  # type: ignore[attr-defined]
     finally:
         server.shutdown()
         server.server_close()
