@@ -130,6 +130,14 @@ class Settings(BaseSettings):
             return [str(v).strip().lower() for v in value]
         return value
 
+    @field_validator("sources_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        from .sources.policy import parse_hosts  # stdlib only; raises ValueError for a bad entry
+
+        parse_hosts(value)
+        return value
+
     @field_validator("sources_file_dir", mode="before")
     @classmethod
     def _no_file_dir(cls, value: object) -> object:

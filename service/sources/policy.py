@@ -132,17 +132,7 @@ class SourcePolicy:
 
     @classmethod
     def from_settings(cls, settings: Any, resolver: Resolver = system_resolver) -> SourcePolicy:
-        networks: list[IPNetwork] = []
-        names: list[str] = []
-        for entry in settings.sources_allowed_hosts:
-            entry = entry.strip().lower().rstrip(".")
-            try:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            except ValueError:
-                if not _HOST_NAME.fullmatch(entry):
-                    raise ValueError(f"VSS_SOURCES_ALLOWED_HOSTS: {entry!r} is neither a host name, "
-                                     f"an address nor a CIDR network") from None
-                names.append(entry)
+        names, networks = parse_hosts(settings.sources_allowed_hosts)
         file_dir = settings.sources_file_dir
         return cls(frozenset(s.lower() for s in settings.sources_allowed_schemes), tuple(networks), tuple(names),
                    Path(file_dir).resolve() if file_dir is not None else None, resolver)
@@ -227,6 +217,22 @@ class SourcePolicy:
             elif host == name:
                 return True
         return False
+
+
+def parse_hosts(entries: list[str]) -> tuple[list[str], list[IPNetwork]]:
+    """``VSS_SOURCES_ALLOWED_HOSTS`` entries as (host names, networks); raises ``ValueError`` for others."""
+    names: list[str] = []
+    networks: list[IPNetwork] = []
+    for entry in entries:
+        entry = entry.strip().lower().rstrip(".")
+        try:
+            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+        except ValueError:
+            if not _HOST_NAME.fullmatch(entry):
+                raise ValueError(f"VSS_SOURCES_ALLOWED_HOSTS: {entry!r} is neither a host name, an address "
+                                 f"nor a CIDR network") from None
+            names.append(entry)
+    return names, networks
 
 
 def _split(url: str) -> SplitResult:

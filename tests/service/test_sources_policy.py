@@ -113,9 +113,21 @@ def test_files_inside_the_directory_only_with_symlinks_resolved(tmp_path: Path) 
         p.check(f"file://{allowed}/missing.mp4")
 
 
-def test_bad_allow_list_entries_are_rejected_at_startup() -> None:
+def test_bad_allow_list_entries_are_rejected_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
     with pytest.raises(ValueError, match="neither a host name"):
         policy(["cams/24"])
+    monkeypatch.setenv("VSS_SOURCES_ALLOWED_HOSTS", "192.168.1.0/24, cam.lan,bad host")
+    with pytest.raises(ValidationError, match="'bad host' is neither a host name"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("VSS_SOURCES_ALLOWED_HOSTS", "192.168.1.0/24, Cam.Lan")
+    monkeypatch.setenv("VSS_SOURCES_ALLOWED_SCHEMES", '["rtsp"]')
+    settings = Settings(_env_file=None)
+    assert (settings.sources_allowed_hosts, settings.sources_allowed_schemes) == (["192.168.1.0/24", "cam.lan"],
+                                                                                  ["rtsp"])
 
 
 def test_redact_hides_passwords() -> None:
