@@ -27,6 +27,11 @@ from .policy import PolicyError, SourcePolicy, Target, redact
 MAX_REDIRECTS = 5
 BUFFER_SIZE = 64 * 1024
 USER_AGENT = "vss-sources/1"
+# Demuxers an HTTP or file source may use (FFmpeg's format_whitelist; HLS passes it on to its segments):
+# video containers, HLS, MJPEG over HTTP and raw elementary streams. Playlist-like demuxers that open
+# other files (concat, dash, ...) and the hundreds of exotic ones are left out: less parser surface.
+FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,hls,mpjpeg,mjpeg,jpeg_pipe,png_pipe,"
+           "h264,hevc,m4v,ivf")
 
 
 class SourceError(Exception):
@@ -205,7 +210,8 @@ def open_container(target: Target, policy: SourcePolicy, connect_s: float, read_
             return av.open(target.pinned_url(), options=options, timeout=(connect_s, read_s))
         name = str(target.path) if target.path is not None else target.url
         # http_persistent=0: the HLS demuxer's keep-alive path needs FFmpeg's own HTTP context.
-        return av.open(name, options={"http_persistent": "0"}, io_open=io_opener(target, policy, read_s),
+        options = {"http_persistent": "0", "format_whitelist": FORMATS}
+        return av.open(name, options=options, io_open=io_opener(target, policy, read_s),
                        buffer_size=BUFFER_SIZE, timeout=(connect_s, read_s))
     except SourceError:
         raise
@@ -223,6 +229,8 @@ def classify(e: BaseException, live: bool = False) -> SourceError:
         return SourceError(f"no valid RTSP answer or stream data ({_describe(e)})")
     if isinstance(e, av.error.InvalidDataError | av.error.DecoderNotFoundError | av.error.DemuxerNotFoundError):
         return SourceError(f"not a video FFmpeg can read ({_describe(e)})", permanent=True)
+    if not live and isinstance(e, av.error.ArgumentError):  # what FFmpeg says of a format not in FORMATS
+        return SourceError(f"not a video format sources read ({_describe(e)}; formats: {FORMATS})", permanent=True)
     if isinstance(e, av.error.HTTPClientError):
         return SourceError(f"the server refused the request ({_describe(e)})", permanent=True)
     return SourceError(_describe(e))

@@ -33,6 +33,7 @@ def media(tmp_path_factory: pytest.TempPathFactory, synthetic_video: SyntheticVi
     write_mp4(root / "clip.mp4", frames)
     write_hls(root / "hls", frames[:24])
     (root / "notvideo.mp4").write_text("<html><body>this is not a video</body></html>\n" * 50)
+    (root / "list.ffconcat").write_text("ffconcat version 1.0\nfile clip.mp4\n")  # a demuxer left out
     (root / "evil.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n"
                                     "http://169.254.169.254/latest/meta-data/x.ts\n#EXT-X-ENDLIST\n")
     return root
@@ -46,7 +47,7 @@ def http_media(media: Path) -> Iterator[tuple[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Server]:
-    with vss_server(tmp_path_factory.mktemp("vss"), tiny_checkpoint, sources_max=3,
+    with vss_server(tmp_path_factory.mktemp("vss"), tiny_checkpoint, sources_max=4,
                     sources_reconnect_attempts=2) as live:
         yield live
 
@@ -174,16 +175,19 @@ def test_non_video_unreachable_and_missing_urls_end_with_a_reason(server: Server
     base, _ = http_media
     reconnects_before = metric(client, "vss_source_reconnects_total")
     bad = create(client, f"{base}/notvideo.mp4")
+    concat = create(client, f"{base}/list.ffconcat")
     missing = create(client, f"{base}/missing.mp4")
     closed = create(client, "http://127.0.0.1:9/clip.mp4")  # discard port: nothing listens
     failed = wait_state(client, bad["id"], {"failed"})
     assert "not a video" in failed["error"], failed
+    failed = wait_state(client, concat["id"], {"failed"})
+    assert "not a video format sources read" in failed["error"], failed
     failed = wait_state(client, missing["id"], {"failed"})
     assert "HTTP 404" in failed["error"], failed
     failed = wait_state(client, closed["id"], {"failed"})
     assert failed["reconnects"] == 2 and "gave up after 2 reconnects" in failed["error"], failed
     assert "refused" in failed["error"].lower()
-    assert metric(client, 'vss_sources{state="failed"}') == 3
+    assert metric(client, 'vss_sources{state="failed"}') == 4
     assert metric(client, "vss_source_reconnects_total") == reconnects_before + 2
 
 
@@ -241,13 +245,13 @@ def test_bad_options_are_422(client: httpx.Client, http_media: tuple[str, list[s
 def test_max_sources_is_409_until_one_is_deleted(server: Server, client: httpx.Client,
                                                  http_media: tuple[str, list[str]]) -> None:
     base, _ = http_media
-    ids = [create(client, f"{base}/clip.mp4", on_end="reconnect")["id"] for _ in range(3)]
+    ids = [create(client, f"{base}/clip.mp4", on_end="reconnect")["id"] for _ in range(4)]
     response = client.post("/v1/sources", json={"url": f"{base}/clip.mp4"})
     assert response.status_code == 409 and response.json()["error"]["code"] == "too_many_sources"
     assert client.delete(f"/v1/sources/{ids[0]}").status_code == 200
     create(client, f"{base}/clip.mp4")
     listing = client.get("/v1/sources").json()
-    assert len(listing["sources"]) == 3 and listing["max"] == 3
+    assert len(listing["sources"]) == 4 and listing["max"] == 4
     assert listing["allowed"]["hosts"] == ["127.0.0.0/8"]
 
 
