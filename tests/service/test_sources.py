@@ -331,3 +331,13 @@ def test_frames_over_the_pixel_limit_fail_the_source(tmp_path: Path, tiny_checkp
         failed = wait_state(c, source["id"], {"failed"})
         assert "128x64 frames are over the limit of 64x64 pixels" in failed["error"], failed
         assert failed["frames_segmented"] == 0
+
+
+def test_stopping_the_server_stops_its_sources(tmp_path: Path, tiny_checkpoint: Path,
+                                               http_media: tuple[str, list[str]]) -> None:
+    base, _ = http_media
+    with vss_server(tmp_path, tiny_checkpoint) as live, live.client() as c:
+        source = create(c, f"{base}/clip.mp4", on_end="reconnect")
+        wait_state(c, source["id"], {"running"})
+        assert source_threads(source["id"])
+    assert source_threads(source["id"]) == []
