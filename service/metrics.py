@@ -48,6 +48,11 @@ class Metrics:
         self.inference_seconds = Histogram("vss_inference_seconds", "Engine time per call", ["stage"],
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.stream_sessions = Gauge("vss_stream_sessions", "Open websocket stream sessions", registry=r)
+        self.sources = Gauge("vss_sources", "Server-side sources (POST /v1/sources) by state", ["state"], registry=r)
+        self.source_reconnects = Counter("vss_source_reconnects_total", "Reconnects of server-side sources "
+                                         "after a drop or a failed connect", registry=r)
+        self.frames_segmented.labels(source="source")
+        self.frames_dropped.labels(reason="source_stale")
         for source in ("upload", "stream"):  # export the series at 0 before the first frame
             self.frames_segmented.labels(source=source)
         self.frames_dropped.labels(reason="stale")
