@@ -120,7 +120,8 @@ class StreamSession:
         self.ws, self.config = ws, config
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
         self.manager = get_engine_manager(ws)
-        self.lock = data_plane(app).engine_lock
+        plane = data_plane(app)
+        self.lock, self.batcher = plane.engine_lock, plane.batcher
         self.queue = DropOldestQueue(self.settings.ws_queue_size)
         self.dropped = 0
         self._raw_engine: Any = None
@@ -165,7 +166,7 @@ class StreamSession:
         raw = self.manager.current()
         if raw is not self._raw_engine:
             self._raw_engine = raw
-            engine = LockedEngine(raw, self.lock)
+            engine = LockedEngine(raw, self.lock, self.batcher)  # the network call may join other streams' batch
             if self.segmenter is None:
                 self.segmenter = StreamSegmenter(engine, self.flow, self.config.size)
             else:
