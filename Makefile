@@ -23,9 +23,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/streaming.py
 
-# On a CUDA machine: the gpu-marked tests + GPU numbers into gpu-report.json (<= 8 min); exits 2 without CUDA.
+# On a CUDA machine: the gpu-marked tests + GPU numbers into var/gpu-report.json (<= 8 min); exits 2 without CUDA.
 gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu.py -o gpu-report.json
+	$(BIN)/python bench/gpu.py -o var/gpu-report.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """One GPU check: the `gpu`-marked tests and the serving and adaptation numbers of a CUDA machine, one report.
 
-    .venv/bin/python bench/gpu.py [-o gpu-report.json] [--budget-s 480]      # or: make gpu-check
+    .venv/bin/python bench/gpu.py [-o var/gpu-report.json] [--budget-s 420]  # or: make gpu-check
     .venv/bin/python bench/gpu.py --device cpu --tiny [--no-tests]           # dry run of every part on CPU
 
 1. ``pytest -m gpu`` (every test that needs CUDA; ``--tests`` narrows it).
@@ -55,9 +55,10 @@ from models.classes import CLASS_SETS  # noqa: E402
 from models.flow import DISFlow  # noqa: E402
 from service.atomic import write_atomic  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
-from service.pipeline import NaiveSegmenter, StreamSegmenter  # noqa: E402
+from service.pipeline import NaiveSegmenter, StreamSegmenter, labels_from_logits  # noqa: E402
 
 TARGETS = {"stream_fps_r101_fp16": 60.0, "batched_fps_demo_8": 1000.0}
+TRT_NEEDS_S = 150.0  # budget left for a TensorRT part to start: it builds an engine for the model first
 STREAM_COUNTS = [1, 4, 8]
 
 
@@ -74,12 +75,12 @@ class Plan:
         self.stpl_batch, self.stpl_crop = (2, (32, 64)) if tiny else (4, (128, 256))
 
 
-def peak_memory_mib(device: str) -> float | None:
-    """Peak GPU memory since the last reset: torch's allocator, or the device's use when ONNX Runtime ran."""
+def device_used_mib(device: str) -> float | None:
+    """GPU memory in use on the device now (every allocator: torch, ONNX Runtime, the CUDA context)."""
     if device != "cuda":
         return None
     free, total = torch.cuda.mem_get_info()
-    return round(max(torch.cuda.max_memory_allocated(), total - free) / 2**20, 1)
+    return round((total - free) / 2**20, 1)
 
 
 def measured(device: str, part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def measured(device: str, part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         result = part()
     except Exception as e:  # noqa: BLE001 - one failing part must not hide the others
         return {"error": f"{type(e).__name__}: {e}"}
-    return {**result, "peak_gpu_mib": peak_memory_mib(device)}
+    peak = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
+    return {**result, "peak_gpu_mib": peak}  # torch's allocator; ONNX Runtime parts report device_used_mib
 
 
 def ping_pong(frames: np.ndarray, n: int) -> list[np.ndarray]:
@@ -110,7 +112,8 @@ def fps(segmenter: StreamSegmenter, frames: list[np.ndarray], warmup: int = 2) -
     return (len(frames) - warmup) / (time.perf_counter() - start)
 
 
-def engine_part(engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
+def engine_part(engine: Any, frames: list[np.ndarray], device: str) -> dict[str, Any]:
+    """The network alone at batch 1, then streaming and naive frames/s; GPU memory in use at the end."""
     h, w = (int(v) for v in engine.meta["input_size"])
     batch = np.full((1, 3, h, w), 127.0, np.float32)
     times = []
@@ -122,8 +125,8 @@ def engine_part(engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
     stream = fps(StreamSegmenter(engine, DISFlow()), frames + frames[:2])
     naive = fps(NaiveSegmenter(engine, DISFlow()), frames + frames[:2])
     return {"network_ms": round(statistics.median(times), 3), "stream_fps": round(stream, 2),
-            "naive_fps": round(naive, 2), "speedup": round(stream / naive, 3),
-            "providers": list(getattr(engine, "providers", []))}
+            "naive_fps": round(naive, 2), "speedup": round(stream / naive, 3), "device_used_mib":
+            device_used_mib(device), "providers": list(engine.providers) if engine.backend == "onnxruntime" else []}
 
 
 def build_engines(model: torch.nn.Module, meta: dict[str, Any], device: str, tmp: Path,
@@ -209,8 +212,28 @@ def load_model(name: str, plan: Plan) -> tuple[torch.nn.Module, dict[str, Any], 
     return engine.model, {**engine.meta, "input_size": list(plan.sizes[name])}, weights
 
 
+def cpu_stages(meta: dict[str, Any], frames: list[np.ndarray]) -> dict[str, Any]:
+    """ms of the CPU work around the network at this input size: DIS flow (in every stream step) and the
+    label map (upsampling + argmax; in the stream step, in the writer thread for uploads)."""
+    h, w = (int(v) for v in meta["input_size"])
+    stride = int(meta["architecture"]["output_stride"])
+    logits = np.random.default_rng(0).standard_normal((len(meta["classes"]), h // stride, w // stride))
+    flow, label_map = DISFlow(), []
+    flow_ms = []
+    for previous, current in zip(frames[:6], frames[1:7]):
+        start = time.perf_counter()
+        flow(previous, current)
+        flow_ms.append((time.perf_counter() - start) * 1000.0)
+        start = time.perf_counter()
+        labels_from_logits(logits.astype(np.float32), (h, w))
+        label_map.append((time.perf_counter() - start) * 1000.0)
+    return {"flow_ms": round(statistics.median(flow_ms), 2), "label_map_ms": round(statistics.median(label_map), 2)}
+
+
 def measure(args: argparse.Namespace, plan: Plan, tmp: Path, deadline: float) -> dict[str, Any]:
-    """Every model part, in phases (torch engines, batching, STPL, ONNX Runtime), while time is left."""
+    """Every model part, in phases (torch engines, batching, STPL, ONNX Runtime), while time is left.
+
+    A part starts only if the budget has ``needs`` seconds left (TensorRT builds its engine first)."""
     device, models, tasks = args.device, {}, []
     for name in ("demo", plan.paper):
         model, meta, weights = load_model(name, plan)
@@ -219,21 +242,23 @@ def measure(args: argparse.Namespace, plan: Plan, tmp: Path, deadline: float) ->
         builders = build_engines(model, meta, device, tmp / name, args.threads)
         models[name] = {"weights": weights, "input_size": list(plan.sizes[name]), "engines": {}}
         serving = "torch-fp16" if device == "cuda" else "torch-fp32"
+        tasks.append((0, name, ("cpu_stages",), 0.0, lambda meta=meta, frames=frames: cpu_stages(meta, frames)))
         for variant, build in builders.items():
-            phase = 0 if variant.startswith("torch") else 3
-            tasks.append((phase, name, ("engines", variant),
-                          lambda build=build, frames=frames: engine_part(build(), frames)))
-        tasks.append((1, name, ("batching",), lambda build=builders[serving], frames=frames, variant=serving: {
+            phase, needs = (0, 0.0) if variant.startswith("torch") else (3, TRT_NEEDS_S if "tensorrt" in variant
+                                                                          else 0.0)
+            tasks.append((phase, name, ("engines", variant), needs,
+                          lambda build=build, frames=frames: engine_part(build(), frames, device)))
+        tasks.append((1, name, ("batching",), 0.0, lambda build=builders[serving], frames=frames, variant=serving: {
             "engine": variant, "max_batch": args.max_batch, "wait_ms": args.wait_ms, "frames_per_stream":
             plan.batch_frames, "rows": compare(build(), frames, STREAM_COUNTS, plan.batch_frames, args.max_batch,
                                                args.wait_ms / 1000.0, 1)}))
-        tasks.append((2, name, ("stpl",), lambda model=model: stpl_step(model, device, plan)))
-    for _, name, where, part in sorted(tasks, key=lambda t: t[0]):
+        tasks.append((2, name, ("stpl",), 0.0, lambda model=model: stpl_step(model, device, plan)))
+    for _, name, where, needs, part in sorted(tasks, key=lambda t: t[0]):
         slot = models[name]
         for key in where[:-1]:
             slot = slot[key]
-        if time.monotonic() > deadline:
-            slot[where[-1]] = {"skipped": "time budget spent"}
+        if deadline - time.monotonic() < needs or time.monotonic() > deadline:
+            slot[where[-1]] = {"skipped": f"time budget ({needs:.0f} s needed)" if needs else "time budget spent"}
             continue
         print(f"  {name}: {' '.join(where)} ...", flush=True)
         slot[where[-1]] = measured(device, part)
@@ -254,6 +279,11 @@ def checks(models: dict[str, Any]) -> dict[str, bool | None]:
             batched[0] >= TARGETS["batched_fps_demo_8"] if batched else None}
 
 
+def parts(model: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, result) of every part measured for one model."""
+    return [*model["engines"].items(), *((k, model[k]) for k in ("cpu_stages", "batching", "stpl"))]
+
+
 def _cell(part: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
     if "error" in part or "skipped" in part:
         return "error" if "error" in part else "skipped"
@@ -262,14 +292,17 @@ def _cell(part: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| model | part | network ms | stream fps | naive fps | ratio | peak GPU MiB |",
+    lines = ["| model | part | network ms | stream fps | naive fps | ratio | GPU MiB: torch peak / device used |",
              "|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
         for variant, e in m["engines"].items():
             lines.append(f"| {name} | {variant} | {_cell(e, 'network_ms', '{:.2f}')} | {_cell(e, 'stream_fps')} | "
-                         f"{_cell(e, 'naive_fps')} | {_cell(e, 'speedup', '{:.2f}')} | {_cell(e, 'peak_gpu_mib')} |")
-        stpl = m["stpl"]
+                         f"{_cell(e, 'naive_fps')} | {_cell(e, 'speedup', '{:.2f}')} | {_cell(e, 'peak_gpu_mib')} / "
+                         f"{_cell(e, 'device_used_mib')} |")
+        stpl, cpu = m["stpl"], m["cpu_stages"]
         lines.append(f"| {name} | STPL step ms | {_cell(stpl, 'ms_per_step')} | | | | {_cell(stpl, 'peak_gpu_mib')} |")
+        lines.append(f"| {name} | CPU: DIS flow / label map ms | {_cell(cpu, 'flow_ms')} / "
+                     f"{_cell(cpu, 'label_map_ms')} | | | | |")
     lines += ["", "| model | streams | unbatched fps | batched fps | p99 ms unbatched / batched | mean batch |",
               "|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
@@ -284,8 +317,7 @@ def table(report: dict[str, Any]) -> str:
     lines += ["", f"gpu tests: {tests.get('summary', tests.get('skipped', '-'))}"]
     lines += [f"check: {name}: {'-' if ok is None else 'met' if ok else 'NOT met'}"
               for name, ok in report["checks"].items()]
-    errors = [f"{n} {k}: {v['error']}" for n, m in report["models"].items() for k, v in
-              [*m["engines"].items(), ("batching", m["batching"]), ("stpl", m["stpl"])] if "error" in v]
+    errors = [f"{n} {k}: {v['error']}" for n, m in report["models"].items() for k, v in parts(m) if "error" in v]
     return "\n".join(lines + [f"error: {e}" for e in errors])
 
 
@@ -298,12 +330,14 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_mib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20)
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32  # torch fp32 convolutions run in TF32 if so
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-o", "--output", type=Path, default=Path("gpu-report.json"), help="the JSON report")
+    p.add_argument("-o", "--output", type=Path, default=Path("var/gpu-report.json"),
+                   help="the JSON report (default var/gpu-report.json)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: checks that every part works, in ~1 min on CPU")
     p.add_argument("--budget-s", type=float, default=420.0, help="no part starts after this (default 420; the "
@@ -343,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.output, (json.dumps(report, indent=1, default=float) + "\n").encode())
     print(table(report))
     print(f"report: {args.output} ({report['elapsed_s']} s)")
-    failed = not report["tests"]["ok"] or any("error" in v for m in report["models"].values() for v in
-                                              [*m["engines"].values(), m["batching"], m["stpl"]])
+    failed = not report["tests"]["ok"] or any("error" in v for m in report["models"].values() for _, v in parts(m))
     return 1 if failed else 0
 
 

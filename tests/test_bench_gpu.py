@@ -39,7 +39,7 @@ def test_tiny_cpu_dry_run_measures_every_part(tmp_path: Path, capsys: pytest.Cap
         assert set(model["engines"]) == {"torch-fp32", "onnx-cpu"}
         for engine in model["engines"].values():
             assert all(positive(engine[k]) for k in ("network_ms", "stream_fps", "naive_fps", "speedup")), engine
-            assert engine["peak_gpu_mib"] is None
+            assert engine["peak_gpu_mib"] is None and engine["device_used_mib"] is None
         batching = model["batching"]
         assert batching["engine"] == "torch-fp32" and batching["max_batch"] == 8
         assert [r["streams"] for r in batching["rows"]] == [1, 4, 8]
@@ -48,6 +48,7 @@ def test_tiny_cpu_dry_run_measures_every_part(tmp_path: Path, capsys: pytest.Cap
                 r = row[mode]
                 assert positive(r["fps"]) and 0 < r["p50_ms"] <= r["p99_ms"] and r["frames"] == 2 * row["streams"]
             assert row["unbatched"]["mean_batch"] == 1.0 and 1.0 <= row["batched"]["mean_batch"] <= row["streams"]
+        assert positive(model["cpu_stages"]["flow_ms"]) and positive(model["cpu_stages"]["label_map_ms"])
         stpl = model["stpl"]
         assert positive(stpl["ms_per_step"]) and stpl["steps"] == 1 and math.isfinite(stpl["loss"])
     checks = report["checks"]

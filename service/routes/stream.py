@@ -33,7 +33,8 @@ Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **old
 is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
 the server always works on the freshest frames. Each connection keeps the previous frame's logits
 (one network forward per frame); every frame uses the registry's current engine, and after a swap
-the next frame is a keyframe of the new version.
+the next frame is a keyframe of the new version. With ``batch_max`` > 1 the network call of a frame may
+run in one batch with other streams' and uploads' frames (``service.batcher``); replies are unchanged.
 
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
