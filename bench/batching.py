@@ -7,8 +7,9 @@ Each stream is a thread with its own ``StreamSegmenter`` (DIS flow, fusion, labe
 size) stepping through a generated 256x512 clip, as a websocket session does; the per-frame network
 calls go through one ``service.batcher.Batcher`` on the app's FIFO engine lock: ``max_batch=1`` is
 the unbatched service, ``--max-batch`` the batched one. Reported per configuration: total frames/s,
-median and p99 latency of a frame (one ``step``, waiting for the batch and the lock included) and the
-mean batch. Batched and unbatched runs are interleaved so that load from other processes hits both
+median and p99 latency of a frame (one ``step``, waiting for the batch and the lock included), the
+mean batch, and the process CPU time per frame (all threads; what batching saves or costs, whatever
+the load from other processes). Batched and unbatched runs are interleaved so that load from other processes hits both
 alike; torch, ONNX Runtime and OpenCV are pinned to ``--threads`` threads.
 """
 
@@ -67,15 +68,16 @@ def run_streams(engine: Any, clip: list[np.ndarray], streams: int, frames: int, 
     for t in threads:
         t.start()
     start_line.wait()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if errors:
         raise errors[0]
     flat = [ms for per in latencies for ms in per]
     return {"fps": len(flat) / seconds, "p50_ms": percentile(flat, 50), "p99_ms": percentile(flat, 99),
-            "mean_batch": batcher.stats.mean_batch, "frames": len(flat), "seconds": seconds}
+            "mean_batch": batcher.stats.mean_batch, "frames": len(flat), "seconds": seconds,
+            "cpu_ms_per_frame": 1000.0 * cpu_seconds / len(flat)}
 
 
 def merge(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -98,13 +100,13 @@ def compare(engine: Any, clip: list[np.ndarray], counts: list[int], frames: int,
 
 def table(rows: list[dict[str, Any]], max_batch: int, wait_ms: float) -> str:
     lines = [f"| streams | unbatched fps | batched fps (max {max_batch}, {wait_ms:g} ms) | ratio | "
-             "unbatched p50 / p99 ms | batched p50 / p99 ms | mean batch |",
-             "|---|---|---|---|---|---|---|"]
+             "unbatched p50 / p99 ms | batched p50 / p99 ms | mean batch | CPU ms/frame unbatched / batched |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         u, b = r["unbatched"], r["batched"]
         lines.append(f"| {r['streams']} | {u['fps']:.1f} | {b['fps']:.1f} | {b['fps'] / u['fps']:.2f} | "
                      f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | "
-                     f"{b['mean_batch']:.2f} |")
+                     f"{b['mean_batch']:.2f} | {u['cpu_ms_per_frame']:.0f} / {b['cpu_ms_per_frame']:.0f} |")
     return "\n".join(lines)
 
 
