@@ -8,6 +8,8 @@ Jobs run on a small thread pool owned by the store.
 ``FairLock`` is a FIFO lock and ``LockedEngine`` an ``Engine`` proxy that holds it for each call:
 every request, job and stream goes through the same lock one network call at a time, so a long
 video cannot starve a live stream and concurrent callers never oversubscribe the CPU threads.
+With ``batch_max`` > 1 the per-frame network calls go through the app's ``Batcher`` instead, which
+runs the frames of concurrent callers as one batch under the same lock (``service.batcher``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .batcher import Batcher
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
@@ -75,13 +79,16 @@ class FairLock:
 
 
 class LockedEngine:
-    """An ``Engine`` whose network calls take a shared ``FairLock`` (per call, i.e. per frame)."""
+    """An ``Engine`` whose network calls take a shared ``FairLock`` (per call, i.e. per frame); with a
+    ``batcher`` (built on the same lock) the per-frame network call goes through it."""
 
-    def __init__(self, engine: Any, lock: FairLock) -> None:
-        self.inner, self.lock = engine, lock
+    def __init__(self, engine: Any, lock: FairLock, batcher: Batcher | None = None) -> None:
+        self.inner, self.lock, self.batcher = engine, lock, batcher
         self.version, self.meta, self.backend = engine.version, engine.meta, engine.backend
 
     def frame_logits(self, frames: np.ndarray) -> np.ndarray:
+        if self.batcher is not None:
+            return self.batcher.frame_logits(self.inner, frames)
         with self.lock:
             return self.inner.frame_logits(frames)
 
@@ -243,10 +250,11 @@ class JobStore:
 
 @dataclass
 class DataPlane:
-    """What the upload and stream routes share in one app: the job store and the engine lock."""
+    """What the upload and stream routes share in one app: the job store, the engine lock and the batcher."""
 
     jobs: JobStore
     engine_lock: FairLock
+    batcher: Batcher
 
     def close(self) -> None:
         self.jobs.close()
@@ -260,6 +268,8 @@ def data_plane(app: Any) -> DataPlane:
     plane = getattr(app.state, "data_plane", None)
     if plane is None:
         settings = app.state.settings
-        plane = DataPlane(JobStore(settings.job_dir, settings.job_ttl_s), FairLock())
+        lock = FairLock()
+        batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000.0, lock)
+        plane = DataPlane(JobStore(settings.job_dir, settings.job_ttl_s), lock, batcher)
         app.state.data_plane = plane
     return plane

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     onnx_tensorrt: bool = Field(True, description="try the TensorRT provider first when onnxruntime-gpu has it")
     warmup: bool = Field(True, description="run one inference before a model version starts serving")
 
+    # --- batching across streams (service/batcher.py) ---------------------------------------------
+    batch_max: int = Field(1, ge=1, le=256, description="most frames of concurrent streams and uploads in one "
+                           "network call (1: no batching)")
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a frame may wait for others to join "
+                                 "its batch")
+
     # --- model registry ------------------------------------------------------------------------
     registry_poll_ms: int = Field(1000, ge=10, description="how often every process checks the ACTIVE pointer")
     registry_retry_s: float = Field(30.0, ge=0, description="wait before retrying a version that failed to load")

@@ -199,8 +199,8 @@ async def segment(
             raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
         total = check_limits(info, settings, stride, max_frames)
         work = Segmentation(
-            engine=LockedEngine(engine, plane.engine_lock), info=info, upload=upload, fmt=fmt, stride=stride,
-            cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
+            engine=LockedEngine(engine, plane.engine_lock, plane.batcher), info=info, upload=upload, fmt=fmt,
+            stride=stride, cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
             flow=build_flow(settings.flow, str(settings.raft_weights) if settings.raft_weights else None),
             on_frame=_frame_hook(request.app, metrics, collect and settings.buffer_enabled, info.fps / stride))
         if total == 0 or total > settings.job_frame_threshold:

@@ -33,7 +33,8 @@ Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **old
 is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
 the server always works on the freshest frames. Each connection keeps the previous frame's logits
 (one network forward per frame); every frame uses the registry's current engine, and after a swap
-the next frame is a keyframe of the new version.
+the next frame is a keyframe of the new version. With ``batch_max`` > 1 the network call of a frame may
+run in one batch with other streams' and uploads' frames (``service.batcher``); replies are unchanged.
 
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
@@ -136,7 +137,8 @@ class StreamSession:
         self.last_frame: int | None = None  # index of the last frame whose reply was handed to the sender
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
         self.manager = get_engine_manager(ws)
-        self.lock = data_plane(app).engine_lock
+        plane = data_plane(app)
+        self.lock, self.batcher = plane.engine_lock, plane.batcher
         self.queue = DropOldestQueue(self.settings.ws_queue_size)
         self.dropped = 0
         self._raw_engine: Any = None
@@ -181,7 +183,7 @@ class StreamSession:
         raw = self.manager.current()
         if raw is not self._raw_engine:
             self._raw_engine = raw
-            engine = LockedEngine(raw, self.lock)
+            engine = LockedEngine(raw, self.lock, self.batcher)  # the network call may join other streams' batch
             if self.segmenter is None:
                 self.segmenter = StreamSegmenter(engine, self.flow, self.config.size)
             else:
