@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import NoReturn
 
@@ -20,6 +21,14 @@ COMMANDS: tuple[str, ...] = (
 
 class CLIError(Exception):
     """A user-facing error: printed as ``vss: error: <message>`` with exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that the same cleanup runs (no partial output)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `vss serve` and `vss worker` install their own handlers; every other command cleans up as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("vss: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("vss: interrupted", file=sys.stderr)
         return 130
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"vss: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
