@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     adapt_auto_steps: int = Field(100, ge=1)
     adapt_keep_jobs: int = Field(100, ge=1, description="finished job records kept")
 
+    # --- who may feed the clip buffer (service/collect.py) -------------------------------------
+    collect: Literal["auto", "all", "authenticated", "off"] = Field(
+        "auto", description="whose uploads and streams may become training clips: all, authenticated (requests "
+        "that carry the API key), off; auto: authenticated when api_key is set, else all")
+    collect_rate_clips: int = Field(60, ge=1, description="clips one client (API key, else address) may add to "
+                                    "the buffer per window")
+    collect_rate_window_s: float = Field(600.0, gt=0, description="the window of collect_rate_clips, in seconds")
+
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(True, description="JSON-lines logs (false: plain text for humans)")
