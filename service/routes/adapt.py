@@ -29,6 +29,7 @@ from ..deps import ApiError, RequireApiKey
 from ..settings import Settings
 from ..supervisor import WorkerSupervisor, worker_command
 from ..worker import clip_buffer, worker_settings_json
+from .errors import disk_errors
 
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
@@ -222,7 +223,8 @@ def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
              responses={202: {"description": "queued; poll the `Location` URL"},
                         401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
                         409: {"description": "a job is already queued or running, or too few buffered clips"},
-                        422: {"description": "unknown method, bad options or out-of-range values"}})
+                        422: {"description": "unknown method, bad options or out-of-range values"},
+                        503: {"description": "the job directory is read-only"}, 507: {"description": "disk full"}})
 @router.post("/adapt", include_in_schema=False, status_code=202, dependencies=[RequireApiKey])
 async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     """Adapt the ACTIVE model to the clip buffer with `method` for `steps` steps (or `time_budget_s`).
@@ -232,7 +234,8 @@ async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     with the new `version`, `rejected` with the gate's reasons, `failed` or `cancelled`."""
     plane = adaptation_plane(request.app)
     _validate_method(body, plane.settings)
-    job = await run_in_threadpool(_create, plane, body)
+    with disk_errors("creating the adaptation job"):
+        job = await run_in_threadpool(_create, plane, body)
     return JSONResponse(job, 202, headers={"Location": f"/v1/adapt/{job['id']}"})
 
 

@@ -29,6 +29,7 @@ from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
+from .errors import disk_errors
 from .adapt import adaptation_plane
 from .segment import check_limits, decode_limits
 
@@ -133,6 +134,7 @@ async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any
                  403: {"description": "the collect policy (VSS_COLLECT) refuses this client"},
                  415: {"description": "not multipart, or undecodable video/images"},
                  429: {"description": "the client's clip rate limit is reached"},
+                 503: {"description": "the buffer's storage is read-only"}, 507: {"description": "the disk is full"},
                  422: {"description": "no usable part, fewer than 2 frames, or a limit exceeded"}})
 async def add_clips(
     request: Request, settings: SettingsDep, engine: EngineDep,
@@ -152,9 +154,11 @@ async def add_clips(
         raise ApiError(403, "collect_refused", f"{why} (VSS_COLLECT={mode})")
     size = (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
     per_clip = clip_frames or settings.buffer_clip_frames
-    workdir = data_plane(request.app).jobs.workdir()
+    with disk_errors("storing the clips"):
+        workdir = await run_in_threadpool(data_plane(request.app).jobs.workdir)
     try:
-        parts = await receive_parts(request, workdir, settings.max_upload_bytes)
+        with disk_errors("storing the clips"):
+            parts = await receive_parts(request, workdir, settings.max_upload_bytes)
         videos = [p for p in parts if p.name == VIDEO_FIELD]
         images = [p for p in parts if p.name != VIDEO_FIELD]
         if len(videos) > 1 or (videos and images):
@@ -175,7 +179,8 @@ async def add_clips(
                                                 f"{settings.collect_rate_clips} clips per "
                                                 f"{settings.collect_rate_window_s:g} s",
                            {"Retry-After": str(plane.limiter.retry_after(prov.client) or 1)})
-        added, duplicates = await run_in_threadpool(store_clips, plane.buffer, pieces, size, prov)
+        with disk_errors("storing the clips"):
+            added, duplicates = await run_in_threadpool(store_clips, plane.buffer, pieces, size, prov)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     stats = await run_in_threadpool(plane.buffer.stats)

@@ -9,12 +9,13 @@ app's FIFO engine lock, so concurrent requests, jobs and streams interleave fram
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
+from .errors import disk_errors
 from ..buffer import resize_frames
 from ..collect import PendingClips, Provenance, allows, collect_mode, provenance
 from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
@@ -38,6 +40,7 @@ from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
 
+log = logging.getLogger(__name__)
 Format = Literal["zip", "mp4", "json"]
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override
@@ -102,6 +105,10 @@ def clip_sampler(app: Any, source: str, prov: Provenance, hold: bool = False) ->
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(decode.warm_up)  # the decoder fork server, so the first upload does not wait
+    try:  # recover the jobs of a predecessor that died (kill -9), sweep its temp files
+        await run_in_threadpool(data_plane(app).jobs.start)
+    except OSError as e:  # a read-only or full job directory: uploads answer 503/507 until it is fixed
+        log.error("the upload job directory is not usable: %s", e)
     yield
     plane = getattr(app.state, "data_plane", None)
     if plane is not None:
@@ -120,7 +127,8 @@ ERRORS = {
     415: {"description": "not multipart, empty, or not a decodable video"},
     422: {"description": "bad parameter, missing `video` field, or a resolution, duration or frame-count "
                          "limit exceeded"},
-    503: {"description": "no model loaded yet, or too many jobs pending"},
+    503: {"description": "no model loaded yet, too many jobs pending, or the server's storage is read-only"},
+    507: {"description": "the server's disk is full (nothing of the request was kept)"},
 }
 
 
@@ -203,11 +211,13 @@ async def segment(
     if max_frames is not None and max_frames > settings.max_frames:
         raise ApiError(422, "invalid_request", f"max_frames={max_frames} is over the limit of {settings.max_frames}")
     plane = data_plane(request.app)
-    workdir = plane.jobs.workdir()
+    with disk_errors("storing the upload"):
+        workdir = await run_in_threadpool(plane.jobs.workdir)
     owned = False  # True once a response or a job is responsible for deleting workdir
     video: decode.VideoStream | None = None
     try:
-        upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
+        with disk_errors("storing the upload"):
+            upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
         cap = min(max_frames or settings.max_frames, settings.max_frames)
         # One isolated child probes the file and then decodes ahead while the limits are checked.
         video = decode.VideoStream(upload.path, max_frames=cap, stride=stride, limits=decode_limits(settings))
@@ -224,11 +234,13 @@ async def segment(
             on_frame=_frame_hook(metrics, sampler), sampler=sampler)
         if total == 0 or total > settings.job_frame_threshold:
             video.close()  # a queued job must not hold a decoder process: it starts its own
-            job = _submit(plane.jobs, workdir, total or cap, work)
+            with disk_errors("queuing the job"):
+                job = _submit(plane.jobs, workdir, total or cap, work)
             owned = True
             return JSONResponse(job.public(), 202, headers={"Location": f"/v1/jobs/{job.id}"})
         try:
-            summary = await run_in_threadpool(work.run, video)
+            with disk_errors("writing the result"):
+                summary = await run_in_threadpool(work.run, video)
         except VideoError as e:
             raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
         owned = True
@@ -289,12 +301,14 @@ def _media_message(error: Exception, upload: Upload) -> str:
 
 def _submit(jobs: JobStore, workdir: Path, total: int, work: Segmentation) -> Job:
     def run(job: Job) -> None:
+        moved = replace(work, upload=replace(work.upload, path=job.workdir / work.upload.path.name),
+                        out=job.workdir / work.out.name)  # submit moved workdir to the job's own directory
         try:
-            summary = work.run(progress=lambda done: jobs.progress(job, done))
+            summary = moved.run(progress=lambda done: jobs.progress(job, done))
         except VideoError as e:
-            jobs.fail(job, "unsupported_media_type", _media_message(e, work.upload))
+            jobs.fail(job, "unsupported_media_type", _media_message(e, moved.upload))
             return
-        jobs.finish(job, work.out, MEDIA_TYPES[work.fmt], work.filename, summary)
+        jobs.finish(job, moved.out, MEDIA_TYPES[work.fmt], work.filename, summary)
 
     try:
         return jobs.submit(workdir, total, work.fmt, run)
