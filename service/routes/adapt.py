@@ -10,6 +10,7 @@ with the first job, or at startup when the auto policy is on or a job is waiting
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from ..supervisor import WorkerSupervisor, worker_command
 from ..worker import clip_buffer, worker_settings_json
 from .errors import disk_errors
 
+log = logging.getLogger(__name__)
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
 
@@ -47,9 +49,12 @@ class AdaptationPlane:
     refused: Callable[[str], None] = lambda reason: None  # counts clips refused, by reason
 
     def start(self) -> None:
-        self.jobs.root.mkdir(parents=True, exist_ok=True)
-        self.jobs.sweep()  # temp files of a process that died
-        self.buffer.sweep()
+        try:
+            self.jobs.root.mkdir(parents=True, exist_ok=True)
+            self.jobs.sweep()  # temp files of a process that died
+            self.buffer.sweep()
+        except OSError as e:  # a read-only or full store: adapt and clip routes answer 503/507 until it is fixed
+            log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
         if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
             self.ensure_worker()
 
