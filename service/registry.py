@@ -30,6 +30,8 @@ from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, 
                                save_checkpoint, write_atomic)
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
+from . import crashpoints
+
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"v[0-9]{4,}", re.ASCII)  # ASCII digits only: "v٠٠٠١" is not a version
@@ -168,6 +170,7 @@ class ModelRegistry:
 
                 saved = read_meta(staging)
                 export_onnx(model, staging, tuple(saved["input_size"]), saved.get("sha256"), onnx_exporter)
+            crashpoints.reached("publish_staged")
             version = self._commit(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import crashpoints
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
@@ -266,6 +267,7 @@ class Worker:
         val = load_val_clips(self.settings.val_dir, size) if self.settings.val_dir is not None else None
         clips_info["val"] = len(val) if val else 0
         self.jobs.set(job_id, parent=parent, clips=clips_info, stage="adapting", device=device)
+        crashpoints.reached("adapt_running")
         kwargs: dict[str, Any] = {"device": device}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
