@@ -208,3 +208,22 @@ def test_read_only_job_and_buffer_directories(mounts, tmp_path: Path, tiny_check
         r = httpx.post(f"{url}/v1/clips", files={"video": ("v.mp4", video)}, timeout=60)
         expect(r, 503, "storage_read_only", "storing the clips")
         assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_zip_sink_abort_on_a_full_disk_never_raises(mounts) -> None:
+    from service.outputs import ZipSink
+    from service.pipeline import FrameResult
+
+    out = mounts("out")
+    sink = ZipSink(out / "r.zip", ["a", "b"], np.array([[0, 0, 0], [255, 255, 255]], np.uint8))
+    rng = np.random.default_rng(0)
+    result = FrameResult(index=0, labels=rng.integers(0, 2, (256, 256), dtype=np.uint8), class_fractions={},
+                         latency_ms=1.0, model_version="v0001", keyframe=True)
+    fill(out)
+    with pytest.raises(OSError) as failed:
+        for _ in range(8):
+            sink.add(result.labels, result)
+        sink.finish({"stride": 1})
+    assert failed.value.errno == errno.ENOSPC
+    sink.abort()  # closing the zip writes its directory: on a full disk that fails again, quietly
+    assert files(out) == []
