@@ -29,8 +29,8 @@ from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
-from .errors import disk_errors
 from .adapt import adaptation_plane
+from .errors import disk_errors
 from .segment import check_limits, decode_limits
 
 router = APIRouter(tags=["adapt"])

@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
-from .errors import disk_errors
 from ..buffer import resize_frames
 from ..collect import PendingClips, Provenance, allows, collect_mode, provenance
 from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
@@ -39,6 +38,7 @@ from ..pipeline import FrameResult
 from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
+from .errors import disk_errors
 
 log = logging.getLogger(__name__)
 Format = Literal["zip", "mp4", "json"]
