@@ -10,6 +10,7 @@ import argparse
 import importlib
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 # Explicit list of command modules, in help order.
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # `vss serve` and `vss worker` install their own handlers; every other command cleans up as on Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Every file command cleans up on SIGTERM as on Ctrl-C; `vss serve` and `vss worker` keep the default
+    # (terminate at once) until they install their own handlers (uvicorn's graceful shutdown, the worker's).
+    own_handlers = args.command in ("serve", "worker") or threading.current_thread() is not threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if own_handlers else signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except Terminated:
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vss: error: {e}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not own_handlers:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
