@@ -164,8 +164,8 @@ class JobStore:
 
     def __init__(self, parent: str | Path | None = None, ttl_s: float = 3600.0, workers: int = 1,
                  max_pending: int = 16) -> None:
-        """Files go under ``parent`` (the system temp dir if None)."""
-        self.parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+        """Files go under ``parent`` (``vss-jobs`` in the system temp dir if None)."""
+        self.parent = Path(parent) if parent is not None else Path(tempfile.gettempdir()) / "vss-jobs"
         self.ttl_s, self.max_pending = ttl_s, max_pending
         self.root: Path | None = None  # this process's temp root for request work directories (made lazily)
         self._jobs: dict[str, Job] = {}
