@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     @classmethod
     def _no_file_dir(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
+    # --- who may feed the clip buffer (service/collect.py) -------------------------------------
+    collect: Literal["auto", "all", "authenticated", "off"] = Field(
+        "auto", description="whose uploads and streams may become training clips: all, authenticated (requests "
+        "that carry the API key), off; auto: authenticated when api_key is set, else all")
+    collect_rate_clips: int = Field(60, ge=1, description="clips one client (API key, else address) may add to "
+                                    "the buffer per window")
+    collect_rate_window_s: float = Field(600.0, gt=0, description="the window of collect_rate_clips, in seconds")
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -64,6 +64,7 @@ from starlette.types import Message
 
 from models.flow import build_flow
 
+from ..collect import provenance
 from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
 from ..jobs import LockedEngine, data_plane
 from ..live import NotReady
@@ -145,8 +146,10 @@ class StreamSession:
         self.segmenter: StreamSegmenter | None = None
         self.flow = build_flow(self.settings.flow,
                                str(self.settings.raft_weights) if self.settings.raft_weights else None)
-        collect = config.collect and self.settings.buffer_enabled
-        self.sampler = clip_sampler(app, "stream", 0.0) if collect else None
+        prov = provenance(ws, self.settings, "/v1/stream")
+        # Each frame is decoded completely before it is segmented (an undecodable one ends the stream),
+        # so a stream's clips are handed over as soon as they are complete.
+        self.sampler = clip_sampler(app, "stream", prov) if config.collect else None
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
