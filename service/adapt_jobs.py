@@ -248,6 +248,18 @@ class AdaptJobStore:
                 failed.append(job["id"])
         return failed
 
+    def sweep(self, max_age_s: float = 60.0) -> int:
+        """Remove temp files of writers that died (``service.atomic`` names them ``.tmp-*``); at start."""
+        removed, cutoff = 0, time.time() - max_age_s
+        for path in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def _prune(self) -> None:
         finished = [j for j in self._all() if j["state"] in FINAL_STATES]
         for job in finished[:max(len(finished) - self.keep, 0)]:

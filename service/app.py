@@ -32,6 +32,7 @@ from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .registry import ModelRegistry
+from .routes import sources as sources_routes
 from .settings import Settings
 
 log = logging.getLogger("vss.http")
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for router in routes.routers():
         app.include_router(router)
+    app.include_router(sources_routes.router)  # server-side sources (README "Server-side sources")
     return app
 
 

@@ -31,7 +31,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug level only
 # What clients (the web page, vss_client) poll: successful GETs are logged at debug level only.
 POLL_ROUTES = frozenset({"/v1/jobs/{job_id}", "/v1/adapt", "/v1/adapt/{job_id}", "/v1/models", "/v1/models/active",
-                         "/v1/clips"})
+                         "/v1/clips", "/v1/sources", "/v1/sources/{source_id}",
+                         "/v1/sources/{source_id}/hls/{name}"})  # HLS players fetch the playlist every few s
 
 
 class Metrics:
@@ -51,6 +52,11 @@ class Metrics:
         self.inference_seconds = Histogram("vss_inference_seconds", "Engine time per call", ["stage"],
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.stream_sessions = Gauge("vss_stream_sessions", "Open websocket stream sessions", registry=r)
+        self.sources = Gauge("vss_sources", "Server-side sources (POST /v1/sources) by state", ["state"], registry=r)
+        self.source_reconnects = Counter("vss_source_reconnects_total", "Reconnects of server-side sources "
+                                         "after a drop or a failed connect", registry=r)
+        self.frames_segmented.labels(source="source")
+        self.frames_dropped.labels(reason="source_stale")
         for source in ("upload", "stream"):  # export the series at 0 before the first frame
             self.frames_segmented.labels(source=source)
         self.frames_dropped.labels(reason="stale")

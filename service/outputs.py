@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import crashpoints
 from .pipeline import FrameResult, overlay
 from .video import FILE_MODE, VideoWriter
 
@@ -96,11 +97,17 @@ class ZipSink:
         manifest = {**summary, "classes": self.classes, "palette": self.palette.tolist(), "per_frame": self.frames}
         self.zip.writestr("manifest.json", json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
         self.zip.close()
+        crashpoints.reached("result_write")
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.zip.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the partial file; never raises (closing a zip on a full disk fails writing its directory)."""
+        try:
+            self.zip.close()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 class Mp4Sink:

@@ -21,6 +21,7 @@ import numpy as np
 
 from models.flow import FlowProvider
 
+from . import crashpoints
 from .engine import Engine
 from .outputs import FORMATS, Sink, make_sink
 from .pipeline import FrameResult, PendingFrame, StreamSegmenter, resize_rgb
@@ -187,6 +188,8 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
             lookahead.next = frame_flow
             writer.put(frame, segmenter.advance(frame))
             done += 1
+            if done == 1:
+                crashpoints.reached("segment_frame")
             if progress is not None:
                 progress(done)
         writer.close()

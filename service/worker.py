@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import crashpoints
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
@@ -128,6 +129,8 @@ class Worker:
                  self.buffer.root, self.settings.model_dir)
         try:
             self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)  # jobs of a predecessor that died
+            self.jobs.sweep()  # and its temp files
+            self.buffer.sweep()
             while not self.stop_event.is_set():
                 worked = self.poll_once()
                 if once:
@@ -261,10 +264,11 @@ class Worker:
             raise JobFailure("no_active_model", f"the registry {self.registry.root} has no ACTIVE version")
         model, meta = load_checkpoint(self.registry.path(parent))
         size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
-        train, heldout, clips_info = self._load_clips(size)
+        train, heldout, clips_info = self._load_clips(size, bool(request.get("authenticated_only")))
         val = load_val_clips(self.settings.val_dir, size) if self.settings.val_dir is not None else None
         clips_info["val"] = len(val) if val else 0
         self.jobs.set(job_id, parent=parent, clips=clips_info, stage="adapting", device=device)
+        crashpoints.reached("adapt_running")
         kwargs: dict[str, Any] = {"device": device}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
@@ -311,12 +315,15 @@ class Worker:
                         parent, job_id, version)
         return self.jobs.finish(job_id, PUBLISHED, version=version, activated=activated, gate=report)
 
-    def _load_clips(self, size: tuple[int, int]) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """(train, held-out, summary) from the newest ``adapt_max_clips`` buffered clips, with DIS flow."""
+    def _load_clips(self, size: tuple[int, int],
+                    authenticated_only: bool = False) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """(train, held-out, summary) from the newest ``adapt_max_clips`` buffered clips (only those that
+        authenticated clients added, when ``authenticated_only``), with DIS flow."""
         from adaptation.clips import prepare_clip
         from models.flow import build_flow
 
-        infos = self.buffer.clips()[-self.settings.adapt_max_clips:]
+        infos = [c for c in self.buffer.clips() if c.authenticated or not authenticated_only]
+        infos = infos[-self.settings.adapt_max_clips:]
         flow = build_flow(self.settings.flow, str(self.settings.raft_weights) if self.settings.raft_weights else None)
         loaded: dict[bool, list[Any]] = {False: [], True: []}
         ids: dict[bool, list[str]] = {False: [], True: []}
@@ -332,9 +339,11 @@ class Worker:
             ids[info.heldout].append(info.id)
         train, held = loaded[False], loaded[True]
         if len(train) < self.settings.adapt_min_clips:
-            raise JobFailure("not_enough_clips", f"the buffer holds {len(train)} training clip(s); "
+            which = " authenticated" if authenticated_only else ""
+            raise JobFailure("not_enough_clips", f"the buffer holds {len(train)}{which} training clip(s); "
                                                  f"at least {self.settings.adapt_min_clips} are needed")
         summary = {"train": len(train), "heldout": len(held), "frames": sum(len(c) for c in train + held),
+                   "authenticated_only": authenticated_only,
                    "heldout_from": "buffer" if held else "split", "ids": {"train": ids[False], "heldout": ids[True]}}
         return train, held, summary
 

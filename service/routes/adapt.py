@@ -10,9 +10,10 @@ with the first job, or at startup when the auto policy is on or a job is waiting
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -24,11 +25,14 @@ from starlette.concurrency import run_in_threadpool
 
 from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
 from ..buffer import ClipBuffer, ClipCollector
+from ..collect import Provenance, RateLimiter
 from ..deps import ApiError, RequireApiKey
 from ..settings import Settings
 from ..supervisor import WorkerSupervisor, worker_command
 from ..worker import clip_buffer, worker_settings_json
+from .errors import disk_errors
 
+log = logging.getLogger(__name__)
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
 
@@ -41,11 +45,28 @@ class AdaptationPlane:
     collector: ClipCollector
     jobs: AdaptJobStore
     supervisor: WorkerSupervisor | None
+    limiter: RateLimiter
+    refused: Callable[[str], None] = lambda reason: None  # counts clips refused, by reason
 
     def start(self) -> None:
-        self.jobs.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.jobs.root.mkdir(parents=True, exist_ok=True)
+            self.jobs.sweep()  # temp files of a process that died
+            self.buffer.sweep()
+        except OSError as e:  # a read-only or full store: adapt and clip routes answer 503/507 until it is fixed
+            log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
         if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
             self.ensure_worker()
+
+    def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
+        """Hand a sampled clip to the collector if the client is within its rate limit (any thread)."""
+        if not self.limiter.take(prov.client):
+            self.refused("rate_limited")
+            return False
+        if not self.collector.submit(frames, source, prov.to_dict()):
+            self.refused("queue_full")
+            return False
+        return True
 
     def ensure_worker(self) -> None:
         if self.supervisor is not None:
@@ -74,18 +95,23 @@ def build_plane(app: Any) -> AdaptationPlane:
 
     metrics = getattr(app.state, "metrics", None)
     on_added = None
+    refused: Callable[[str], None] = lambda reason: None  # noqa: E731
     if metrics is not None:
         from prometheus_client import Counter
 
         counter = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip buffer", ["source"],
                           registry=metrics.registry)
+        refusals = Counter("vss_buffer_clips_refused_total", "Sampled clips not added to the clip buffer",
+                           ["reason"], registry=metrics.registry)
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
+        refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
     jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
                                       settings.adapt_heartbeat_timeout_s)
-    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor)
+    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor,
+                           RateLimiter(settings.collect_rate_clips, settings.collect_rate_window_s), refused)
 
 
 def adaptation_plane(app: Any) -> AdaptationPlane:
@@ -122,6 +148,8 @@ class AdaptRequest(BaseModel):
                                    description="(t-1, t) frame pairs per step (default: the method's)")
     seed: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="method keyword arguments")
+    authenticated_only: bool = Field(False, description="train and gate only on clips that authenticated "
+                                     "clients (the API key) added; see VSS_COLLECT")
 
     @field_validator("lr", "time_budget_s")
     @classmethod
@@ -179,9 +207,11 @@ def _validate_method(body: AdaptRequest, settings: Settings) -> None:
 def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
     settings = plane.settings
     plane.jobs.reap(settings.adapt_heartbeat_timeout_s)
-    train = sum(not c.heldout for c in plane.buffer.clips())
+    usable = [c for c in plane.buffer.clips() if c.authenticated or not body.authenticated_only]
+    train = sum(not c.heldout for c in usable)
     if train < settings.adapt_min_clips:
-        raise ApiError(409, "not_enough_clips", f"the clip buffer holds {train} training clip(s); at least "
+        which = " authenticated" if body.authenticated_only else ""
+        raise ApiError(409, "not_enough_clips", f"the clip buffer holds {train}{which} training clip(s); at least "
                                                 f"{settings.adapt_min_clips} are needed: stream or segment target "
                                                 "videos with collect on, or POST /v1/clips")
     try:
@@ -198,7 +228,8 @@ def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
              responses={202: {"description": "queued; poll the `Location` URL"},
                         401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
                         409: {"description": "a job is already queued or running, or too few buffered clips"},
-                        422: {"description": "unknown method, bad options or out-of-range values"}})
+                        422: {"description": "unknown method, bad options or out-of-range values"},
+                        503: {"description": "the job directory is read-only"}, 507: {"description": "disk full"}})
 @router.post("/adapt", include_in_schema=False, status_code=202, dependencies=[RequireApiKey])
 async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     """Adapt the ACTIVE model to the clip buffer with `method` for `steps` steps (or `time_budget_s`).
@@ -208,7 +239,8 @@ async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     with the new `version`, `rejected` with the gate's reasons, `failed` or `cancelled`."""
     plane = adaptation_plane(request.app)
     _validate_method(body, plane.settings)
-    job = await run_in_threadpool(_create, plane, body)
+    with disk_errors("creating the adaptation job"):
+        job = await run_in_threadpool(_create, plane, body)
     return JSONResponse(job, 202, headers={"Location": f"/v1/adapt/{job['id']}"})
 
 

@@ -21,6 +21,8 @@ from python_multipart.multipart import MultipartParser
 from starlette.concurrency import run_in_threadpool
 
 from .. import decode
+from ..buffer import ClipBuffer, ClipInfo
+from ..collect import Provenance, allows, collect_mode, provenance
 from ..deps import ApiError, EngineDep, RequireApiKey, SettingsDep
 from ..jobs import data_plane
 from ..settings import Settings
@@ -28,6 +30,7 @@ from ..stream_codec import StreamConfig, StreamError, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
 from .adapt import adaptation_plane
+from .errors import disk_errors
 from .segment import check_limits, decode_limits
 
 router = APIRouter(tags=["adapt"])
@@ -119,14 +122,19 @@ async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any
     """Counts (training and held-out clips), bytes, limits, the oldest and newest clip, and how traffic is
     sampled into the buffer."""
     stats = await run_in_threadpool(adaptation_plane(request.app).buffer.stats)
-    return {**stats, "collect": settings.buffer_enabled, "clip_frames": settings.buffer_clip_frames,
-            "clip_every": settings.buffer_clip_every}
+    mode = collect_mode(settings)
+    return {**stats, "collect": mode != "off", "collect_mode": mode, "clip_frames": settings.buffer_clip_frames,
+            "clip_every": settings.buffer_clip_every, "rate_limit": {"clips": settings.collect_rate_clips,
+                                                                      "window_s": settings.collect_rate_window_s}}
 
 
 @router.post("/v1/clips", summary="Add target clips to the buffer", status_code=201, dependencies=[RequireApiKey],
              openapi_extra=CLIPS_BODY, responses={
                  400: {"description": "malformed multipart body"}, 413: {"description": "upload too large"},
+                 403: {"description": "the collect policy (VSS_COLLECT) refuses this client"},
                  415: {"description": "not multipart, or undecodable video/images"},
+                 429: {"description": "the client's clip rate limit is reached"},
+                 503: {"description": "the buffer's storage is read-only"}, 507: {"description": "the disk is full"},
                  422: {"description": "no usable part, fewer than 2 frames, or a limit exceeded"}})
 async def add_clips(
     request: Request, settings: SettingsDep, engine: EngineDep,
@@ -139,11 +147,18 @@ async def add_clips(
     `clip_frames` consecutive frames (a shorter remainder of at least 2 frames is kept) and stored at the
     model's input size; some clips are held out for the publish gate."""
     plane = adaptation_plane(request.app)
+    prov = provenance(request, settings, "/v1/clips")
+    mode = collect_mode(settings)
+    if not allows(mode, prov.authenticated):
+        why = "collection is off on this server" if mode == "off" else "only authenticated clients may add clips"
+        raise ApiError(403, "collect_refused", f"{why} (VSS_COLLECT={mode})")
     size = (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
     per_clip = clip_frames or settings.buffer_clip_frames
-    workdir = data_plane(request.app).jobs.workdir()
+    with disk_errors("storing the clips"):
+        workdir = await run_in_threadpool(data_plane(request.app).jobs.workdir)
     try:
-        parts = await receive_parts(request, workdir, settings.max_upload_bytes)
+        with disk_errors("storing the clips"):
+            parts = await receive_parts(request, workdir, settings.max_upload_bytes)
         videos = [p for p in parts if p.name == VIDEO_FIELD]
         images = [p for p in parts if p.name != VIDEO_FIELD]
         if len(videos) > 1 or (videos and images):
@@ -158,15 +173,41 @@ async def add_clips(
         if len(frames) < 2:
             raise ApiError(422, "too_few_frames", f"a clip needs at least 2 consecutive frames, got {len(frames)}")
 
-        def store() -> list[dict[str, Any]]:
-            pieces = [frames[i:i + per_clip] for i in range(0, len(frames), per_clip)]
-            return [plane.buffer.add(p, "api", size).to_dict() for p in pieces if len(p) >= 2]
-
-        added = await run_in_threadpool(store)
+        pieces = [p for p in (frames[i:i + per_clip] for i in range(0, len(frames), per_clip)) if len(p) >= 2]
+        if not plane.limiter.take(prov.client, len(pieces)):
+            raise ApiError(429, "rate_limited", f"{len(pieces)} more clip(s) would pass this client's limit of "
+                                                f"{settings.collect_rate_clips} clips per "
+                                                f"{settings.collect_rate_window_s:g} s",
+                           {"Retry-After": str(plane.limiter.retry_after(prov.client) or 1)})
+        with disk_errors("storing the clips"):
+            added, duplicates = await run_in_threadpool(store_clips, plane.buffer, pieces, size, prov)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     stats = await run_in_threadpool(plane.buffer.stats)
-    return JSONResponse({"added": added, "frames": len(frames), "buffer": stats}, 201)
+    return JSONResponse({"added": added, "duplicates": duplicates, "frames": len(frames), "buffer": stats}, 201)
+
+
+def store_clips(buffer: ClipBuffer, pieces: list[list[np.ndarray]], size: tuple[int, int],
+                prov: Provenance) -> tuple[list[dict[str, Any]], int]:
+    """Add every piece (duplicates of buffered clips are counted, not stored); all or nothing: when one
+    fails (a full disk) the clips this request already added are removed again."""
+    added: list[ClipInfo] = []
+    duplicates = 0
+    try:
+        for piece in pieces:
+            info, new = buffer.add_new(piece, "api", size, prov.to_dict())
+            if new:
+                added.append(info)
+            else:
+                duplicates += 1
+    except BaseException:
+        for info in added:
+            try:
+                buffer.remove(info.id)
+            except OSError:
+                pass  # a read-only buffer cannot have taken the clip in the first place
+        raise
+    return [info.to_dict() for info in added], duplicates
 
 
 @router.delete("/v1/clips", summary="Empty the clip buffer", dependencies=[RequireApiKey])

@@ -13,6 +13,7 @@ from models.checkpoint import CheckpointError
 from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..registry import InvalidVersion, ModelRegistry, VersionNotFound
+from .errors import disk_errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -128,7 +129,9 @@ def get_model(version: str, registry: RegistryDep, manager: EngineManagerDep) ->
              dependencies=[RequireApiKey],
              responses={401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
                         404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
-                        409: {"description": "the version failed to load; nothing changed"}})
+                        409: {"description": "the version failed to load; nothing changed"},
+                        503: {"description": "the registry is read-only; nothing changed"},
+                        507: {"description": "the registry's disk is full; nothing changed"}})
 def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
     """Load and warm up ``version``, then point ``ACTIVE`` at it and swap it in without dropping requests.
 
@@ -137,7 +140,8 @@ def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDe
     """
     _lookup(registry, version)
     try:
-        manager.activate(version)
+        with disk_errors(f"activating {version}"):
+            manager.activate(version)
     except EngineLoadError as e:
         raise ApiError(409, "load_failed", str(e)) from e
     return _serving(manager, registry)

@@ -33,7 +33,8 @@ Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **old
 is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
 the server always works on the freshest frames. Each connection keeps the previous frame's logits
 (one network forward per frame); every frame uses the registry's current engine, and after a swap
-the next frame is a keyframe of the new version.
+the next frame is a keyframe of the new version. With ``batch_max`` > 1 the network call of a frame may
+run in one batch with other streams' and uploads' frames (``service.batcher``); replies are unchanged.
 
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
@@ -63,6 +64,7 @@ from starlette.types import Message
 
 from models.flow import build_flow
 
+from ..collect import provenance
 from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
 from ..jobs import LockedEngine, data_plane
 from ..live import NotReady
@@ -136,15 +138,18 @@ class StreamSession:
         self.last_frame: int | None = None  # index of the last frame whose reply was handed to the sender
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
         self.manager = get_engine_manager(ws)
-        self.lock = data_plane(app).engine_lock
+        plane = data_plane(app)
+        self.lock, self.batcher = plane.engine_lock, plane.batcher
         self.queue = DropOldestQueue(self.settings.ws_queue_size)
         self.dropped = 0
         self._raw_engine: Any = None
         self.segmenter: StreamSegmenter | None = None
         self.flow = build_flow(self.settings.flow,
                                str(self.settings.raft_weights) if self.settings.raft_weights else None)
-        collect = config.collect and self.settings.buffer_enabled
-        self.sampler = clip_sampler(app, "stream", 0.0) if collect else None
+        prov = provenance(ws, self.settings, "/v1/stream")
+        # Each frame is decoded completely before it is segmented (an undecodable one ends the stream),
+        # so a stream's clips are handed over as soon as they are complete.
+        self.sampler = clip_sampler(app, "stream", prov) if config.collect else None
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
@@ -181,7 +186,7 @@ class StreamSession:
         raw = self.manager.current()
         if raw is not self._raw_engine:
             self._raw_engine = raw
-            engine = LockedEngine(raw, self.lock)
+            engine = LockedEngine(raw, self.lock, self.batcher)  # the network call may join other streams' batch
             if self.segmenter is None:
                 self.segmenter = StreamSegmenter(engine, self.flow, self.config.size)
             else:

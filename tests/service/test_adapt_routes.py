@@ -145,10 +145,12 @@ def test_uploads_feed_the_buffer_unless_collect_is_false(make_client: Callable[.
     assert r.status_code == 200
     plane = client.app.state.adaptation
     assert plane.collector.flush(30) and client.get("/v1/clips").json()["clips"] == 0
-    assert client.post("/v1/segment?format=json", files={"video": ("a.mp4", data)}).status_code == 200
+    # with a key set, only authenticated clients feed the buffer (VSS_COLLECT=auto): send the key
+    assert client.post("/v1/segment?format=json", files={"video": ("a.mp4", data)}, headers=AUTH).status_code == 200
     assert plane.collector.flush(30)
     stats = client.get("/v1/clips").json()
     assert stats["clips"] == 2 and stats["sources"] == {"upload": 2} and stats["oldest"]["frames"] == 3
+    assert stats["oldest"]["authenticated"] and stats["oldest"]["route"] == "/v1/segment"
     assert 'vss_buffer_clips_added_total{source="upload"} 2.0' in client.get("/metrics").text
 
 
