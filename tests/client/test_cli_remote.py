@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from tests.client.servers import API_KEY, Server
+from tests.client.servers import API_KEY, Server, write_clip
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -81,8 +81,9 @@ def test_adapt_on_a_server(server: Server, synthetic_video, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "adapt", "--server", server.url, "-o", tmp_path / "x")
     one_line_error(code, err, "-o/--out apply to local runs")
+    videos = [write_clip(tmp_path / f"t{seed}.mp4", seed) for seed in range(4)]  # 4 clips, some held out
     code, out, err = run(capsys, "adapt", "--server", server.url, "--api-key", API_KEY, "--method", "bn",
-                         "--steps", "2", "--video", synthetic_video.path, synthetic_video.path)
+                         "--steps", "2", "--video", *videos)
     assert code in (0, 3), err
     job = json.loads(out)
     assert job["state"] == ("published" if code == 0 else "rejected") and job["method"] == "bn"
