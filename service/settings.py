@@ -7,14 +7,17 @@ CLI, which passes its flags as keyword overrides; keyword arguments beat the env
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 MIB = 1024 * 1024
+
+# A local directory (Path) or an object store URL (``s3://bucket/prefix``, kept as a string).
+StoreLocation = Annotated[str, StringConstraints(pattern=r"^s3://")] | Path
 
 
 class Settings(BaseSettings):
@@ -24,10 +27,12 @@ class Settings(BaseSettings):
                                       protected_namespaces=("settings_",))
 
     # --- storage -------------------------------------------------------------------------------
-    model_dir: Path = Field(Path("var/models"), description="model registry root (v0001/, ..., ACTIVE)")
+    model_dir: StoreLocation = Field(Path("var/models"), description="model registry: a directory or "
+                                     "s3://bucket/prefix (v0001/, ..., ACTIVE)")
     buffer_dir: Path = Field(Path("var/buffer"), description="on-disk clip buffer of target videos")
     val_dir: Path | None = Field(None, description="optional labelled validation clips for the publish gate")
-    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines")
+    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines, "
+                            "verified copies of versions from an s3:// registry")
     demo_model: Path | None = Field(BUNDLED_DEMO_MODEL,
                                     description="checkpoint that seeds an empty registry (empty/none: do not seed)")
 

@@ -72,6 +72,7 @@ class ErrorCounter:
 
 
 STORE_ERRORS = ErrorCounter()
+STORE_OPS = ("get", "head", "put", "list", "delete")
 
 
 @dataclass(frozen=True)

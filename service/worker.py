@@ -36,7 +36,7 @@ log = logging.getLogger("vss.worker")
 
 # Settings a spawned worker inherits from its server (everything else comes from the environment).
 WORKER_FIELDS = (
-    "model_dir", "buffer_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
+    "model_dir", "buffer_dir", "cache_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
     "buffer_heldout_fraction", "adapt_device", "adapt_threads", "adapt_nice", "adapt_min_clips", "adapt_max_clips",
     "adapt_poll_s", "adapt_heartbeat_s", "adapt_heartbeat_timeout_s", "adapt_auto_clips", "adapt_auto_method",
     "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json",
@@ -113,9 +113,9 @@ class Worker:
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from .registry import ModelRegistry  # imports torch: only once there is work
+            from .registry_api import open_registry  # imports torch: only once there is work
 
-            self._registry = ModelRegistry(self.settings.model_dir)
+            self._registry = open_registry(self.settings.model_dir, self.settings.cache_dir)
         return self._registry
 
     # --- the loop ------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class Worker:
         device = self._setup_torch()
         parent = self.registry.active()
         if parent is None:
-            raise JobFailure("no_active_model", f"the registry {self.registry.root} has no ACTIVE version")
+            raise JobFailure("no_active_model", f"the registry {self.registry.location} has no ACTIVE version")
         model, meta = load_checkpoint(self.registry.path(parent))
         size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
         train, heldout, clips_info = self._load_clips(size)

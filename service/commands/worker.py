@@ -19,7 +19,7 @@ from service.cli import CLIError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run the adaptation worker (for servers started with VSS_WORKER=external)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--model-dir", default=None, metavar="DIR",
                    help="model registry directory shared with the servers (default: $VSS_MODEL_DIR)")
     p.add_argument("--buffer-dir", type=Path, default=None, metavar="DIR",
                    help="clip buffer directory shared with the servers (default: $VSS_BUFFER_DIR)")
