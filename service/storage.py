@@ -321,8 +321,12 @@ class S3Store(ObjectStore):
 
 
 def _first_line(e: BaseException) -> str:
+    """The client's message without its timings, so that one outage logs one distinct error."""
     text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    line = text[0] if text else type(e).__name__
+    line = re.sub(r" in [0-9.]+(?:ns|µs|us|ms|s)\b|,? ?after \d+ retries, max_retries: \d+, retry_timeout: \S+",
+                  "", line)
+    return line[:300]
 
 
 def is_store_url(location: str | Path) -> bool:

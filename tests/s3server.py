@@ -50,6 +50,7 @@ class SeaweedServer:
         (self.master, self.master_grpc, self.volume, self.volume_grpc, self.filer, self.filer_grpc,
          self.s3, self.s3_grpc) = free_ports(8)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._initialised = False
 
     @property
     def endpoint(self) -> str:
@@ -66,7 +67,8 @@ class SeaweedServer:
                 f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume_grpc}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer_grpc}",
                 "-s3", f"-s3.port={self.s3}", f"-s3.port.grpc={self.s3_grpc}", "-s3.port.iceberg=0",
-                "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
+                "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+                "-master.electionTimeout=1s"]  # one master: no need to wait 10 s for a leader after a restart
 
     def start(self, timeout: float = 60.0) -> SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,10 +80,17 @@ class SeaweedServer:
         return self
 
     def _answers(self) -> bool:
+        """First start: the probe bucket can be created and written. Restart: the probe object reads back."""
+        from service.storage import S3Store
+
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.log_path}")
-        self.create_bucket("vss-probe")
-        return True
+        probe = S3Store("s3://vss-probe", self.env(), timeout_s=2.0, retries=0)
+        if not self._initialised:
+            self.create_bucket("vss-probe")
+            probe.put("ready", b"1")
+            self._initialised = True
+        return probe.get("ready").data == b"1"
 
     def create_bucket(self, name: str) -> None:
         """PUT the bucket (anonymous: this server runs without an IAM config); an existing one is fine."""

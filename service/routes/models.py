@@ -14,6 +14,7 @@ from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..registry import InvalidVersion, VersionNotFound
 from ..registry_api import Registry
+from ..storage import StoreError
 from ..store_registry import ActivationConflict
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -76,7 +77,7 @@ def _info(registry: Registry, version: str, active: str | None, serving: str | N
 def _active(registry: Registry) -> str | None:
     try:
         return registry.active()
-    except InvalidVersion:
+    except (InvalidVersion, StoreError):  # a garbled pointer or a store that is down: unknown right now
         return None
 
 
