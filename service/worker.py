@@ -31,6 +31,8 @@ from typing import Any
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
+from .store_buffer import open_clip_buffer
+from .store_jobs import open_job_store
 
 log = logging.getLogger("vss.worker")
 
@@ -59,8 +61,14 @@ def worker_settings_json(settings: Settings) -> str:
 
 
 def clip_buffer(settings: Settings) -> ClipBuffer:
-    return ClipBuffer(settings.buffer_dir, settings.buffer_max_clips, settings.buffer_max_bytes,
-                      settings.buffer_heldout_fraction)
+    """The clip buffer in a directory or on an object store (``VSS_BUFFER_DIR=s3://...``)."""
+    return open_clip_buffer(settings.buffer_dir, settings.buffer_max_clips, settings.buffer_max_bytes,
+                            settings.buffer_heldout_fraction)
+
+
+def job_store(settings: Settings) -> AdaptJobStore:
+    """The adaptation job records in a directory or on an object store."""
+    return open_job_store(settings.job_root(), settings.adapt_keep_jobs)
 
 
 def load_val_clips(directory: Path, size: tuple[int, int]) -> list[Any]:
@@ -98,7 +106,7 @@ class Worker:
     def __init__(self, settings: Settings, *, jobs: AdaptJobStore | None = None, buffer: ClipBuffer | None = None,
                  registry: Any = None, thresholds: Any = None, parent_pid: int | None = None) -> None:
         self.settings = settings
-        self.jobs = jobs or AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+        self.jobs = jobs or job_store(settings)
         self.buffer = buffer or clip_buffer(settings)
         self._registry = registry
         self.thresholds = thresholds  # adaptation.gate.GateThresholds; None: the gate's defaults

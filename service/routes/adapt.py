@@ -10,6 +10,7 @@ with the first job, or at startup when the auto policy is on or a job is waiting
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import AsyncIterator
@@ -26,8 +27,11 @@ from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
 from ..buffer import ClipBuffer, ClipCollector
 from ..deps import ApiError, RequireApiKey
 from ..settings import Settings
+from ..storage import StoreError
 from ..supervisor import WorkerSupervisor, worker_command
-from ..worker import clip_buffer, worker_settings_json
+from ..worker import clip_buffer, job_store, worker_settings_json
+
+log = logging.getLogger(__name__)
 
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
@@ -43,8 +47,13 @@ class AdaptationPlane:
     supervisor: WorkerSupervisor | None
 
     def start(self) -> None:
-        self.jobs.root.mkdir(parents=True, exist_ok=True)
-        if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
+        self.jobs.ensure()
+        try:
+            pending = self.jobs.active() is not None
+        except StoreError as e:  # the store is down: start the worker anyway; it waits for the store
+            log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
+            pending = True
+        if self.settings.adapt_auto_clips > 0 or pending:
             self.ensure_worker()
 
     def ensure_worker(self) -> None:
@@ -80,7 +89,7 @@ def build_plane(app: Any) -> AdaptationPlane:
         counter = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip buffer", ["source"],
                           registry=metrics.registry)
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
-    jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+    jobs = job_store(settings)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
