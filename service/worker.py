@@ -26,11 +26,13 @@ import socket
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
+from .storage import StoreError
 from .store_buffer import open_clip_buffer
 from .store_jobs import open_job_store
 
@@ -117,6 +119,7 @@ class Worker:
         self.current: str | None = None
         self.device: str | None = None
         self._last_cancel_check = (0.0, False)
+        self._store_error: str | None = None
 
     @property
     def registry(self) -> Any:
@@ -134,9 +137,9 @@ class Worker:
         log.info("adaptation worker pid %d: jobs in %s, buffer %s, models %s", os.getpid(), self.jobs.root,
                  self.buffer.root, self.settings.model_dir)
         try:
-            self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)  # jobs of a predecessor that died
+            self._poll(lambda: bool(self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)))  # a dead predecessor
             while not self.stop_event.is_set():
-                worked = self.poll_once()
+                worked = self._poll(self.poll_once)
                 if once:
                     return
                 if not worked:
@@ -145,6 +148,20 @@ class Worker:
             self.stop_event.set()
             beat.join(5)
             self.jobs.forget_worker(self.identity["pid"], self.identity["host"])
+
+    def _poll(self, step: Callable[[], bool]) -> bool:
+        """Run one poll step; an object store that is down is waited out (logged once per distinct error)."""
+        try:
+            worked = step()
+        except StoreError as e:
+            if str(e) != self._store_error:
+                log.error("adaptation worker cannot reach the store, waiting: %s", e)
+            self._store_error = str(e)
+            return False
+        if self._store_error is not None:
+            log.info("adaptation worker: the store answers again")
+        self._store_error = None
+        return worked
 
     def _parent_gone(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
