@@ -74,7 +74,7 @@ class Replica(Process):
     def __init__(self, name: str, s3_env: dict[str, str], root_url: str, work: Path, **extra: str) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = fleet_env(s3_env, root_url, work / name, VSS_WORKER="external", **extra)
+        env = fleet_env(s3_env, root_url, work / name, **{"VSS_WORKER": "external", **extra})
         super().__init__(["serve", "--host", "127.0.0.1", "--port", str(self.port)], env, work / f"{name}.log")
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
 

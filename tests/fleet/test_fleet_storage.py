@@ -122,3 +122,15 @@ def test_list_prefix_need_not_end_at_a_slash(store: ObjectStore) -> None:
     for key in ("clips/0001.json", "clips/0002.json", "clips/1000.json", "jobs/x"):
         store.put(key, b"1")
     assert [o.key for o in store.list("clips/000")] == ["clips/0001.json", "clips/0002.json"]
+
+
+def test_settings_keep_store_urls_and_paths_apart() -> None:
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    s = Settings(_env_file=None, model_dir="s3://vss/models", buffer_dir="s3://vss/buffer/")
+    assert s.model_dir == "s3://vss/models" and s.job_root() == "s3://vss/buffer/jobs"
+    local = Settings(_env_file=None, model_dir="var/m", buffer_dir="var/b")
+    assert local.model_dir == Path("var/m") and local.job_root() == Path("var/b/jobs")
+    assert Settings(_env_file=None).model_dir == Path("var/models")  # `make run` is unchanged
