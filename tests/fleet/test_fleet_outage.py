@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.storage import S3Store
+from service.store_buffer import StoreClipBuffer
 from service.store_registry import StoreRegistry
 from tests.s3server import SeaweedServer
 from tests.waiting import wait_until
@@ -37,18 +38,25 @@ def test_store_outage_keeps_serving_and_resumes(weed: str, tmp_path: Path, tiny_
         publisher = StoreRegistry(S3Store(url), tmp_path / "cache-publisher")
         publisher.import_dir(tiny_checkpoint, activate=True)
         publisher.import_dir(tiny_checkpoint)
-        settings = Settings(_env_file=None, model_dir=url, cache_dir=tmp_path / "cache", buffer_dir=tmp_path / "buf",
-                            job_dir=tmp_path / "jobs", demo_model=None, registry_poll_ms=50, intra_op_threads=1,
-                            device="cpu", flow="dis-ultrafast", buffer_enabled=False, worker="off")
+        settings = Settings(_env_file=None, model_dir=url, cache_dir=tmp_path / "cache",
+                            buffer_dir="s3://vss-test/buffer", job_dir=tmp_path / "jobs", demo_model=None,
+                            registry_poll_ms=50, intra_op_threads=1, device="cpu", flow="dis-ultrafast",
+                            buffer_clip_frames=2, buffer_clip_every=2, worker="off")
+        clips = StoreClipBuffer(S3Store("s3://vss-test/buffer"))
+        video = {"video": ("clip.mp4", synthetic_video.path.read_bytes(), "video/mp4")}
         with TestClient(create_app(settings)) as client:
             wait_until(lambda: serving(client) == "v0001", 60, "the replica to serve v0001")
+            collector = client.app.state.adaptation.collector
+            assert client.post("/v1/segment?format=json", files=video).status_code == 200
+            assert collector.flush(30) and len(clips.clips()) == collector.added > 0  # traffic reaches the buffer
             before = store_errors(client)
             server.stop()
             wait_until(lambda: store_errors(client) > before, 30, "/metrics to count store errors")
             assert serving(client) == "v0001"  # /readyz stays ready on the model it has
-            r = client.post("/v1/segment?format=json",
-                            files={"video": ("clip.mp4", synthetic_video.path.read_bytes(), "video/mp4")})
+            failed = collector.failed
+            r = client.post("/v1/segment?format=json", files=video)  # collection pauses, the client sees nothing
             assert r.status_code == 200 and r.headers["x-model-version"] == "v0001", r.text
+            assert collector.flush(30) and collector.failed > failed
             assert client.get("/v1/models/active").json()["version"] == "v0001"
             assert client.get("/v1/models").status_code == 503  # listing needs the store: a clear 503
             assert client.get("/v1/models").json()["error"]["code"] == "store_unavailable"
@@ -56,5 +64,8 @@ def test_store_outage_keeps_serving_and_resumes(weed: str, tmp_path: Path, tiny_
             server.start()  # same ports, same data directory
             publisher.activate("v0002")
             wait_until(lambda: serving(client) == "v0002", 30, "the activation to propagate after the outage")
+            added = collector.added
+            assert client.post("/v1/segment?format=json", files=video).status_code == 200
+            assert collector.flush(30) and collector.added > added  # collection resumed
     finally:
         server.stop()
