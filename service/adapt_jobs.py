@@ -90,6 +90,10 @@ class AdaptJobStore:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    def ensure(self) -> None:
+        """Create the job directory."""
+        self.root.mkdir(parents=True, exist_ok=True)
+
     def _path(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
             raise JobNotFound(f"no adaptation job {job_id!r}")

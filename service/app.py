@@ -31,8 +31,9 @@ from .deps import ApiError
 from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import QUIET_ROUTES, REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var
-from .registry import ModelRegistry
+from .registry_api import Registry, open_registry
 from .routes import sources as sources_routes
+from .storage import StoreError
 from .settings import Settings
 
 log = logging.getLogger("vss.http")
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     """Build the app. ``engine_factory`` replaces the torch/ONNX factory (tests inject fakes)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    registry = ModelRegistry(settings.model_dir)
+    registry = open_registry(settings.model_dir, settings.cache_dir)
     options = EngineOptions(settings.engine, settings.device, settings.half, settings.intra_op_threads,
                             settings.onnx_exporter, settings.onnx_tensorrt, settings.cache_dir)
     manager = EngineManager(registry, engine_factory or make_engine_factory(options),
@@ -127,19 +128,23 @@ def _draining_response() -> JSONResponse:
                         {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
-def _prepare(settings: Settings, registry: ModelRegistry) -> None:
+def _prepare(settings: Settings, registry: Registry) -> None:
     """Startup work before serving: registry directory and first-start seeding."""
     registry.ensure()
     try:
         seeded = registry.seed(settings.demo_model)
+        empty = not seeded and not registry.versions()
     except CheckpointError as e:
         log.error("cannot seed the registry from %s: %s", settings.demo_model, e)
         return
+    except StoreError as e:  # the watcher keeps polling; the replica becomes ready once the store answers
+        log.error("model registry %s is unreachable at startup: %s", registry.location, e)
+        return
     if seeded:
-        log.info("initialised model registry %s with %s from %s", registry.root, seeded, settings.demo_model)
-    elif not registry.versions():
+        log.info("initialised model registry %s with %s from %s", registry.location, seeded, settings.demo_model)
+    elif empty:
         log.warning("model registry %s is empty and no demo model is configured; "
-                    "import one with `vss models import PATH`", registry.root)
+                    "import one with `vss models import PATH`", registry.location)
 
 
 def _version() -> str:
@@ -155,6 +160,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.details), exc.status, exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # The model store (S3) is down or refused a request: the route's work cannot be done right now.
+        return JSONResponse(error_body(503, "store_unavailable", str(exc)), 503, {"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from pathlib import Path
 
 from service.cli import CLIError
 
@@ -22,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the web page. Flags override the VSS_* environment variables.")
     p.add_argument("--host", default=None, help="bind address (default: $VSS_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default: $VSS_PORT or 8000)")
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
-                   help="model registry directory (default: $VSS_MODEL_DIR or var/models)")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="model registry directory or s3://bucket/prefix (default: $VSS_MODEL_DIR or var/models)")
     p.add_argument("--engine", choices=("torch", "onnx"), default=None, help="inference backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)

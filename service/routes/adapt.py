@@ -28,8 +28,9 @@ from ..buffer import ClipBuffer, ClipCollector
 from ..collect import Provenance, RateLimiter
 from ..deps import ApiError, RequireApiKey
 from ..settings import Settings
+from ..storage import StoreError
 from ..supervisor import WorkerSupervisor, worker_command
-from ..worker import clip_buffer, worker_settings_json
+from ..worker import clip_buffer, job_store, worker_settings_json
 from .errors import disk_errors
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,19 @@ class AdaptationPlane:
 
     def start(self) -> None:
         try:
-            self.jobs.root.mkdir(parents=True, exist_ok=True)
+            self.jobs.ensure()
             self.jobs.sweep()  # temp files of a process that died
             self.buffer.sweep()
-        except OSError as e:  # a read-only or full store: adapt and clip routes answer 503/507 until it is fixed
+        except StoreError as e:  # the object store is down: routes answer 503 until it returns
+            log.error("cannot reach the clip buffer or the adaptation jobs in %s: %s", self.jobs.root, e)
+        except OSError as e:  # a read-only or full disk: adapt and clip routes answer 503/507 until it is fixed
             log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
-        if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
+        try:
+            pending = self.jobs.active() is not None
+        except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
+            log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
+            pending = True
+        if self.settings.adapt_auto_clips > 0 or pending:
             self.ensure_worker()
 
     def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
@@ -105,7 +113,7 @@ def build_plane(app: Any) -> AdaptationPlane:
                            ["reason"], registry=metrics.registry)
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
         refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
-    jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+    jobs = job_store(settings)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,

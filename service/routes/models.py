@@ -12,7 +12,10 @@ from models.checkpoint import CheckpointError
 
 from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
-from ..registry import InvalidVersion, ModelRegistry, VersionNotFound
+from ..registry import InvalidVersion, VersionNotFound
+from ..registry_api import Registry
+from ..storage import StoreError
+from ..store_registry import ActivationConflict
 from .errors import disk_errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -59,7 +62,7 @@ class ServingModel(BaseModel):
     model: ModelInfo
 
 
-def _info(registry: ModelRegistry, version: str, active: str | None, serving: str | None) -> ModelInfo:
+def _info(registry: Registry, version: str, active: str | None, serving: str | None) -> ModelInfo:
     flags = {"version": version, "active": version == active, "serving": version == serving}
     try:
         meta = registry.meta(version)
@@ -72,14 +75,14 @@ def _info(registry: ModelRegistry, version: str, active: str | None, serving: st
                      has_onnx=registry.has_onnx(version), provenance=provenance)
 
 
-def _active(registry: ModelRegistry) -> str | None:
+def _active(registry: Registry) -> str | None:
     try:
         return registry.active()
-    except InvalidVersion:
+    except (InvalidVersion, StoreError):  # a garbled pointer or a store that is down: unknown right now
         return None
 
 
-def _serving(manager: EngineManager, registry: ModelRegistry) -> ServingModel:
+def _serving(manager: EngineManager, registry: Registry) -> ServingModel:
     engine = manager.peek()
     if engine is None:
         raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "1"})
@@ -94,9 +97,9 @@ def _serving(manager: EngineManager, registry: ModelRegistry) -> ServingModel:
     )
 
 
-def _lookup(registry: ModelRegistry, version: str) -> None:
+def _lookup(registry: Registry, version: str) -> None:
     try:
-        registry.path(version)
+        registry.check(version)
     except InvalidVersion as e:
         raise ApiError(422, "invalid_version", str(e)) from e
     except VersionNotFound as e:
@@ -129,8 +132,10 @@ def get_model(version: str, registry: RegistryDep, manager: EngineManagerDep) ->
              dependencies=[RequireApiKey],
              responses={401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
                         404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
-                        409: {"description": "the version failed to load; nothing changed"},
-                        503: {"description": "the registry is read-only; nothing changed"},
+                        409: {"description": "the version failed to load, or another activation won; "
+                                              "nothing changed"},
+                        503: {"description": "the registry is read-only or the model store is unreachable; "
+                                             "nothing changed"},
                         507: {"description": "the registry's disk is full; nothing changed"}})
 def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
     """Load and warm up ``version``, then point ``ACTIVE`` at it and swap it in without dropping requests.
@@ -144,4 +149,6 @@ def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDe
             manager.activate(version)
     except EngineLoadError as e:
         raise ApiError(409, "load_failed", str(e)) from e
+    except ActivationConflict as e:
+        raise ApiError(409, "activation_conflict", str(e)) from e
     return _serving(manager, registry)
