@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .redact import redact
+
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
 
@@ -213,7 +215,7 @@ class JobStore:
         job.finished, job.state = time.time(), DONE
 
     def fail(self, job: Job, code: str, message: str) -> None:
-        job.error = {"code": code, "message": message}
+        job.error = {"code": code, "message": redact(message)}  # answered to clients: no server paths
         job.finished, job.state = time.time(), FAILED
         shutil.rmtree(job.workdir, ignore_errors=True)
 

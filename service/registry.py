@@ -82,7 +82,7 @@ class ModelRegistry:
         """Directory of an existing version (``InvalidVersion`` / ``VersionNotFound`` otherwise)."""
         path = self.root / validate_version(version)
         if not path.is_dir():
-            raise VersionNotFound(f"model version {version} does not exist in {self.root}")
+            raise VersionNotFound(f"model version {version} does not exist in the registry")
         return path
 
     def meta(self, version: str) -> dict[str, Any]:
