@@ -1,0 +1,29 @@
+"""``wait_until``: poll a condition with a deadline instead of sleeping a fixed time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Return the first truthy ``predicate()`` result; ``AssertionError`` naming ``what`` after ``timeout`` s.
+
+    Exceptions raised by ``predicate`` count as "not yet" (the last one is reported on timeout).
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - a condition that cannot be evaluated yet is not met yet
+            last_error = e
+        if time.monotonic() > deadline:
+            detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+        time.sleep(interval)
