@@ -15,6 +15,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,7 @@ from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
 from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
 from ..metrics import Metrics
 from ..overlap import segment_frames
-from ..pipeline import FrameResult
+from ..pipeline import FrameResult, resize_rgb
 from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
@@ -61,14 +62,15 @@ class ClipSampler:
     """Cuts runs of ``CLIP_FRAMES`` consecutive frames, one every ``CLIP_EVERY``, and hands them to the hook."""
 
     def __init__(self, deliver: Callable[[list[np.ndarray]], None], clip_frames: int = CLIP_FRAMES,
-                 every: int = CLIP_EVERY) -> None:
+                 every: int = CLIP_EVERY, prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.deliver, self.clip_frames, self.every = deliver, clip_frames, every
+        self.prepare = prepare  # e.g. shrink to the model's input size, so a clip in the making is small
         self._seen = 0
         self._clip: list[np.ndarray] = []
 
     def push(self, frame: np.ndarray) -> None:
         if self._seen % self.every < self.clip_frames:
-            self._clip.append(frame)
+            self._clip.append(frame if self.prepare is None else self.prepare(frame))
             if len(self._clip) == self.clip_frames:
                 clip, self._clip = self._clip, []
                 self.deliver(clip)
@@ -79,7 +81,17 @@ def clip_sampler(app: Any, source: str, fps: float) -> ClipSampler:
     """A sampler with the app's ``buffer_clip_frames`` / ``buffer_clip_every`` settings feeding the hook."""
     settings = app.state.settings
     return ClipSampler(lambda clip: on_frames_collected(app, clip, source, fps), settings.buffer_clip_frames,
-                       max(settings.buffer_clip_every, settings.buffer_clip_frames))
+                       max(settings.buffer_clip_every, settings.buffer_clip_frames), partial(_to_input_size, app))
+
+
+def _to_input_size(app: Any, frame: np.ndarray) -> np.ndarray:
+    """A sampled frame at the served model's input size (the size the buffer stores): holding 8 frames of a
+    3840x2160 upload at full size would cost 200 MiB of the request's budget."""
+    engine = app.state.engine_manager.peek()
+    if engine is None:
+        return frame
+    h, w = (int(v) for v in engine.meta["input_size"])
+    return resize_rgb(frame, (h, w)) if frame.shape[0] * frame.shape[1] > h * w else frame
 
 
 @asynccontextmanager
