@@ -78,6 +78,12 @@ def require_api_key(request: Request,
     check_api_key(get_settings(request), credentials.credentials if credentials else None)
 
 
+# The answers of ``RequireApiKey``, for the ``responses=`` of the routes that use it (the OpenAPI schema).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing API key (the server has `VSS_API_KEY`)"},
+    403: {"description": "wrong API key"},
+}
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 EngineManagerDep = Annotated[EngineManager, Depends(get_engine_manager)]

@@ -101,7 +101,7 @@ class ModelRegistry(Registry):
         """
         path = self.root / validate_version(version)
         if path.is_symlink() or not path.is_dir():
-            raise VersionNotFound(f"model version {version} does not exist in {self.root}")
+            raise VersionNotFound(f"model version {version} does not exist in the registry")
         return path
 
     def meta(self, version: str) -> dict[str, Any]:

@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(4, ge=1, description="frames queued per websocket before stale ones are dropped")
     ws_max_message_bytes: int = Field(16 * MIB, ge=1024)
 
+    # --- request budget (service/budget.py; the limits above belong to it too) ----------------
+    max_pixels: int = Field(3840 * 2160, ge=64 * 64, description="largest image one request decodes or produces: an "
+                            "input frame, an uploaded image, a label map of any requested size, an overlay frame")
+    max_inference_pixels: int = Field(2048 * 1024, ge=64 * 64, description="largest network input of one frame "
+                                      "(the upload `size` override)")
+    adapt_max_time_s: float = Field(3600.0, gt=0, description="largest `time_budget_s` of an adaptation job, and "
+                                    "the time limit of jobs that give none")
+
     # --- clip buffer and adaptation ------------------------------------------------------------
     buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
     buffer_max_bytes: int = Field(2048 * MIB, ge=0)

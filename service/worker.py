@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,7 +45,7 @@ WORKER_FIELDS = (
     "model_dir", "buffer_dir", "cache_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
     "buffer_heldout_fraction", "adapt_device", "adapt_threads", "adapt_nice", "adapt_min_clips", "adapt_max_clips",
     "adapt_poll_s", "adapt_heartbeat_s", "adapt_heartbeat_timeout_s", "adapt_auto_clips", "adapt_auto_method",
-    "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json",
+    "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json", "adapt_max_time_s",
 )
 
 
@@ -296,7 +297,9 @@ class Worker:
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
         cfg = AdaptConfig(method=request["method"], options=dict(request.get("options") or {}),
-                          steps=int(request["steps"]), lr=request.get("lr"), time_budget_s=request.get("time_budget_s"),
+                          steps=int(request["steps"]), lr=request.get("lr"),
+                          time_budget_s=min(float(request.get("time_budget_s") or math.inf),
+                                            self.settings.adapt_max_time_s),
                           seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")))
 
         def on_progress(stage: str, info: dict[str, Any]) -> None:

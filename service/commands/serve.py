@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
           f"{auth})", flush=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            # 1 MiB of headroom so the stream route itself answers oversized frames with 1008
-                            # and a message; video frames do not compress, so per-message deflate only costs CPU.
-                            ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
+                            # uvicorn refuses a message over the budget while it arrives (close 1009, never
+                            # buffered whole); video frames do not compress, so per-message deflate only costs CPU.
+                            ws_max_size=settings.ws_max_message_bytes, ws_per_message_deflate=False,
                             server_header=False)
     server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
     server.run()

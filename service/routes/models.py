@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 
-from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
+from ..redact import redact
 from ..registry import InvalidVersion, VersionNotFound
 from ..registry_api import Registry
 from ..storage import StoreError
@@ -19,6 +20,10 @@ from ..store_registry import ActivationConflict
 from .errors import disk_errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+# The registry checks the name (422 invalid_version); the schema states the same pattern.
+VERSION = Annotated[str, Path(description="a version name: 'v' and at least four digits, e.g. v0001",
+                              json_schema_extra={"pattern": "^v[0-9]{4,}$"}, examples=["v0001"])]
 
 
 class ModelInfo(BaseModel):
@@ -62,13 +67,24 @@ class ServingModel(BaseModel):
     model: ModelInfo
 
 
+def _redacted(value: Any) -> Any:
+    """Metadata as answered: strings without server paths (e.g. where a checkpoint was built)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def _info(registry: Registry, version: str, active: str | None, serving: str | None) -> ModelInfo:
     flags = {"version": version, "active": version == active, "serving": version == serving}
     try:
         meta = registry.meta(version)
     except CheckpointError as e:
-        return ModelInfo(**flags, error=str(e))
-    provenance = dict(meta.get("provenance") or {})
+        return ModelInfo(**flags, error=redact(str(e)))
+    provenance = _redacted(dict(meta.get("provenance") or {}))
     return ModelInfo(**flags, parent=meta.get("parent"), created=provenance.get("created"),
                      classes=meta["classes"], palette=meta["palette"], input_size=meta["input_size"],
                      architecture=meta["architecture"], sha256=meta.get("sha256"),
@@ -92,7 +108,8 @@ def _serving(manager: EngineManager, registry: Registry) -> ServingModel:
         loaded_at=datetime.fromtimestamp(manager.loaded_at, UTC) if manager.loaded_at else None,
         swaps=manager.swaps, swap_failures=manager.swap_failures,
         last_swap=LastSwap(version=last.version, previous=last.previous, ok=last.ok, seconds=round(last.seconds, 3),
-                           at=datetime.fromtimestamp(last.at, UTC), error=last.error) if last else None,
+                           at=datetime.fromtimestamp(last.at, UTC),
+                           error=None if last.error is None else redact(last.error)) if last else None,
         model=_info(registry, engine.version, _active(registry), engine.version),
     )
 
@@ -123,21 +140,21 @@ def active_model(registry: RegistryDep, manager: EngineManagerDep) -> ServingMod
 
 @router.get("/{version}", summary="Describe one version",
             responses={404: {"description": "unknown version"}, 422: {"description": "invalid version name"}})
-def get_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+def get_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
     _lookup(registry, version)
     return _info(registry, version, _active(registry), manager.version)
 
 
 @router.post("/{version}/activate", summary="Activate a version (deploy or roll back)",
              dependencies=[RequireApiKey],
-             responses={401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
-                        404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
+             responses={**AUTH_ERRORS, 404: {"description": "unknown version"},
+                        422: {"description": "invalid version name"},
                         409: {"description": "the version failed to load, or another activation won; "
                                               "nothing changed"},
                         503: {"description": "the registry is read-only or the model store is unreachable; "
                                              "nothing changed"},
                         507: {"description": "the registry's disk is full; nothing changed"}})
-def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+def activate_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
     """Load and warm up ``version``, then point ``ACTIVE`` at it and swap it in without dropping requests.
 
     Other processes sharing the model directory follow within one registry poll interval. If the
