@@ -96,7 +96,8 @@ def test_http_api_against_its_openapi_schema(fuzz_server: str) -> None:
 
 # --- websocket protocol ------------------------------------------------------------------------------
 
-_json_scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+_json_scalars = (st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+                 | st.text(max_size=8))
 _json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4)
                             | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
 _sizes = st.lists(st.integers(-5, 100_000), min_size=0, max_size=3)
