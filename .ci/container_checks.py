@@ -2,6 +2,7 @@
 
     container_checks.py ready PORT TIMEOUT               /readyz answers 200 within TIMEOUT seconds
     container_checks.py segment PORT CLIP                POST /v1/segment with CLIP answers 200 and a zip
+    container_checks.py provider PORT NAME               GET /v1/models/active names NAME as the provider
     container_checks.py follow PORT1 PORT2 VERSION KEY TIMEOUT
         both serve the same version; activating VERSION on PORT1 makes PORT2 serve it within TIMEOUT
 Exit status 0 when the check holds, 1 (with one line on stderr) when it does not.
@@ -16,18 +17,19 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from email.message import Message
 from pathlib import Path
 
 
 def request(port: int, path: str, data: bytes | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 60.0) -> tuple[int, bytes, dict[str, str]]:
+            timeout: float = 60.0) -> tuple[int, bytes, Message]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers or {},
                                  method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, response.read(), dict(response.headers)
+            return response.status, response.read(), response.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
+        return e.code, e.read(), e.headers
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -63,6 +65,14 @@ def segment(port: int, clip: Path) -> None:
     print(f"POST /v1/segment: 200, {len(answer)} bytes of {headers.get('Content-Type')}")
 
 
+def provider(port: int, name: str) -> None:
+    status, body, _ = request(port, "/v1/models/active", timeout=10)
+    active = json.loads(body) if status == 200 else {}
+    if active.get("provider") != name:
+        raise SystemExit(f"GET /v1/models/active answered {status}: provider {active.get('provider')!r}, not {name!r}")
+    print(f"serving {active['version']} with backend {active['backend']} on provider {name}")
+
+
 def follow(port1: int, port2: int, version: str, key: str, timeout: float) -> None:
     before = serving(port1), serving(port2)
     if before[0] is None or before[0] != before[1]:
@@ -83,6 +93,8 @@ def main(argv: list[str]) -> None:
         ready(int(args[0]), float(args[1]))
     elif command == "segment":
         segment(int(args[0]), Path(args[1]))
+    elif command == "provider":
+        provider(int(args[0]), args[1])
     elif command == "follow":
         follow(int(args[0]), int(args[1]), args[2], args[3], float(args[4]))
     else:
