@@ -71,24 +71,33 @@ def open_sessions(paths: Sequence[Path], options: ort.SessionOptions, providers:
                   factory: SessionFactory = default_session) -> tuple[list[Any], str, list[str]]:
     """Sessions for ``paths`` on the first provider of ``providers`` that really serves all of them.
 
-    Tries ``providers[i:]`` for i = 0, 1, ...: a try counts only if it does not raise and every
-    session reports the wanted provider first in ``get_providers()``. Returns the sessions, the
-    provider that serves, and one line per provider that was passed over (why).
+    Tries ``providers[i:]`` for i = 0, 1, ...: a try that raises moves on to the next provider. A try
+    whose sessions all report (``get_providers()[0]``) a later provider of the list than the wanted
+    one is kept: onnxruntime fell back by itself, and the providers in between are passed over.
+    Returns the sessions, the provider that serves, and one line per provider passed over (why).
     """
+    names = [provider_name(p) for p in providers]
     passed_over: list[str] = []
-    for i, provider in enumerate(providers):
-        wanted, chain = provider_name(provider), providers[i:]
+
+    def pass_over(name: str, why: str) -> None:
+        passed_over.append(f"{name}: {why}")
+        log.warning("ONNX Runtime provider %s is not usable here (%s)", name, why)
+
+    i = 0
+    while i < len(names):
         try:
-            sessions = [factory(str(path), options, chain) for path in paths]
+            sessions = [factory(str(path), options, providers[i:]) for path in paths]
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/EPFail types
-            passed_over.append(f"{wanted}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            log.warning("ONNX Runtime provider %s failed to create a session: %s", wanted, passed_over[-1])
+            pass_over(names[i], (str(e).strip().splitlines() or [type(e).__name__])[0])
+            i += 1
             continue
-        taken = [session.get_providers()[0] for session in sessions]
-        if all(name == wanted for name in taken):
-            return sessions, wanted, passed_over
-        passed_over.append(f"{wanted}: onnxruntime fell back to {taken[0] if len(set(taken)) == 1 else taken}")
-        log.warning("ONNX Runtime provider %s is not usable here (%s)", wanted, passed_over[-1])
+        taken = sorted({session.get_providers()[0] for session in sessions})
+        if len(taken) == 1 and taken[0] in names[i:]:
+            for name in names[i:names.index(taken[0], i)]:
+                pass_over(name, f"onnxruntime fell back to {taken[0]}")
+            return sessions, taken[0], passed_over
+        pass_over(names[i], f"onnxruntime fell back to {taken[0] if len(taken) == 1 else taken}")
+        i += 1
     raise OnnxEngineError("no ONNX Runtime execution provider could run the graphs: " + "; ".join(passed_over))
 
 
