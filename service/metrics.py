@@ -85,6 +85,11 @@ class _EngineCollector(Collector):
         if engine is not None:
             active.add_metric([engine.version], 1.0)
         yield active
+        provider = GaugeMetricFamily("vss_model_provider", "1 for what runs the served model: the ONNX Runtime "
+                                     "execution provider that really took it, or torch's device", labels=["provider"])
+        if engine is not None:
+            provider.add_metric([engine.provider], 1.0)
+        yield provider
         yield GaugeMetricFamily("vss_model_ready", "1 once a warmed-up model serves", value=float(engine is not None))
         yield CounterMetricFamily("vss_model_swaps", "Hot swaps to another model version", value=m.swaps)
         yield CounterMetricFamily("vss_model_swap_failures", "Model versions that failed to load",

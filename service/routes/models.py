@@ -60,6 +60,9 @@ class LastSwap(BaseModel):
 class ServingModel(BaseModel):
     version: str
     backend: str = Field(examples=["torch", "onnxruntime"])
+    provider: str = Field(description="what runs the network: the ONNX Runtime execution provider that really "
+                                      "took the model (after any fallback), or torch's device",
+                          examples=["CUDAExecutionProvider", "CPUExecutionProvider", "cuda", "cpu"])
     loaded_at: datetime | None
     swaps: int
     swap_failures: int
@@ -104,7 +107,7 @@ def _serving(manager: EngineManager, registry: Registry) -> ServingModel:
         raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "1"})
     last = manager.last
     return ServingModel(
-        version=engine.version, backend=engine.backend,
+        version=engine.version, backend=engine.backend, provider=engine.provider,
         loaded_at=datetime.fromtimestamp(manager.loaded_at, UTC) if manager.loaded_at else None,
         swaps=manager.swaps, swap_failures=manager.swap_failures,
         last_swap=LastSwap(version=last.version, previous=last.previous, ok=last.ok, seconds=round(last.seconds, 3),
