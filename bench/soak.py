@@ -9,7 +9,8 @@ bundled demo model (v0001, plus a copy v0002 to swap to). At the same time:
 - an uploader posts a 24-frame MP4 to ``/v1/segment`` every few seconds, alternating json / zip / mp4;
 - a swapper activates v0002 / v0001 in turn every 30 s;
 - a poller reads ``/v1/models``, ``/v1/clips``, ``/v1/adapt``, ``/readyz`` and ``/metrics`` every second;
-- one adaptation job (TENT, 60 s budget) starts after a third of the run.
+- one adaptation job (TENT, 60 s budget) starts after a third of the run, on 6 distinct fog clips
+  posted to ``/v1/clips`` at the start (the streams loop one clip, which the buffer de-duplicates).
 
 Reports the server's RSS (after a 30 s warm-up, at the end, the peak), the largest RSS increase seen
 during any single upload (peak during the request minus RSS when it started; concurrent traffic
@@ -133,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     with VideoWriter(video, 10.0, SIZE[1], SIZE[0]) as writer:
         for frame in clip.frames:
             writer.write(frame)
+    extra = []
+    for seed in range(100, 106):
+        path = tmp / f"extra-{seed}.mp4"
+        with VideoWriter(path, 10.0, SIZE[1], SIZE[0]) as writer:
+            for frame in generate_clip("fog", 8, SIZE, seed=seed).frames:
+                writer.write(frame)
+        extra.append(path)
     env = {"VSS_MODEL_DIR": str(tmp / "models"), "VSS_BUFFER_DIR": str(tmp / "buffer"),
            "VSS_JOB_DIR": str(tmp / "jobs"), "VSS_CACHE_DIR": str(tmp / "cache"), "VSS_API_KEY": KEY,
            "VSS_DEVICE": "cpu", "VSS_FLOW": "dis-ultrafast", "VSS_REGISTRY_POLL_MS": "200",
@@ -149,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         monitor = Monitor(pid)
         monitor.thread.start()
+        for path in extra:
+            with path.open("rb") as f:
+                r = http.post("/v1/clips", files={"video": (path.name, f, "video/mp4")})
+            if r.status_code != 201:
+                monitor.error(f"POST /v1/clips: {r.status_code} {r.text[:200]}")
         stop = threading.Event()
 
         def expect(response: httpx.Response, *ok: int) -> None:
