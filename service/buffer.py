@@ -84,6 +84,9 @@ class ClipInfo:
         return asdict(self)
 
 
+PROVENANCE_FIELDS = ("route", "request_id", "authenticated", "client")  # ClipInfo's provenance fields
+
+
 def is_heldout(digest: str, fraction: float) -> bool:
     """The deterministic split: the first 16 hex digits of a clip's sha256 as a fraction of 2**64 < ``fraction``."""
     return int(digest[:16], 16) / 2.0**64 < fraction
@@ -138,7 +141,7 @@ class ClipBuffer:
             raise ValueError(f"a clip needs at least 2 consecutive frames, got {len(frames)}")
         stack = resize_frames(frames, size)
         digest = hashlib.sha256(stack.tobytes()).hexdigest()
-        prov = {k: v for k, v in (provenance or {}).items() if k in ("route", "request_id", "authenticated", "client")}
+        prov = {k: v for k, v in (provenance or {}).items() if k in PROVENANCE_FIELDS}
         with self._locked():
             existing = self._find(digest)
             if existing is not None:

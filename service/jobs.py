@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher
 from . import crashpoints
 from . import job_records as records
 from .atomic import storage_problem
+from .batcher import Batcher
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class JobStore:
         job.state = DONE
 
     def fail(self, job: Job, code: str, message: str) -> None:
-        job.error = {"code": code, "message": message}
+        job.error = {"code": code, "message": redact(message)}  # answered to clients: no server paths
         job.finished = time.time()
         shutil.rmtree(job.workdir, ignore_errors=True)
         self._persist_quietly(job, FAILED)

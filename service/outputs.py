@@ -26,6 +26,10 @@ from .pipeline import FrameResult, overlay
 from .video import FILE_MODE, VideoWriter
 
 FORMATS = ("zip", "mp4", "json")
+# x264 "veryfast" keeps ~30 MiB per 4K frame in flight (lookahead, B-frames, frame threads): 623 MiB for a
+# 3840x2160 overlay, measured; "ultrafast" holds 185 MiB there. Frames over 1080p use it, so one upload's
+# overlay fits the request budget (service/budget.py); 1080p "veryfast" holds 174 MiB.
+FAST_PRESET_PIXELS = 1920 * 1088
 
 
 def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
@@ -121,7 +125,8 @@ class Mp4Sink:
     def add(self, frame: np.ndarray, result: FrameResult) -> None:
         h, w = frame.shape[:2]
         if self.writer is None:
-            self.writer = VideoWriter(self.path, self.fps, w, h)
+            preset = "veryfast" if h * w <= FAST_PRESET_PIXELS else "ultrafast"
+            self.writer = VideoWriter(self.path, self.fps, w, h, preset=preset)
             self.legend = legend(self.classes, self.palette, h)
         out = overlay(frame, result.labels, self.palette)
         assert self.legend is not None

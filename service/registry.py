@@ -31,6 +31,7 @@ from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, 
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
 from . import crashpoints
+from .registry_api import Registry
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,18 @@ def version_number(name: str) -> int:
     return int(validate_version(name)[1:])
 
 
-class ModelRegistry:
+class ModelRegistry(Registry):
     """Versioned checkpoint directories under ``root`` plus the atomic ``ACTIVE`` pointer."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def check(self, version: str) -> None:
+        self.path(version)
 
     # --- reading -------------------------------------------------------------------------------
     def versions(self) -> list[str]:
@@ -93,7 +101,7 @@ class ModelRegistry:
         """
         path = self.root / validate_version(version)
         if path.is_symlink() or not path.is_dir():
-            raise VersionNotFound(f"model version {version} does not exist in {self.root}")
+            raise VersionNotFound(f"model version {version} does not exist in the registry")
         return path
 
     def meta(self, version: str) -> dict[str, Any]:

@@ -10,12 +10,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 MIB = 1024 * 1024
+
+# A local directory (Path) or an object store URL (``s3://bucket/prefix``, kept as a string).
+StoreLocation = Annotated[str, StringConstraints(pattern=r"^s3://")] | Path
 
 
 class Settings(BaseSettings):
@@ -25,10 +28,13 @@ class Settings(BaseSettings):
                                       protected_namespaces=("settings_",))
 
     # --- storage -------------------------------------------------------------------------------
-    model_dir: Path = Field(Path("var/models"), description="model registry root (v0001/, ..., ACTIVE)")
-    buffer_dir: Path = Field(Path("var/buffer"), description="on-disk clip buffer of target videos")
+    model_dir: StoreLocation = Field(Path("var/models"), description="model registry: a directory or "
+                                     "s3://bucket/prefix (v0001/, ..., ACTIVE)")
+    buffer_dir: StoreLocation = Field(Path("var/buffer"), description="clip buffer of target videos: a directory "
+                                      "or s3://bucket/prefix (shared by the fleet)")
     val_dir: Path | None = Field(None, description="optional labelled validation clips for the publish gate")
-    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines")
+    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines, "
+                            "verified copies of versions from an s3:// registry")
     demo_model: Path | None = Field(BUNDLED_DEMO_MODEL,
                                     description="checkpoint that seeds an empty registry (empty/none: do not seed)")
 
@@ -76,6 +82,14 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(4, ge=1, description="frames queued per websocket before stale ones are dropped")
     ws_max_message_bytes: int = Field(16 * MIB, ge=1024)
 
+    # --- request budget (service/budget.py; the limits above belong to it too) ----------------
+    max_pixels: int = Field(3840 * 2160, ge=64 * 64, description="largest image one request decodes or produces: an "
+                            "input frame, an uploaded image, a label map of any requested size, an overlay frame")
+    max_inference_pixels: int = Field(2048 * 1024, ge=64 * 64, description="largest network input of one frame "
+                                      "(the upload `size` override)")
+    adapt_max_time_s: float = Field(3600.0, gt=0, description="largest `time_budget_s` of an adaptation job, and "
+                                    "the time limit of jobs that give none")
+
     # --- clip buffer and adaptation ------------------------------------------------------------
     buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
     buffer_max_bytes: int = Field(2048 * MIB, ge=0)
@@ -86,7 +100,8 @@ class Settings(BaseSettings):
                                            "gate only (chosen by a hash of the clip's frames)")
     worker: Literal["spawn", "external", "off"] = Field(
         "spawn", description="adaptation worker: spawn a child process, rely on `vss worker`, or none")
-    adapt_job_dir: Path | None = Field(None, description="adaptation job files (default: <buffer_dir>/jobs)")
+    adapt_job_dir: StoreLocation | None = Field(None, description="adaptation job files, a directory or s3:// URL "
+                                                "(default: <buffer_dir>/jobs)")
     adapt_device: Literal["auto", "cpu", "cuda"] = "auto"
     adapt_threads: int = Field(1, ge=1, description="torch threads of the worker on CPU (leave cores to serving)")
     adapt_nice: int = Field(10, ge=0, le=19, description="scheduling niceness added to the worker process")
@@ -184,9 +199,13 @@ class Settings(BaseSettings):
             return self.log_json
         return self.log_format == "json" or (self.log_format == "auto" and not terminal)
 
-    def job_root(self) -> Path:
-        """Directory of the adaptation job files (shared by servers and workers)."""
-        return self.adapt_job_dir if self.adapt_job_dir is not None else self.buffer_dir / "jobs"
+    def job_root(self) -> Path | str:
+        """Directory (or ``s3://`` URL) of the adaptation job files (shared by servers and workers)."""
+        if self.adapt_job_dir is not None:
+            return self.adapt_job_dir
+        if isinstance(self.buffer_dir, str):
+            return f"{self.buffer_dir.rstrip('/')}/jobs"
+        return self.buffer_dir / "jobs"
 
     def api_key_value(self) -> str | None:
         """The API key as a plain string, or None when auth is off."""

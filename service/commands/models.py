@@ -1,11 +1,12 @@
-"""`vss models list|import PATH|activate VERSION`: manage the on-disk model registry, or a server's models.
+"""`vss models list|import PATH|activate VERSION`: manage the model registry (a directory or s3://bucket/prefix),
+or a server's models.
 
-Running servers that share the directory pick up an activation within one poll interval. With
+Running servers that share the registry pick up an activation within one poll interval. With
 ``--server URL`` the listing and the activation go through the server's API instead.
 
-The registry directory is ``--model-dir``, else ``$VSS_MODEL_DIR``, else ``./var/models`` when it
-exists (where `vss serve` / `make run` started in this directory keep their models), else the user
-data directory ``$XDG_DATA_HOME/vss/models`` (``~/.local/share/vss/models``). The output says which.
+The registry is ``--model-dir``, else ``$VSS_MODEL_DIR``, else ``./var/models`` when it exists (where
+`vss serve` / `make run` started in this directory keep their models), else the user data directory
+``$XDG_DATA_HOME/vss/models`` (``~/.local/share/vss/models``). The output says which.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,18 +27,19 @@ from service.cli import CLIError
 from .runtime import add_server_arguments
 
 if TYPE_CHECKING:  # torch stays out of `vss --help`
-    from service.registry import ModelRegistry
+    from service.registry_api import Registry
 
 SERVER_DEFAULT = Path("var/models")  # `vss serve`'s default (service.settings.Settings.model_dir)
-MODEL_DIR_HELP = ("registry directory (default: $VSS_MODEL_DIR, else ./var/models if it exists, else "
-                  "$XDG_DATA_HOME/vss/models, i.e. ~/.local/share/vss/models)")
+MODEL_DIR_HELP = ("registry directory or s3://bucket/prefix (default: $VSS_MODEL_DIR, else ./var/models if it "
+                  "exists, else $XDG_DATA_HOME/vss/models, i.e. ~/.local/share/vss/models); S3 endpoint and "
+                  "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list, import and activate model versions (here, or on a server with --server)",
                        description="Manage the model registry (v0001/, v0002/, ... and the ACTIVE pointer), or a "
                                    "server's models with --server.")
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help=MODEL_DIR_HELP)
+    p.add_argument("--model-dir", default=None, metavar="DIR", help=MODEL_DIR_HELP)
     add_server_arguments(p)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="list versions (* marks the active one)")
@@ -44,18 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     act = actions.add_parser("activate", help="make VERSION the active one (deploy or roll back)")
     act.add_argument("version", metavar="VERSION", help="e.g. v0002")
     for parser in (ls, imp, act):  # also accept the global options after the action
-        parser.add_argument("--model-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
+        parser.add_argument("--model-dir", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
         parser.add_argument("--server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("--api-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
-def default_model_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[Path, str]:
-    """(registry directory, why it was chosen) when no --model-dir is given."""
+def default_model_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[Path | str, str]:
+    """(registry directory or s3:// URL, why it was chosen) when no --model-dir is given."""
     env = dict(os.environ) if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
     if env.get("VSS_MODEL_DIR"):
-        return Path(env["VSS_MODEL_DIR"]), "$VSS_MODEL_DIR"
+        value = env["VSS_MODEL_DIR"]
+        return (value if "://" in value else Path(value)), "$VSS_MODEL_DIR"
     if (cwd / SERVER_DEFAULT).is_dir():
         return cwd / SERVER_DEFAULT, "./var/models, the server's default here"
     data_home = Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
@@ -70,58 +77,77 @@ def run(args: argparse.Namespace) -> int:
 
         return models(args)
     from models.checkpoint import CheckpointError, load_checkpoint
-    from service.registry import ModelRegistry, RegistryError
+    from service.registry import RegistryError
+    from service.registry_api import open_registry
+    from service.settings import Settings
+    from service.storage import StoreError
 
-    root, why = (args.model_dir, "--model-dir") if args.model_dir is not None else default_model_dir()
-    registry = ModelRegistry(root)
+    location, why = (args.model_dir, "--model-dir") if args.model_dir is not None else default_model_dir()
+    settings = Settings(model_dir=location)  # validates the location; the cache for a remote registry
+    registry = open_registry(settings.model_dir, settings.cache_dir)
     try:
         if args.action == "list":
             return _list(registry, why, args.json)
         if args.action == "import":
             if not args.path.is_dir():
                 raise CLIError(f"not a directory: {args.path}")
-            version = registry.import_dir(args.path, activate=args.activate)
-            parent = record_parent(registry, version, args.path)
-            print(f"imported {args.path} as {version} in {registry.root} ({why})"
+            with parent_as_version(registry, args.path) as (source, parent):
+                version = registry.import_dir(source, activate=args.activate)
+            print(f"imported {args.path} as {version} in {registry.location} ({why})"
                   + (f", parent {parent}" if parent else "") + (" (active)" if args.activate else ""))
             return 0
         load_checkpoint(registry.path(args.version))  # never point ACTIVE at weights that do not load
         registry.activate(args.version)
-        print(f"{args.version} is now active in {registry.root}")
+        print(f"{args.version} is now active in {registry.location}")
         return 0
-    except (RegistryError, CheckpointError) as e:
+    except (RegistryError, CheckpointError, StoreError) as e:
         raise CLIError(str(e)) from e
 
 
-def record_parent(registry: ModelRegistry, version: str, source: Path) -> str | None:
-    """Name an imported checkpoint's parent by its registry version, not by a filesystem path.
+@contextmanager
+def parent_as_version(registry: Registry, source: Path) -> Iterator[tuple[Path, str | None]]:
+    """The checkpoint to import, with its parent named by a registry version instead of a filesystem path.
 
-    `vss adapt` records the parent's directory and its weights' sha256; the version in this registry
-    with those weights becomes ``parent`` (the path stays in ``provenance.parent_path``).
+    `vss adapt` records the parent's directory and its weights' sha256; when a version in this registry
+    has those weights, the import gets a copy of ``source`` (files hard-linked where possible) whose
+    ``meta.json`` names that version as ``parent`` (the path moves to ``provenance.parent_path``).
+    Yields (directory to import, parent to report).
     """
-    from models.checkpoint import META
-    from service.atomic import write_atomic
+    from models.checkpoint import META, read_meta
     from service.registry import InvalidVersion, validate_version
 
-    meta = registry.meta(version)
+    meta = read_meta(source)
     parent = meta.get("parent")
     if parent is None:
-        return None
+        yield source, None
+        return
     try:
-        return validate_version(str(parent))
+        yield source, validate_version(str(parent))
+        return
     except InvalidVersion:
         pass
     provenance = dict(meta.get("provenance") or {})
     wanted = provenance.get("parent_sha256") or _sha_of(Path(str(parent)), source)
-    match = next((v for v in registry.versions() if v != version and wanted and _meta_sha(registry, v) == wanted), None)
+    match = next((v for v in registry.versions() if wanted and _meta_sha(registry, v) == wanted), None)
     if match is None:
-        return str(parent)
-    updated = {**meta, "parent": match, "provenance": {**provenance, "parent_path": str(parent)}}
-    write_atomic(registry.path(version) / META, json.dumps(updated, indent=2).encode())
-    return match
+        yield source, str(parent)
+        return
+    staging = Path(tempfile.mkdtemp(prefix="vss-import-"))
+    try:
+        for item in source.iterdir():
+            if item.is_file() and item.name != META:
+                try:
+                    os.link(item, staging / item.name)
+                except OSError:  # another filesystem
+                    shutil.copy2(item, staging / item.name)
+        updated = {**meta, "parent": match, "provenance": {**provenance, "parent_path": str(parent)}}
+        (staging / META).write_text(json.dumps(updated, indent=2))
+        yield staging, match
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _meta_sha(registry: ModelRegistry, version: str) -> str | None:
+def _meta_sha(registry: Registry, version: str) -> str | None:
     from models.checkpoint import CheckpointError
 
     try:
@@ -142,7 +168,7 @@ def _sha_of(parent: Path, source: Path) -> str | None:
     return None
 
 
-def _list(registry: ModelRegistry, why: str, as_json: bool) -> int:
+def _list(registry: Registry, why: str, as_json: bool) -> int:
     from models.checkpoint import CheckpointError
     from service.registry import InvalidVersion
 
@@ -151,7 +177,7 @@ def _list(registry: ModelRegistry, why: str, as_json: bool) -> int:
     except InvalidVersion:
         active = None
     rows: list[dict[str, Any]] = []
-    for version in registry.versions() if registry.root.is_dir() else []:
+    for version in registry.versions():
         try:
             meta = registry.meta(version)
             row = {"version": version, "active": version == active, "parent": meta.get("parent"),
@@ -162,13 +188,13 @@ def _list(registry: ModelRegistry, why: str, as_json: bool) -> int:
             row = {"version": version, "active": version == active, "error": str(e)}
         rows.append(row)
     if as_json:
-        print(json.dumps({"root": str(registry.root), "chosen_by": why, "active": active, "versions": rows},
+        print(json.dumps({"root": registry.location, "chosen_by": why, "active": active, "versions": rows},
                          indent=2))
         return 0
     if not rows:
-        print(f"no model versions in {registry.root} ({why})")
+        print(f"no model versions in {registry.location} ({why})")
         return 0
-    print(f"models in {registry.root} ({why})", file=sys.stderr)
+    print(f"models in {registry.location} ({why})", file=sys.stderr)
     print_table(rows)
     return 0
 

@@ -20,19 +20,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
 from ..buffer import ClipBuffer, ClipCollector
+from ..budget import BudgetExceeded, budget
 from ..collect import Provenance, RateLimiter
-from ..deps import ApiError, RequireApiKey
+from ..deps import AUTH_ERRORS, ApiError, RequireApiKey
 from ..settings import Settings
+from ..storage import StoreError
 from ..supervisor import WorkerSupervisor, worker_command
-from ..worker import clip_buffer, worker_settings_json
+from ..worker import clip_buffer, job_store, worker_settings_json
 from .errors import disk_errors
 
 log = logging.getLogger(__name__)
+PRIVATE_JOB_FIELDS = ("worker",)  # the job file's record of which process (pid, host) runs it
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
 
@@ -50,12 +53,19 @@ class AdaptationPlane:
 
     def start(self) -> None:
         try:
-            self.jobs.root.mkdir(parents=True, exist_ok=True)
+            self.jobs.ensure()
             self.jobs.sweep()  # temp files of a process that died
             self.buffer.sweep()
-        except OSError as e:  # a read-only or full store: adapt and clip routes answer 503/507 until it is fixed
+        except StoreError as e:  # the object store is down: routes answer 503 until it returns
+            log.error("cannot reach the clip buffer or the adaptation jobs in %s: %s", self.jobs.root, e)
+        except OSError as e:  # a read-only or full disk: adapt and clip routes answer 503/507 until it is fixed
             log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
-        if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
+        try:
+            pending = self.jobs.active() is not None
+        except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
+            log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
+            pending = True
+        if self.settings.adapt_auto_clips > 0 or pending:
             self.ensure_worker()
 
     def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
@@ -75,8 +85,8 @@ class AdaptationPlane:
     def worker_status(self) -> dict[str, Any]:
         s = self.settings
         sup = self.supervisor
-        return {"mode": s.worker, "pid": sup.pid if sup else None, "restarts": sup.restarts if sup else 0,
-                "alive": self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0))}
+        return {"mode": s.worker, "restarts": sup.restarts if sup else 0,
+                "alive": len(self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0)))}
 
     def close(self) -> None:
         self.collector.close()
@@ -105,7 +115,7 @@ def build_plane(app: Any) -> AdaptationPlane:
                            ["reason"], registry=metrics.registry)
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
         refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
-    jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+    jobs = job_store(settings)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
@@ -138,7 +148,7 @@ router = APIRouter(tags=["adapt"], lifespan=_lifespan)
 class AdaptRequest(BaseModel):
     """What to run; everything but ``method`` has a default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
 
     method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl or selftrain")
     steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
@@ -184,22 +194,37 @@ class JobState(BaseModel):
     started: float | None
     finished: float | None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _public(cls, data: Any) -> Any:
+        """The stored job without the worker's identity (pid, host): answers never show them."""
+        return {k: v for k, v in data.items() if k not in PRIVATE_JOB_FIELDS} if isinstance(data, dict) else data
+
 
 class JobList(BaseModel):
     jobs: list[JobState]
-    worker: dict[str, Any] = Field(description="worker mode, the spawned pid and its restarts, live heartbeats")
+    worker: dict[str, Any] = Field(description="worker mode, restarts of the spawned worker, and how many workers "
+                                   "sent a heartbeat lately (`alive`)")
 
 
 def _validate_method(body: AdaptRequest, settings: Settings) -> None:
-    from adaptation.methods import build_method
+    """Method, budget (steps, seconds) and options against the method's declared ``OPTIONS``."""
+    from adaptation.methods import method_class
+    from adaptation.options import OptionError, check_options
     from adaptation.sourcefree import SOURCE_FREE
 
     if body.method not in SOURCE_FREE:
         raise ApiError(422, "unknown_method", f"unknown method {body.method!r}; choose one of {', '.join(SOURCE_FREE)}")
-    if body.steps > settings.adapt_max_steps:
-        raise ApiError(422, "invalid_request", f"steps={body.steps} is over the limit of {settings.adapt_max_steps}")
     try:
-        build_method(body.method, seed=body.seed, **body.options)
+        budget(settings).check_adapt(body.steps, body.time_budget_s)
+    except BudgetExceeded as e:
+        raise ApiError(422, e.code, e.message) from e
+    cls = method_class(body.method)
+    try:
+        options = check_options(body.method, cls.OPTIONS, body.options)
+        cls(seed=body.seed, **options)
+    except OptionError as e:
+        raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}", details={"option": e.name}) from e
     except (TypeError, ValueError) as e:
         raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}") from e
 
@@ -226,7 +251,8 @@ def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
 @router.post("/v1/adapt", summary="Start an adaptation job on the buffered clips", status_code=202,
              dependencies=[RequireApiKey], response_model=JobState,
              responses={202: {"description": "queued; poll the `Location` URL"},
-                        401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
+                        **AUTH_ERRORS, 400: {"description": "malformed JSON body"},
+                        413: {"description": "a body over 1 MiB"},
                         409: {"description": "a job is already queued or running, or too few buffered clips"},
                         422: {"description": "unknown method, bad options or out-of-range values"},
                         503: {"description": "the job directory is read-only"}, 507: {"description": "disk full"}})
@@ -241,7 +267,7 @@ async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     _validate_method(body, plane.settings)
     with disk_errors("creating the adaptation job"):
         job = await run_in_threadpool(_create, plane, body)
-    return JSONResponse(job, 202, headers={"Location": f"/v1/adapt/{job['id']}"})
+    return JSONResponse(JobState(**job).model_dump(mode="json"), 202, headers={"Location": f"/v1/adapt/{job['id']}"})
 
 
 @router.get("/v1/adapt", summary="List adaptation jobs, newest first")
@@ -273,7 +299,8 @@ async def get_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
 
 
 @router.post("/v1/adapt/{job_id}/cancel", summary="Cancel a job", dependencies=[RequireApiKey],
-             responses={404: {"description": "unknown job"}, 409: {"description": "the job already ended"}})
+             responses={**AUTH_ERRORS, 404: {"description": "unknown job"},
+                        409: {"description": "the job already ended"}})
 async def cancel_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
     """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`
     (nothing is published)."""

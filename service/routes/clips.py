@@ -21,12 +21,13 @@ from python_multipart.multipart import MultipartParser
 from starlette.concurrency import run_in_threadpool
 
 from .. import decode
+from ..budget import budget
 from ..buffer import ClipBuffer, ClipInfo
 from ..collect import Provenance, allows, collect_mode, provenance
-from ..deps import ApiError, EngineDep, RequireApiKey, SettingsDep
+from ..deps import AUTH_ERRORS, ApiError, EngineDep, RequireApiKey, SettingsDep
 from ..jobs import data_plane
 from ..settings import Settings
-from ..stream_codec import StreamConfig, StreamError, precheck_frame
+from ..stream_codec import StreamConfig, StreamError, jpeg_size, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
 from .adapt import adaptation_plane
@@ -86,21 +87,40 @@ async def receive_parts(request: Request, workdir: Path, max_bytes: int) -> list
     return parts
 
 
-def _image_frames(parts: list[Part], settings: Settings) -> list[np.ndarray]:
-    config, max_pixels = StreamConfig(), settings.max_width * settings.max_height
+def _image_frames(parts: list[Part], settings: Settings, size: tuple[int, int]) -> list[np.ndarray]:
+    """Decode the images one at a time, each resized to ``size`` at once (only one full-size image is ever
+    held). The header is checked against the budget first; a JPEG is decoded at a reduced scale when it
+    is at least twice the size needed."""
+    from ..buffer import resize_frames
+
+    config, limits = StreamConfig(), budget(settings)
     frames = []
     for i, part in enumerate(parts):
+        if part.size > limits.max_message_bytes:
+            raise ApiError(413, "payload_too_large", f"image {i} is {part.size} bytes; one image may have at most "
+                                                     f"{limits.max_message_bytes} bytes (VSS_WS_MAX_MESSAGE_BYTES)")
         data = part.path.read_bytes()
         try:
-            precheck_frame(data, config, max_pixels)
+            kind = precheck_frame(data, config, limits.max_pixels)
         except StreamError as e:
             status = 422 if e.code == "frame_too_large" else 415
             raise ApiError(status, e.code, f"image {i}: {e.message}") from e
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _decode_flag(kind, data, size))
         if bgr is None:
             raise ApiError(415, "undecodable_image", f"image {i} is not a decodable JPEG or PNG")
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        frames.append(resize_frames([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], size)[0])
     return frames
+
+
+def _decode_flag(kind: str, data: bytes, size: tuple[int, int]) -> int:
+    """``cv2.imdecode`` flag: JPEGs decode at 1/2, 1/4 or 1/8 scale while that still covers ``size``."""
+    header = jpeg_size(data) if kind == "jpeg" else None
+    if header is not None:
+        for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                             (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            if header[0] // factor >= size[0] and header[1] // factor >= size[1]:
+                return flag
+    return cv2.IMREAD_COLOR
 
 
 def _video_frames(part: Part, settings: Settings, max_frames: int, stride: int,
@@ -130,11 +150,13 @@ async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any
 
 @router.post("/v1/clips", summary="Add target clips to the buffer", status_code=201, dependencies=[RequireApiKey],
              openapi_extra=CLIPS_BODY, responses={
-                 400: {"description": "malformed multipart body"}, 413: {"description": "upload too large"},
-                 403: {"description": "the collect policy (VSS_COLLECT) refuses this client"},
+                 **AUTH_ERRORS, 400: {"description": "malformed multipart body"},
+                 403: {"description": "wrong API key, or the collect policy (VSS_COLLECT) refuses this client"},
+                 413: {"description": "body over `max_upload_bytes`, or one image over `ws_max_message_bytes`"},
                  415: {"description": "not multipart, or undecodable video/images"},
                  429: {"description": "the client's clip rate limit is reached"},
-                 503: {"description": "the buffer's storage is read-only"}, 507: {"description": "the disk is full"},
+                 503: {"description": "no model loaded yet, or the buffer's storage is read-only or unreachable"},
+                 507: {"description": "the disk is full"},
                  422: {"description": "no usable part, fewer than 2 frames, or a limit exceeded"}})
 async def add_clips(
     request: Request, settings: SettingsDep, engine: EngineDep,
@@ -169,7 +191,7 @@ async def add_clips(
             frames = await run_in_threadpool(_video_frames, videos[0], settings, min(max_frames, settings.max_frames),
                                              stride, size)
         else:
-            frames = await run_in_threadpool(_image_frames, images, settings)
+            frames = await run_in_threadpool(_image_frames, images, settings, size)
         if len(frames) < 2:
             raise ApiError(422, "too_few_frames", f"a clip needs at least 2 consecutive frames, got {len(frames)}")
 
@@ -210,7 +232,7 @@ def store_clips(buffer: ClipBuffer, pieces: list[list[np.ndarray]], size: tuple[
     return [info.to_dict() for info in added], duplicates
 
 
-@router.delete("/v1/clips", summary="Empty the clip buffer", dependencies=[RequireApiKey])
+@router.delete("/v1/clips", summary="Empty the clip buffer", dependencies=[RequireApiKey], responses=AUTH_ERRORS)
 async def clear_clips(request: Request) -> dict[str, Any]:
     """Remove every buffered clip (training and held-out)."""
     removed = await run_in_threadpool(adaptation_plane(request.app).buffer.clear)

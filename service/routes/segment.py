@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
+from ..budget import BudgetExceeded, budget
 from ..buffer import resize_frames
 from ..collect import PendingClips, Provenance, allows, collect_mode, provenance
 from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
@@ -132,8 +133,9 @@ ERRORS = {
 }
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"256x512"`` -> (256, 512): the inference size override (multiples of 8, 64..2048)."""
+def parse_size(text: str | None, settings: Settings) -> tuple[int, int] | None:
+    """``"256x512"`` -> (256, 512): the inference size override (multiples of 8, 64..2048, at most
+    ``max_inference_pixels``)."""
     if text is None:
         return None
     match = SIZE_RE.fullmatch(text.strip().lower())
@@ -143,6 +145,10 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if h % 8 or w % 8 or not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
         raise ApiError(422, "invalid_request", f"size {h}x{w}: both sides must be multiples of 8 between "
                                                f"{MIN_SIDE} and {MAX_SIDE}")
+    try:
+        budget(settings).check_inference(h, w)
+    except BudgetExceeded as e:
+        raise ApiError(422, e.code, e.message) from e
     return h, w
 
 
@@ -150,13 +156,18 @@ def check_limits(info: VideoInfo, settings: Settings, stride: int, max_frames: i
     """Enforce resolution, duration and frame limits; returns the number of frames to segment (0: unknown).
 
     The resolution limit applies to the long and the short side, so portrait videos are treated
-    like landscape ones.
+    like landscape ones; the label maps and overlay frames made at the video's resolution must fit the
+    pixel budget.
     """
     long_limit, short_limit = max(settings.max_width, settings.max_height), min(settings.max_width,
                                                                                 settings.max_height)
     if max(info.width, info.height) > long_limit or min(info.width, info.height) > short_limit:
         raise ApiError(422, "resolution_too_large", f"the video is {info.width}x{info.height}; the limit is "
                                                     f"{settings.max_width}x{settings.max_height}")
+    try:
+        budget(settings).check_pixels(info.height, info.width, "the video's frames (and label maps)")
+    except BudgetExceeded as e:
+        raise ApiError(422, "resolution_too_large", e.message) from e
     if info.duration_s > settings.max_duration_s:
         raise ApiError(422, "video_too_long", f"the video lasts {info.duration_s:.1f} s; the limit is "
                                               f"{settings.max_duration_s:g} s")
@@ -175,7 +186,7 @@ def decode_limits(settings: Settings) -> decode.DecodeLimits:
     defaults = decode.DecodeLimits()
     return decode.DecodeLimits(timeout_s=float(getattr(settings, "decode_timeout_s", defaults.timeout_s)),
                                memory_mb=int(getattr(settings, "decode_memory_mb", defaults.memory_mb)),
-                               max_pixels=settings.max_width * settings.max_height)
+                               max_pixels=budget(settings).max_pixels)
 
 
 def _frame_hook(metrics: Metrics, sampler: ClipSampler | None) -> Callable[[np.ndarray, FrameResult], None]:
@@ -198,7 +209,9 @@ async def segment(
     request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep,
     fmt: Annotated[Format, Query(alias="format", description="zip: palette PNG label maps + manifest.json; "
                                  "mp4: overlay video with a legend; json: per-frame class statistics")] = "zip",
-    size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512")] = None,
+    size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512: multiples of 8 "
+                                      f"in {MIN_SIDE}..{MAX_SIDE}, at most `max_inference_pixels` pixels",
+                                      json_schema_extra={"pattern": "^[0-9]{1,5}x[0-9]{1,5}$"})] = None,
     stride: Annotated[int, Query(ge=1, le=1000, description="segment every stride-th frame")] = 1,
     max_frames: Annotated[int | None, Query(ge=1, description="segment at most this many frames")] = None,
     collect: Annotated[bool, Query(description="let sampled frames feed the adaptation clip buffer")] = True,
@@ -206,7 +219,7 @@ async def segment(
     """Upload a video as the multipart field `video`. Videos with at most `job_frame_threshold` frames to
     segment are answered with the file itself (`Content-Disposition: attachment`); longer ones get
     `202 Accepted`, a job body and a `Location: /v1/jobs/{id}` header."""
-    input_size = parse_size(size)
+    input_size = parse_size(size, settings)
     prov = provenance(request, settings, "/v1/segment")
     if max_frames is not None and max_frames > settings.max_frames:
         raise ApiError(422, "invalid_request", f"max_frames={max_frames} is over the limit of {settings.max_frames}")
