@@ -59,6 +59,7 @@ function showJob(job) {
   $("adapt-cancel").disabled = done || job.cancel_requested;
   if (job.state === "failed") setStatus($("adapt-status"), `failed: ${job.error.message}`, true);
   else if (job.state === "published") setStatus($("adapt-status"), `published ${job.version}`);
+  else if (job.state === "rejected") setStatus($("adapt-status"), "rejected by the gate (its reasons are below)");
   else if (done) setStatus($("adapt-status"), job.state);
   else setStatus($("adapt-status"), job.cancel_requested ? "cancelling …" : `${job.state} …`);
 }

@@ -1,5 +1,5 @@
 // vss web page: a small line plot on a <canvas> (no libraries). Each series has its own y scale
-// (0 .. its maximum) and a legend entry with its latest value; x is shared.
+// (its minimum .. maximum) and a legend entry with its latest value and range; x is shared.
 "use strict";
 
 const PLOT_COLOURS = ["#3559e0", "#e0752d", "#2f9e55"];
@@ -34,18 +34,24 @@ function drawPlot(canvas, title, series) {
     if (!s.points.length) return;
     const colour = PLOT_COLOURS[k % PLOT_COLOURS.length];
     const ys = s.points.map((p) => p[1]);
-    const ymax = Math.max(...ys.map(Math.abs)) || 1;
+    let ymin = Math.min(...ys), ymax = Math.max(...ys);
+    if (ymax - ymin < 1e-9 * Math.max(1, Math.abs(ymax))) {  // a flat series: draw it mid-height
+      const margin = 0.5 * Math.abs(ymax) || 0.5;
+      ymin -= margin;
+      ymax += margin;
+    }
     ctx.strokeStyle = colour;
     ctx.lineWidth = 1.5;
     ctx.beginPath();
     s.points.forEach(([x, y], i) => {
       const px = pad.left + (w * (x - x0)) / xspan;
-      const py = pad.top + h - (h * Math.max(0, y)) / ymax;
+      const py = pad.top + h - (h * (y - ymin)) / (ymax - ymin);
       if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
     });
     ctx.stroke();
     const last = ys[ys.length - 1];
-    const label = `${s.name} ${formatNumber(last)}${s.unit || ""} (max ${formatNumber(ymax)})`;
+    const range = `${formatNumber(Math.min(...ys))}–${formatNumber(Math.max(...ys))}`;
+    const label = `${s.name} ${formatNumber(last)}${s.unit || ""} (range ${range})`;
     ctx.fillStyle = colour;
     ctx.fillText(label, legendX, 3);
     legendX += ctx.measureText(label).width + 14;
