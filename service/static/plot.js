@@ -62,5 +62,5 @@ function formatNumber(value) {
   if (typeof value !== "number" || !Number.isFinite(value)) return String(value);
   const size = Math.abs(value);
   if (Number.isInteger(value) || size >= 100) return String(Math.round(value));
-  return size >= 1 ? value.toFixed(1) : value.toPrecision(3);
+  return size >= 10 ? value.toFixed(1) : String(Number(value.toPrecision(3)));
 }
