@@ -299,7 +299,8 @@ def test_layout_fills_common_widths_without_overflow(browser, site: str, width: 
     page = open_page(browser, site, width=width, height=900)
     page.wait_for_selector("#models li.active")
     page.evaluate("""() => {  // long texts, as a failing job or a long file name would show
-        setStatus(document.getElementById('adapt-status'), 'failed: ' + 'averyveryverylongwordwithoutspaces'.repeat(6), true);
+        const long = 'failed: ' + 'averyveryverylongwordwithoutspaces'.repeat(6);
+        setStatus(document.getElementById('adapt-status'), long, true);
         document.getElementById('adapt-details').hidden = false;
         document.getElementById('adapt-job').textContent = 'ab12cd34 · selftrain · running ' + 'x'.repeat(120);
     }""")
@@ -307,7 +308,10 @@ def test_layout_fills_common_widths_without_overflow(browser, site: str, width: 
         const cards = [...document.querySelectorAll('.card')].filter(c => !c.hidden);
         const main = document.querySelector('main').getBoundingClientRect();
         const columns = new Set(cards.map(c => Math.round(c.getBoundingClientRect().left)));
-        const area = cards.reduce((sum, c) => { const r = c.getBoundingClientRect(); return sum + r.width * r.height; }, 0);
+        const area = cards.reduce((sum, c) => {
+            const r = c.getBoundingClientRect();
+            return sum + r.width * r.height;
+        }, 0);
         return { columns: columns.size, fill: area / (window.innerWidth * main.height),
                  overflow: cards.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.id) };
     }""")
