@@ -52,6 +52,7 @@ function showJob(job) {
   }
   const box = $("adapt-progress");
   box.hidden = false;
+  box.classList.toggle("failed", job.state === "failed" || job.state === "rejected");
   box.querySelector(".bar").style.width = `${Math.round(100 * (job.progress || 0))}%`;
   box.querySelector(".label").textContent = job.stage ? `${job.stage} · ${job.step} / ${job.steps}` : job.state;
   const done = FINAL.includes(job.state);

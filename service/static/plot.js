@@ -50,8 +50,11 @@ function drawPlot(canvas, title, series) {
     });
     ctx.stroke();
     const last = ys[ys.length - 1];
-    const range = `${formatNumber(Math.min(...ys))}–${formatNumber(Math.max(...ys))}`;
-    const label = `${s.name} ${formatNumber(last)}${s.unit || ""} (range ${range})`;
+    const low = Math.min(...ys), high = Math.max(...ys);
+    let digits = 3;  // enough significant digits that a small range does not read "1.88–1.88"
+    while (digits < 6 && low !== high && Number(low.toPrecision(digits)) === Number(high.toPrecision(digits))) digits++;
+    const fmt = (v) => (digits > 3 ? String(Number(v.toPrecision(digits))) : formatNumber(v));
+    const label = `${s.name} ${fmt(last)}${s.unit || ""} (range ${fmt(low)}–${fmt(high)})`;
     ctx.fillStyle = colour;
     ctx.fillText(label, legendX, 3);
     legendX += ctx.measureText(label).width + 14;
