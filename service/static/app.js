@@ -11,6 +11,13 @@ function setStatus(el, text, isError = false) {
   el.classList.toggle("error", isError);
 }
 
+function authHeader() {
+  // The page's API key field (in the adaptation panel): sent with uploads too, for servers that let
+  // only authenticated clients feed the clip buffer.
+  const key = $("adapt-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function errorText(response) {
   try {
     const body = await response.json();
@@ -67,6 +74,7 @@ async function loadBuffer() {
     if (!response.ok) return;
     const b = await response.json();
     const off = b.collect === false;
+    state.collectMode = b.collect_mode || (off ? "off" : "all");
     for (const el of document.querySelectorAll(".buffer-count")) {
       el.textContent = off ? "(off on this server)" : `(buffer: ${b.clips} clips)`;
     }
@@ -163,7 +171,7 @@ async function upload(event) {
   setStatus(status, `uploading ${file.name} …`);
   showProgress(0, "uploading …");
   try {
-    const response = await fetch(`/v1/segment?format=${format}&collect=${collect}`, { method: "POST", body: form });
+    const response = await fetch(`/v1/segment?format=${format}&collect=${collect}`, { method: "POST", body: form, headers: authHeader() });
     if (response.status === 202) {
       const job = await response.json();
       setStatus(status, `job ${job.id.slice(0, 8)} ${job.state || "queued"}`);

@@ -6,10 +6,7 @@
 const models = { list: [], active: null, target: null };
 
 function apiHeaders() {
-  const key = $("adapt-key").value.trim();
-  const headers = { "Content-Type": "application/json" };
-  if (key) headers.Authorization = `Bearer ${key}`;
-  return headers;
+  return { "Content-Type": "application/json", ...authHeader() };
 }
 
 function formatDate(text) {

@@ -169,7 +169,8 @@ function openSocket() {
         stream.reconnected = stream.reconnected + (again ? 1 : 0);
         live.ready = true;
         setStatus($("stream-status"), `streaming to ${msg.model_version}${again}`
-          + (collecting() ? " · feeding the adaptation buffer" : ""));
+          + (!collecting() ? "" : state.collectMode === "authenticated"
+            ? " · the buffer takes clips only from clients with the API key" : " · feeding the adaptation buffer"));
       } else if (msg.type === "error") {
         stream.lastError = msg.error;
         if (msg.error.code !== "draining") setStatus($("stream-status"), `${msg.error.code}: ${msg.error.message}`, true);
