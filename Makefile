@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench lint clean
+.PHONY: run test demo bench gpu-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/streaming.py
+
+# On a CUDA machine: the gpu-marked tests + GPU numbers into var/gpu-report.json (<= 8 min); exits 2 without CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu.py -o var/gpu-report.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{style:12s} mIoU {r['miou']:.1f}  tc {r['tc']:.1f}", flush=True)
     meta = make_meta(cfg, list(synth.CLASSES), synth.PALETTE.tolist(), INPUT_SIZE, parent=None,
                      source="adaptation.make_demo", train_style="source", steps=result.steps,
-                     train_seconds=round(result.elapsed_s), hyperparameters=vars(args), eval=scores)
+                     train_seconds=round(result.elapsed_s), eval=scores,
+                     hyperparameters={k: v for k, v in vars(args).items() if k != "out"})  # no build-machine path
     save_checkpoint(args.out, model, meta)
     print(json.dumps({"out": args.out, "steps": result.steps, "eval": scores}))
 

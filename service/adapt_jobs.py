@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class AdaptJobStore:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def ensure(self) -> None:
+        """Create the job directory."""
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
@@ -202,7 +207,7 @@ class AdaptJobStore:
             job.update(fields)
             job.update(state=state, finished=_now(), stage=None)
             if error is not None:
-                job["error"] = {"code": error[0], "message": error[1]}
+                job["error"] = {"code": error[0], "message": redact(error[1])}  # answered to clients: no paths
             if state == PUBLISHED:
                 job["progress"] = 1.0
 
@@ -243,10 +248,23 @@ class AdaptJobStore:
             dead = worker.get("host") == host and isinstance(worker.get("pid"), int) and not pid_alive(worker["pid"])
             if silent > timeout_s or dead:
                 why = "exited" if dead else f"sent no heartbeat for {silent:.0f} s"
-                self.finish(job["id"], FAILED, ("worker_lost", f"the adaptation worker (pid {worker.get('pid')} on "
-                                                               f"{worker.get('host')}) {why}; the job was abandoned"))
+                log.warning("adaptation job %s: its worker (pid %s on %s) %s", job["id"], worker.get("pid"),
+                            worker.get("host"), why)
+                self.finish(job["id"], FAILED, ("worker_lost", f"the adaptation worker {why}; the job was abandoned"))
                 failed.append(job["id"])
         return failed
+
+    def sweep(self, max_age_s: float = 60.0) -> int:
+        """Remove temp files of writers that died (``service.atomic`` names them ``.tmp-*``); at start."""
+        removed, cutoff = 0, time.time() - max_age_s
+        for path in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def _prune(self) -> None:
         finished = [j for j in self._all() if j["state"] in FINAL_STATES]

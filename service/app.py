@@ -9,6 +9,7 @@ Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,11 +28,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.checkpoint import CheckpointError
 
 from . import routes
+from .budget import MAX_JSON_BODY_BYTES, document_limits
 from .deps import ApiError
 from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import QUIET_ROUTES, REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var
-from .registry import ModelRegistry
+from .redact import redact
+from .registry_api import Registry, open_registry
+from .routes import sources as sources_routes
+from .storage import StoreError
 from .settings import Settings
 
 log = logging.getLogger("vss.http")
@@ -65,7 +70,7 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 
 def error_body(status: int, code: str | None, message: str, details: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code or ERROR_CODES.get(status, "http_error"), "message": message}
+    error: dict[str, Any] = {"code": code or ERROR_CODES.get(status, "http_error"), "message": redact(message)}
     if details is not None:
         error["details"] = details
     request_id = request_id_var.get()
@@ -78,7 +83,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     """Build the app. ``engine_factory`` replaces the torch/ONNX factory (tests inject fakes)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    registry = ModelRegistry(settings.model_dir)
+    registry = open_registry(settings.model_dir, settings.cache_dir)
     options = EngineOptions(settings.engine, settings.device, settings.half, settings.intra_op_threads,
                             settings.onnx_exporter, settings.onnx_tensorrt, settings.cache_dir)
     manager = EngineManager(registry, engine_factory or make_engine_factory(options),
@@ -113,9 +118,18 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
+    app.add_middleware(BodyBudgetMiddleware, max_bytes=MAX_JSON_BODY_BYTES)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for router in routes.routers():
         app.include_router(router)
+    app.include_router(sources_routes.router)  # server-side sources (README "Server-side sources")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -125,19 +139,23 @@ def _draining_response() -> JSONResponse:
                         {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
-def _prepare(settings: Settings, registry: ModelRegistry) -> None:
+def _prepare(settings: Settings, registry: Registry) -> None:
     """Startup work before serving: registry directory and first-start seeding."""
     registry.ensure()
     try:
         seeded = registry.seed(settings.demo_model)
+        empty = not seeded and not registry.versions()
     except CheckpointError as e:
         log.error("cannot seed the registry from %s: %s", settings.demo_model, e)
         return
+    except StoreError as e:  # the watcher keeps polling; the replica becomes ready once the store answers
+        log.error("model registry %s is unreachable at startup: %s", registry.location, e)
+        return
     if seeded:
-        log.info("initialised model registry %s with %s from %s", registry.root, seeded, settings.demo_model)
-    elif not registry.versions():
+        log.info("initialised model registry %s with %s from %s", registry.location, seeded, settings.demo_model)
+    elif empty:
         log.warning("model registry %s is empty and no demo model is configured; "
-                    "import one with `vss models import PATH`", registry.root)
+                    "import one with `vss models import PATH`", registry.location)
 
 
 def _version() -> str:
@@ -154,6 +172,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.details), exc.status, exc.headers)
 
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # The model store (S3) is down or refused a request: the route's work cannot be done right now.
+        return JSONResponse(error_body(503, "store_unavailable", str(exc)), 503, {"Retry-After": "5"})
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, None, str(exc.detail)), exc.status_code,
@@ -161,11 +184,80 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        errors = validation_details(exc.errors())
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(error_body(422, "invalid_request", message, errors), 422)
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: non-finite floats (NaN, Infinity) as strings, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def validation_details(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic's errors as the 422 ``details``: where, what and the limit (``ctx``), never the input itself
+    (it may be large, or a NaN that JSON cannot carry)."""
+    out = []
+    for error in errors:
+        entry = {k: error[k] for k in ("type", "loc", "msg", "ctx") if k in error}
+        out.append(_finite(jsonable_encoder(entry, custom_encoder={Exception: str})))
+    return out
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive``: FastAPI's body reader lets HTTP exceptions through to the 413 handler."""
+
+
+class BodyBudgetMiddleware:
+    """413 for a request body over ``max_bytes`` that is not ``multipart/form-data`` (uploads have their own,
+    larger limit, enforced while they stream to disk): a declared ``Content-Length`` is refused before the
+    body is read, a chunked body as soon as it passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if headers is None or headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            await self.app(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyTooLarge(413, f"the request body is larger than the limit of {self.max_bytes} bytes")
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than the limit of {self.max_bytes} bytes"
+        await JSONResponse(error_body(413, "payload_too_large", message), 413)(scope, receive, send)
 
 
 class RequestContextMiddleware:

@@ -3,7 +3,9 @@
 Layout of ``root`` (shared by every server process and the worker; no in-memory state is shared)::
 
     <id>.npz    frames (T, h, w, 3) uint8 RGB at the model input size (compressed)
-    <id>.json   {"id", "frames", "height", "width", "bytes", "created", "source", "heldout", "sha256"}
+    <id>.json   {"id", "frames", "height", "width", "bytes", "created", "source", "heldout", "sha256",
+                 "route", "request_id", "authenticated", "client"}
+    .lock       flock(2) lock held while a clip is added (the duplicate check and the writes)
 
 (``bytes`` is the size of the frames file; the limits count it, the small JSON is not counted.)
 
@@ -11,6 +13,10 @@ A clip id is ``<unix time in ns, 20 digits>-<first 8 hex digits of the frames' s
 sort by age and two writers never collide. Both files are written to temp names and renamed into
 place, the JSON last: a clip exists once its JSON does. Eviction removes the JSON first, so readers
 never list a clip without frames (a reader racing an eviction gets ``ClipNotFound`` and skips it).
+
+Clips are de-duplicated by content: adding frames whose sha256 (at the stored size) equals a buffered
+clip's stores nothing and returns that clip. Each clip records its provenance (``service.collect``):
+the route and request id it came from, whether the client was authenticated, and a hash of the client.
 
 Held-out clips (``heldout``: true) are for the publish gate only and never trained on. The split is
 decided once, when a clip is added, from the sha256 of its frames: deterministic, the same in every
@@ -21,6 +27,7 @@ for compression or disk.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +36,8 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,8 @@ log = logging.getLogger(__name__)
 CLIP_ID_RE = re.compile(r"^\d{20}-[0-9a-f]{8}$")
 FRAMES_SUFFIX, META_SUFFIX = ".npz", ".json"
 ORPHAN_AGE_S = 600.0  # frames without metadata (a writer died between the two renames) are removed after this
+TEMP_AGE_S = 60.0  # temp files of a writer that died (writing one clip takes well under a second)
+TEMP_PREFIX = ".tmp-"  # service.atomic.write_through's temp names
 
 
 class ClipNotFound(LookupError):
@@ -65,9 +75,16 @@ class ClipInfo:
     source: str
     heldout: bool
     sha256: str
+    route: str = ""
+    request_id: str = ""
+    authenticated: bool = False
+    client: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PROVENANCE_FIELDS = ("route", "request_id", "authenticated", "client")  # ClipInfo's provenance fields
 
 
 def is_heldout(digest: str, fraction: float) -> bool:
@@ -107,22 +124,79 @@ class ClipBuffer:
 
     # --- writing -------------------------------------------------------------------------------
     def add(self, frames: Sequence[np.ndarray] | np.ndarray, source: str = "api",
-            size: tuple[int, int] | None = None) -> ClipInfo:
-        """Store consecutive RGB frames as a new clip (resized to ``size`` = (h, w) when given)."""
+            size: tuple[int, int] | None = None, provenance: dict[str, Any] | None = None) -> ClipInfo:
+        """Store consecutive RGB frames as a new clip (resized to ``size`` = (h, w) when given); frames
+        already buffered are not stored again (the buffered clip is returned)."""
+        return self.add_new(frames, source, size, provenance)[0]
+
+    def add_new(self, frames: Sequence[np.ndarray] | np.ndarray, source: str = "api",
+                size: tuple[int, int] | None = None,
+                provenance: dict[str, Any] | None = None) -> tuple[ClipInfo, bool]:
+        """``add``, also saying whether the clip is new (False: a duplicate of a buffered clip).
+
+        ``provenance``: route, request_id, authenticated, client (``service.collect.Provenance``).
+        On an error (a full disk) nothing of the clip remains.
+        """
         if len(frames) < 2:
             raise ValueError(f"a clip needs at least 2 consecutive frames, got {len(frames)}")
         stack = resize_frames(frames, size)
-        self.root.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(stack.tobytes()).hexdigest()
-        clip_id = f"{time.time_ns():020d}-{digest[:8]}"
-        nbytes = write_through(self.root / f"{clip_id}{FRAMES_SUFFIX}",
-                               lambda f: np.savez_compressed(f, frames=stack))
-        t, h, w = stack.shape[:3]
-        info = ClipInfo(clip_id, int(t), int(h), int(w), nbytes, time.time(), str(source)[:32],
-                        is_heldout(digest, self.heldout_fraction), digest)
-        write_through(self.root / f"{clip_id}{META_SUFFIX}", lambda f: f.write(json.dumps(info.to_dict()).encode()))
+        prov = {k: v for k, v in (provenance or {}).items() if k in PROVENANCE_FIELDS}
+        with self._locked():
+            existing = self._find(digest)
+            if existing is not None:
+                return existing, False
+            clip_id = f"{time.time_ns():020d}-{digest[:8]}"
+            frames_path = self.root / f"{clip_id}{FRAMES_SUFFIX}"
+            nbytes = write_through(frames_path, lambda f: np.savez_compressed(f, frames=stack))
+            t, h, w = stack.shape[:3]
+            info = ClipInfo(clip_id, int(t), int(h), int(w), nbytes, time.time(), str(source)[:32],
+                            is_heldout(digest, self.heldout_fraction), digest, **prov)
+            try:
+                write_through(self.root / f"{clip_id}{META_SUFFIX}",
+                              lambda f: f.write(json.dumps(info.to_dict()).encode()))
+            except BaseException:
+                frames_path.unlink(missing_ok=True)
+                raise
         self.evict()
-        return info
+        return info, True
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _find(self, digest: str) -> ClipInfo | None:
+        """The buffered clip whose frames have this sha256 (ids end with its first 8 hex digits)."""
+        for path in self.root.glob(f"*-{digest[:8]}{META_SUFFIX}"):
+            try:
+                info = ClipInfo(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if info.sha256 == digest:
+                return info
+        return None
+
+    def sweep(self) -> int:
+        """Remove what writers that died left behind (temp files, frames without metadata); at start."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        cutoff = time.time() - TEMP_AGE_S
+        for path in self.root.glob(f"{TEMP_PREFIX}*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        self._remove_orphans({c.id for c in self.clips()})
+        return removed
 
     def remove(self, clip_id: str) -> bool:
         """Delete one clip (metadata first); False if it was already gone."""
@@ -209,6 +283,7 @@ class ClipBuffer:
             "max_clips": self.max_clips, "max_bytes": self.max_bytes,
             "oldest": clips[0].to_dict() if clips else None, "newest": clips[-1].to_dict() if clips else None,
             "sources": {s: sum(c.source == s for c in clips) for s in sorted({c.source for c in clips})},
+            "authenticated_clips": sum(c.authenticated for c in clips),
         }
 
 
@@ -223,16 +298,16 @@ class ClipCollector:
     def __init__(self, buffer: ClipBuffer, size_fn: Callable[[], tuple[int, int] | None], queue_size: int = 4,
                  on_added: Callable[[ClipInfo], None] | None = None) -> None:
         self.buffer, self.size_fn, self.on_added = buffer, size_fn, on_added
-        self._queue: queue.Queue[tuple[list[np.ndarray], str] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[list[np.ndarray], str, dict[str, Any] | None] | None] = queue.Queue(queue_size)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.added = self.dropped = self.failed = 0
+        self.added = self.dropped = self.failed = self.duplicates = 0
 
-    def submit(self, frames: Sequence[np.ndarray], source: str) -> bool:
+    def submit(self, frames: Sequence[np.ndarray], source: str, provenance: dict[str, Any] | None = None) -> bool:
         """Queue a clip for writing; False if it was dropped."""
         self._ensure_thread()
         try:
-            self._queue.put_nowait((list(frames), source))
+            self._queue.put_nowait((list(frames), source, provenance))
         except queue.Full:
             self.dropped += 1
             return False
@@ -271,12 +346,15 @@ class ClipCollector:
             try:
                 if item is None:
                     return
-                frames, source = item
+                frames, source, provenance = item
                 size = self.size_fn()
                 if size is None:
                     self.dropped += 1
                     continue
-                info = self.buffer.add(frames, source, size)
+                info, new = self.buffer.add_new(frames, source, size, provenance)
+                if not new:
+                    self.duplicates += 1
+                    continue
                 self.added += 1
                 if self.on_added is not None:
                     self.on_added(info)

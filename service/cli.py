@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 # Explicit list of command modules, in help order.
@@ -20,6 +22,14 @@ COMMANDS: tuple[str, ...] = (
 
 class CLIError(Exception):
     """A user-facing error: printed as ``vss: error: <message>`` with exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that the same cleanup runs (no partial output)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every file command cleans up on SIGTERM as on Ctrl-C; `vss serve` and `vss worker` keep the default
+    # (terminate at once) until they install their own handlers (uvicorn's graceful shutdown, the worker's).
+    own_handlers = args.command in ("serve", "worker") or threading.current_thread() is not threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if own_handlers else signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("vss: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("vss: interrupted", file=sys.stderr)
         return 130
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"vss: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if not own_handlers:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

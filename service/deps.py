@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from .engine import Engine
 from .live import EngineManager, NotReady
 from .metrics import Metrics
-from .registry import ModelRegistry
+from .registry_api import Registry
 from .settings import Settings
 
 
@@ -37,7 +37,7 @@ def get_settings(conn: HTTPConnection) -> Settings:
     return conn.app.state.settings
 
 
-def get_registry(conn: HTTPConnection) -> ModelRegistry:
+def get_registry(conn: HTTPConnection) -> Registry:
     return conn.app.state.registry
 
 
@@ -78,8 +78,14 @@ def require_api_key(request: Request,
     check_api_key(get_settings(request), credentials.credentials if credentials else None)
 
 
+# The answers of ``RequireApiKey``, for the ``responses=`` of the routes that use it (the OpenAPI schema).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing API key (the server has `VSS_API_KEY`)"},
+    403: {"description": "wrong API key"},
+}
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
 EngineManagerDep = Annotated[EngineManager, Depends(get_engine_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]

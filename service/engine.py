@@ -19,6 +19,7 @@ class Engine(Protocol):
     version: str  # model version this engine serves (registry name, or a checkpoint path)
     meta: dict[str, Any]  # checkpoint meta.json
     backend: str  # "torch" | "onnxruntime"
+    provider: str  # what runs the network: the ONNX Runtime execution provider, or torch's device type
 
     def frame_logits(self, frames: np.ndarray) -> np.ndarray:
         """(N, 3, h, w) float32 RGB 0..255 at the model input size -> (N, C, h/s, w/s) float32 logits."""
@@ -43,6 +44,7 @@ class TorchEngine:
         if self.half:
             self.model = self.model.half()
         self.meta, self.version = meta, version
+        self.provider = self.device.type  # "cpu" | "cuda"
         self.input_size = tuple(meta["input_size"])
         self.num_classes = int(meta["architecture"]["num_classes"])
 

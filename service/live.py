@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .engine import Engine
-from .registry import ModelRegistry, RegistryError
+from .registry import RegistryError
+from .registry_api import Registry
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def warm_up(engine: Engine) -> None:
 class EngineManager:
     """Owns the live engine of one process; see the module docstring for the swap protocol."""
 
-    def __init__(self, registry: ModelRegistry, factory: EngineFactory, poll_interval_s: float = 1.0,
+    def __init__(self, registry: Registry, factory: EngineFactory, poll_interval_s: float = 1.0,
                  retry_failed_s: float = 30.0, warmup: bool = True) -> None:
         self.registry = registry
         self.factory = factory
@@ -117,6 +118,8 @@ class EngineManager:
         self._load_lock = threading.Lock()  # one build at a time (watcher vs. activate route)
         self._failed: tuple[tuple[int, str], float] | None = None  # (ACTIVE stamp, when) of a failed load
         self._pointer_error: str | None = None
+        self.pointer: str | None = None  # the version ACTIVE named at the last successful poll
+        self.pointer_errors = 0  # polls that could not read ACTIVE (store or file system down)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.swaps = 0  # successful flips after the first load
@@ -154,11 +157,12 @@ class EngineManager:
         Raises ``InvalidVersion`` / ``VersionNotFound`` / ``EngineLoadError``; on any error nothing
         changes (neither the pointer nor the engine).
         """
-        self.registry.path(version)
+        self.registry.check(version)
         with self._load_lock:
             current = self.peek()
             engine = current if current is not None and current.version == version else self._build(version)
             self.registry.activate(version)
+            self.pointer = version
             self._flip(engine)
             self._failed = None
             return engine
@@ -173,11 +177,16 @@ class EngineManager:
             try:
                 stamp = self.registry.active_stamp()
             except (RegistryError, OSError) as e:
+                self.pointer_errors += 1
                 if str(e) != self._pointer_error:  # once per distinct problem, not on every poll
-                    log.error("cannot read ACTIVE in %s: %s", self.registry.root, e)
+                    log.error("cannot read ACTIVE in %s (still serving %s): %s", self.registry.location,
+                              self.version, e)
                 self._pointer_error = str(e)
                 return False
+            if self._pointer_error is not None:
+                log.info("ACTIVE in %s is readable again", self.registry.location)
             self._pointer_error = None
+            self.pointer = stamp[1] if stamp is not None else None
             if stamp is None or stamp[1] == self.version:
                 return False
             if self._failed is not None and self._failed[0] == stamp and \

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from .storage import STORE_ERRORS, STORE_OPS
+
 if TYPE_CHECKING:
     from .live import EngineManager
 
@@ -48,6 +50,11 @@ class Metrics:
         self.inference_seconds = Histogram("vss_inference_seconds", "Engine time per call", ["stage"],
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.stream_sessions = Gauge("vss_stream_sessions", "Open websocket stream sessions", registry=r)
+        self.sources = Gauge("vss_sources", "Server-side sources (POST /v1/sources) by state", ["state"], registry=r)
+        self.source_reconnects = Counter("vss_source_reconnects_total", "Reconnects of server-side sources "
+                                         "after a drop or a failed connect", registry=r)
+        self.frames_segmented.labels(source="source")
+        self.frames_dropped.labels(reason="source_stale")
         for source in ("upload", "stream"):  # export the series at 0 before the first frame
             self.frames_segmented.labels(source=source)
         self.frames_dropped.labels(reason="stale")
@@ -78,19 +85,29 @@ class _EngineCollector(Collector):
         if engine is not None:
             active.add_metric([engine.version], 1.0)
         yield active
+        provider = GaugeMetricFamily("vss_model_provider", "1 for what runs the served model: the ONNX Runtime "
+                                     "execution provider that really took it, or torch's device", labels=["provider"])
+        if engine is not None:
+            provider.add_metric([engine.provider], 1.0)
+        yield provider
         yield GaugeMetricFamily("vss_model_ready", "1 once a warmed-up model serves", value=float(engine is not None))
         yield CounterMetricFamily("vss_model_swaps", "Hot swaps to another model version", value=m.swaps)
         yield CounterMetricFamily("vss_model_swap_failures", "Model versions that failed to load",
                                   value=m.swap_failures)
         yield GaugeMetricFamily("vss_model_loaded_timestamp_seconds", "When the serving version was loaded",
                                 value=m.loaded_at or 0.0)
+        yield CounterMetricFamily("vss_registry_poll_errors", "Polls that could not read the ACTIVE pointer",
+                                  value=m.pointer_errors)
+        errors = CounterMetricFamily("vss_store_errors", "Failed object store requests (unreachable, 5xx, "
+                                     "auth) in this process, by operation", labels=["op"])
+        for op, count in sorted({**dict.fromkeys(STORE_OPS, 0), **STORE_ERRORS.snapshot()}.items()):
+            errors.add_metric([op], count)
+        yield errors
 
 
 def _safe_active(manager: EngineManager) -> str | None:
-    try:
-        return manager.registry.active()
-    except Exception:  # a scrape must not fail because the pointer file is being replaced or broken
-        return None
+    """The pointer as the watcher last read it (a scrape never waits on the file system or the store)."""
+    return manager.pointer
 
 
 def new_request_id(incoming: str | None) -> str:

@@ -1,14 +1,18 @@
 """ONNX Runtime implementation of the ``Engine`` protocol (see ``service.engine``).
 
 Runs the two graphs written by ``models.onnx_export``: ``model.onnx`` (per-frame network) and
-``fusion.onnx`` (flow resize + warp + 1x1 fusion). Providers: TensorRT and CUDA when the installed
-onnxruntime has them (``onnxruntime-gpu`` in the GPU image), CPU otherwise.
+``fusion.onnx`` (flow resize + warp + 1x1 fusion). Providers: TensorRT, then CUDA, then CPU, as far as
+the installed onnxruntime has them (``onnxruntime-gpu`` in the GPU image); the engine keeps the first
+that really creates both sessions. onnxruntime-gpu does not raise when a provider's libraries are
+missing (TensorRT's ``libnvinfer.so.10``, or CUDA's): it logs and silently runs on the next provider,
+so ``InferenceSession.get_providers()`` is checked to see which one was taken.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,9 @@ from models.onnx_export import (FRAME_FILE, FUSION_FILE, MIN_INPUT, export_check
 log = logging.getLogger(__name__)
 
 Provider = str | tuple[str, dict[str, Any]]
+# (graph path, session options, providers in priority order) -> an ``ort.InferenceSession``
+SessionFactory = Callable[[str, ort.SessionOptions, list[Provider]], Any]
+CPU = "CPUExecutionProvider"
 
 
 class OnnxEngineError(RuntimeError):
@@ -28,9 +35,10 @@ class OnnxEngineError(RuntimeError):
 
 
 def select_providers(device: str = "auto", tensorrt: bool = True, trt_cache: Path | None = None,
-                     fp16: bool = False) -> list[Provider]:
-    """Execution providers in priority order for ``device`` (auto | cpu | cuda)."""
-    available = ort.get_available_providers()
+                     fp16: bool = False, available: Sequence[str] | None = None) -> list[Provider]:
+    """Execution providers in priority order for ``device`` (auto | cpu | cuda) among ``available``
+    (default: what the installed onnxruntime lists). ``device="cuda"`` never ends with the CPU provider."""
+    available = ort.get_available_providers() if available is None else list(available)
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:
@@ -45,8 +53,52 @@ def select_providers(device: str = "auto", tensorrt: bool = True, trt_cache: Pat
             trt_cache.mkdir(parents=True, exist_ok=True)
             options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache))
         providers.append(("TensorrtExecutionProvider", options))
-    providers += ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers.append("CUDAExecutionProvider")
+    if device != "cuda":
+        providers.append(CPU)
     return providers
+
+
+def provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def default_session(path: str, options: ort.SessionOptions, providers: list[Provider]) -> Any:
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def open_sessions(paths: Sequence[Path], options: ort.SessionOptions, providers: list[Provider],
+                  factory: SessionFactory = default_session) -> tuple[list[Any], str, list[str]]:
+    """Sessions for ``paths`` on the first provider of ``providers`` that really serves all of them.
+
+    Tries ``providers[i:]`` for i = 0, 1, ...: a try that raises moves on to the next provider. A try
+    whose sessions all report (``get_providers()[0]``) a later provider of the list than the wanted
+    one is kept: onnxruntime fell back by itself, and the providers in between are passed over.
+    Returns the sessions, the provider that serves, and one line per provider passed over (why).
+    """
+    names = [provider_name(p) for p in providers]
+    passed_over: list[str] = []
+
+    def pass_over(name: str, why: str) -> None:
+        passed_over.append(f"{name}: {why}")
+        log.warning("ONNX Runtime provider %s is not usable here (%s)", name, why)
+
+    i = 0
+    while i < len(names):
+        try:
+            sessions = [factory(str(path), options, providers[i:]) for path in paths]
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/EPFail types
+            pass_over(names[i], (str(e).strip().splitlines() or [type(e).__name__])[0])
+            i += 1
+            continue
+        taken = sorted({session.get_providers()[0] for session in sessions})
+        if len(taken) == 1 and taken[0] in names[i:]:
+            for name in names[i:names.index(taken[0], i)]:
+                pass_over(name, f"onnxruntime fell back to {taken[0]}")
+            return sessions, taken[0], passed_over
+        pass_over(names[i], f"onnxruntime fell back to {taken[0] if len(taken) == 1 else taken}")
+        i += 1
+    raise OnnxEngineError("no ONNX Runtime execution provider could run the graphs: " + "; ".join(passed_over))
 
 
 def ensure_onnx(checkpoint_dir: str | Path, meta: dict[str, Any], cache_dir: Path | None = None,
@@ -81,7 +133,8 @@ class OnnxEngine:
 
     def __init__(self, onnx_dir: str | Path, meta: dict[str, Any], version: str = "local",
                  device: str = "auto", intra_op_threads: int = 0, tensorrt: bool = True,
-                 fp16: bool = False, trt_cache: Path | None = None) -> None:
+                 fp16: bool = False, trt_cache: Path | None = None, session_factory: SessionFactory = default_session,
+                 available_providers: Sequence[str] | None = None) -> None:
         onnx_dir = Path(onnx_dir)
         frame_path, fusion_path = onnx_dir / FRAME_FILE, onnx_dir / FUSION_FILE
         for path in (frame_path, fusion_path):
@@ -99,15 +152,16 @@ class OnnxEngine:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; provider fallbacks are reported below
-        providers = select_providers(device, tensorrt, trt_cache, fp16)
+        providers = select_providers(device, tensorrt, trt_cache, fp16, available_providers)
         try:
-            self._frame = ort.InferenceSession(str(frame_path), options, providers=providers)
-            self._fusion = ort.InferenceSession(str(fusion_path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise OnnxEngineError(f"cannot load ONNX graphs from {onnx_dir}: {e}") from e
+            (self._frame, self._fusion), self.provider, self.passed_over = open_sessions(
+                (frame_path, fusion_path), options, providers, session_factory)
+        except OnnxEngineError as e:
+            cuda = " (device=cuda: the CPU provider is not tried)" if device == "cuda" else ""
+            raise OnnxEngineError(f"cannot load ONNX graphs from {onnx_dir}{cuda}: {e}") from e
         self.providers = self._frame.get_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            raise OnnxEngineError(f"CUDA was requested but onnxruntime fell back to {self.providers}")
+        log.info("ONNX Runtime serves %s with %s", version, self.provider,
+                 extra={"provider": self.provider, "passed_over": self.passed_over})
         self.meta, self.version, self.onnx_dir = meta, version, onnx_dir
         self.input_size = tuple(meta["input_size"])
         self.num_classes = classes

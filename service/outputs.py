@@ -21,10 +21,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import crashpoints
 from .pipeline import FrameResult, overlay
 from .video import FILE_MODE, VideoWriter
 
 FORMATS = ("zip", "mp4", "json")
+# x264 "veryfast" keeps ~30 MiB per 4K frame in flight (lookahead, B-frames, frame threads): 623 MiB for a
+# 3840x2160 overlay, measured; "ultrafast" holds 185 MiB there. Frames over 1080p use it, so one upload's
+# overlay fits the request budget (service/budget.py); 1080p "veryfast" holds 174 MiB.
+FAST_PRESET_PIXELS = 1920 * 1088
 
 
 def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
@@ -96,11 +101,17 @@ class ZipSink:
         manifest = {**summary, "classes": self.classes, "palette": self.palette.tolist(), "per_frame": self.frames}
         self.zip.writestr("manifest.json", json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
         self.zip.close()
+        crashpoints.reached("result_write")
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.zip.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the partial file; never raises (closing a zip on a full disk fails writing its directory)."""
+        try:
+            self.zip.close()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 class Mp4Sink:
@@ -114,7 +125,8 @@ class Mp4Sink:
     def add(self, frame: np.ndarray, result: FrameResult) -> None:
         h, w = frame.shape[:2]
         if self.writer is None:
-            self.writer = VideoWriter(self.path, self.fps, w, h)
+            preset = "veryfast" if h * w <= FAST_PRESET_PIXELS else "ultrafast"
+            self.writer = VideoWriter(self.path, self.fps, w, h, preset=preset)
             self.legend = legend(self.classes, self.palette, h)
         out = overlay(frame, result.labels, self.palette)
         assert self.legend is not None

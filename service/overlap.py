@@ -21,12 +21,14 @@ import numpy as np
 
 from models.flow import FlowProvider
 
+from . import crashpoints
 from .engine import Engine
 from .outputs import FORMATS, Sink, make_sink
 from .pipeline import FrameResult, PendingFrame, StreamSegmenter, resize_rgb
 from .video import VideoError, VideoInfo, probe_video, read_frames
 
 _END = object()
+QUEUED_FRAME_BYTES = 48 << 20  # frames each queue may hold, in bytes: 4K frames queue one at a time (budget.py)
 Progress = Callable[[int, int], None]  # (frames done, expected total)
 
 
@@ -166,7 +168,9 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
     """Segment decoded frames into ``out_path`` (written atomically by the sink); returns a summary.
 
     Raises ``VideoError`` when decoding fails mid-way or there are no frames; nothing is left on disk.
+    Each queue holds at most ``depth`` frames and ``QUEUED_FRAME_BYTES`` (at least one frame).
     """
+    depth = max(1, min(depth, QUEUED_FRAME_BYTES // max(3 * info.width * info.height, 1)))
     classes = list(engine.meta["classes"])
     palette = np.asarray(engine.meta["palette"], dtype=np.uint8).reshape(-1, 3)
     fps = info.fps / stride
@@ -187,6 +191,8 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
             lookahead.next = frame_flow
             writer.put(frame, segmenter.advance(frame))
             done += 1
+            if done == 1:
+                crashpoints.reached("segment_frame")
             if progress is not None:
                 progress(done)
         writer.close()

@@ -79,16 +79,24 @@ def labels_from_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"at most 255 classes fit a uint8 label map, got {logits.shape[0]}")
     big_h, big_w = size
     planes = np.asarray(logits, dtype=np.float32)
-    if planes.shape[1:] != (big_h, big_w):
-        matrix = _upsample_matrix(planes.shape[1:], (big_h, big_w))
-        planes = [cv2.warpAffine(np.ascontiguousarray(p), matrix, (big_w, big_h), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REPLICATE) for p in planes]
-    best = np.array(planes[0], dtype=np.float32, copy=True)
+    matrix = None if planes.shape[1:] == (big_h, big_w) else _upsample_matrix(planes.shape[1:], (big_h, big_w))
+    # One upsampled plane at a time: memory is two float planes at the output size, whatever the class count.
+    plane = np.empty((big_h, big_w), dtype=np.float32)
+
+    def upsampled(c: int) -> np.ndarray:
+        if matrix is None:
+            return planes[c]
+        cv2.warpAffine(np.ascontiguousarray(planes[c]), matrix, (big_w, big_h), dst=plane, flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE)
+        return plane
+
+    best = np.array(upsampled(0), dtype=np.float32, copy=True)
     labels = np.zeros((big_h, big_w), dtype=np.uint8)
     greater = np.empty((big_h, big_w), dtype=bool)
     for c in range(1, len(planes)):
-        np.greater(planes[c], best, out=greater)
-        np.maximum(best, planes[c], out=best)
+        current = upsampled(c)
+        np.greater(current, best, out=greater)
+        np.maximum(best, current, out=best)
         labels[greater] = c
     return labels
 

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -30,12 +30,18 @@ from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, 
                                save_checkpoint, write_atomic)
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
+from . import crashpoints
+from .registry_api import Registry
+
 log = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^v\d{4,}$")
+VERSION_RE = re.compile(r"v[0-9]{4,}", re.ASCII)  # ASCII digits only: "v٠٠٠١" is not a version
 ACTIVE_FILE = "ACTIVE"
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_S = 3600.0
+STALE_TEMP_FILE_S = 60.0  # a temp ACTIVE pointer lives for milliseconds
+# ".staging-<pid>@<host>-<hex>" (publish), "..staging-...tmpXXXX" (save_checkpoint's own temp beside it)
+_STAGING_OWNER_RE = re.compile(r"\.{1,2}staging-([0-9]+)@([A-Za-z0-9._-]+?)-[0-9a-f]{32}", re.ASCII)
 
 
 class RegistryError(Exception):
@@ -51,7 +57,8 @@ class VersionNotFound(RegistryError, LookupError):
 
 
 def validate_version(name: str) -> str:
-    """Return ``name`` if it is a valid version name (``^v\\d{4,}$``), else raise ``InvalidVersion``.
+    """Return ``name`` if it is a valid version name (``v`` + at least four ASCII digits), else raise
+    ``InvalidVersion``.
 
     The pattern admits no separators or dots, so a valid name can never escape the registry root.
     """
@@ -64,25 +71,37 @@ def version_number(name: str) -> int:
     return int(validate_version(name)[1:])
 
 
-class ModelRegistry:
+class ModelRegistry(Registry):
     """Versioned checkpoint directories under ``root`` plus the atomic ``ACTIVE`` pointer."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def check(self, version: str) -> None:
+        self.path(version)
 
     # --- reading -------------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """All published versions, oldest first."""
         if not self.root.is_dir():
             return []
-        names = [p.name for p in self.root.iterdir() if VERSION_RE.fullmatch(p.name) and p.is_dir()]
+        names = [p.name for p in self.root.iterdir()
+                 if VERSION_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
         return sorted(names, key=version_number)
 
     def path(self, version: str) -> Path:
-        """Directory of an existing version (``InvalidVersion`` / ``VersionNotFound`` otherwise)."""
+        """Directory of an existing version (``InvalidVersion`` / ``VersionNotFound`` otherwise).
+
+        A symbolic link is not a version: versions are directories the registry wrote itself, and a
+        link could point anywhere (outside the registry, at /etc).
+        """
         path = self.root / validate_version(version)
-        if not path.is_dir():
-            raise VersionNotFound(f"model version {version} does not exist in {self.root}")
+        if path.is_symlink() or not path.is_dir():
+            raise VersionNotFound(f"model version {version} does not exist in the registry")
         return path
 
     def meta(self, version: str) -> dict[str, Any]:
@@ -115,18 +134,24 @@ class ModelRegistry:
 
     # --- writing -------------------------------------------------------------------------------
     def ensure(self) -> None:
-        """Create the root if needed and remove staging directories abandoned by crashed publishers."""
+        """Create the root if needed and remove what crashed writers left: staging directories (also
+        ``save_checkpoint``'s temp directory beside one) and temp ``ACTIVE`` pointers.
+
+        A staging directory of a dead process on this host goes at once; any other one only after
+        ``STALE_STAGING_S`` (a live publisher on another host may still be writing it).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        now = time.time()
+        now, host = time.time(), socket.gethostname()
         for entry in self.root.iterdir():
-            if not entry.name.startswith(STAGING_PREFIX):
+            stale_after = _stale_after(entry.name, host)
+            if stale_after is None:
                 continue
             try:
-                age = now - entry.stat().st_mtime
+                age = now - entry.lstat().st_mtime
             except FileNotFoundError:
                 continue  # another publisher committed (renamed) it since the listing
-            if age > STALE_STAGING_S:
-                shutil.rmtree(entry, ignore_errors=True)
+            if age > stale_after:
+                _remove(entry)
 
     def activate(self, version: str) -> None:
         """Point ``ACTIVE`` at an existing version whose metadata is readable (atomic replace)."""
@@ -145,7 +170,7 @@ class ModelRegistry:
         if parent is not None:
             validate_version(parent)
         meta = {**meta, "parent": parent if parent is not None else meta.get("parent")}
-        staging = self.root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging = self.root / _staging_name()
         try:
             save_checkpoint(staging, model, meta)
             if onnx_exporter is not None:
@@ -153,6 +178,7 @@ class ModelRegistry:
 
                 saved = read_meta(staging)
                 export_onnx(model, staging, tuple(saved["input_size"]), saved.get("sha256"), onnx_exporter)
+            crashpoints.reached("publish_staged")
             version = self._commit(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -168,7 +194,8 @@ class ModelRegistry:
         load_checkpoint(source)  # checksum, keys and shapes; raises CheckpointError with the reason
         meta = read_meta(source)
         self.ensure()
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
+        staging = self.root / _staging_name()
+        staging.mkdir()
         try:
             shutil.copy2(source / WEIGHTS, staging / WEIGHTS)
             shutil.copy2(source / META, staging / META)
@@ -216,6 +243,41 @@ class ModelRegistry:
             _fsync_dir(self.root)
             return version
         raise RegistryError(f"could not allocate a version name in {self.root} (too many concurrent publishes)")
+
+
+def _staging_name() -> str:
+    """``.staging-<pid>@<host>-<hex>``: the owner in the name lets ``ensure`` remove it once the owner died."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    return f"{STAGING_PREFIX}{os.getpid()}@{host}-{uuid.uuid4().hex}"
+
+
+def _stale_after(name: str, host: str) -> float | None:
+    """Seconds after which a registry entry called ``name`` is an abandoned temp; None: not a temp name."""
+    if name.startswith(f".{ACTIVE_FILE}."):
+        return STALE_TEMP_FILE_S
+    if not name.lstrip(".").startswith(STAGING_PREFIX.lstrip(".")) or not name.startswith("."):
+        return None
+    owner = _STAGING_OWNER_RE.match(name)
+    if owner and owner[2] == re.sub(r"[^A-Za-z0-9.-]", "_", host) and not _pid_alive(int(owner[1])):
+        return -1.0  # its publisher died (kill -9 while publishing)
+    return STALE_STAGING_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

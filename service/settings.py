@@ -6,15 +6,19 @@ CLI, which passes its flags as keyword overrides; keyword arguments beat the env
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, StringConstraints, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 MIB = 1024 * 1024
+
+# A local directory (Path) or an object store URL (``s3://bucket/prefix``, kept as a string).
+StoreLocation = Annotated[str, StringConstraints(pattern=r"^s3://")] | Path
 
 
 class Settings(BaseSettings):
@@ -24,10 +28,13 @@ class Settings(BaseSettings):
                                       protected_namespaces=("settings_",))
 
     # --- storage -------------------------------------------------------------------------------
-    model_dir: Path = Field(Path("var/models"), description="model registry root (v0001/, ..., ACTIVE)")
-    buffer_dir: Path = Field(Path("var/buffer"), description="on-disk clip buffer of target videos")
+    model_dir: StoreLocation = Field(Path("var/models"), description="model registry: a directory or "
+                                     "s3://bucket/prefix (v0001/, ..., ACTIVE)")
+    buffer_dir: StoreLocation = Field(Path("var/buffer"), description="clip buffer of target videos: a directory "
+                                      "or s3://bucket/prefix (shared by the fleet)")
     val_dir: Path | None = Field(None, description="optional labelled validation clips for the publish gate")
-    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines")
+    cache_dir: Path = Field(Path("var/cache"), description="ONNX exports of read-only versions, TensorRT engines, "
+                            "verified copies of versions from an s3:// registry")
     demo_model: Path | None = Field(BUNDLED_DEMO_MODEL,
                                     description="checkpoint that seeds an empty registry (empty/none: do not seed)")
 
@@ -51,6 +58,12 @@ class Settings(BaseSettings):
     onnx_tensorrt: bool = Field(True, description="try the TensorRT provider first when onnxruntime-gpu has it")
     warmup: bool = Field(True, description="run one inference before a model version starts serving")
 
+    # --- batching across streams (service/batcher.py) ---------------------------------------------
+    batch_max: int = Field(1, ge=1, le=256, description="most frames of concurrent streams and uploads in one "
+                           "network call (1: no batching)")
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a frame may wait for others to join "
+                                 "its batch")
+
     # --- model registry ------------------------------------------------------------------------
     registry_poll_ms: int = Field(1000, ge=10, description="how often every process checks the ACTIVE pointer")
     registry_retry_s: float = Field(30.0, ge=0, description="wait before retrying a version that failed to load")
@@ -69,6 +82,14 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(4, ge=1, description="frames queued per websocket before stale ones are dropped")
     ws_max_message_bytes: int = Field(16 * MIB, ge=1024)
 
+    # --- request budget (service/budget.py; the limits above belong to it too) ----------------
+    max_pixels: int = Field(3840 * 2160, ge=64 * 64, description="largest image one request decodes or produces: an "
+                            "input frame, an uploaded image, a label map of any requested size, an overlay frame")
+    max_inference_pixels: int = Field(2048 * 1024, ge=64 * 64, description="largest network input of one frame "
+                                      "(the upload `size` override)")
+    adapt_max_time_s: float = Field(3600.0, gt=0, description="largest `time_budget_s` of an adaptation job, and "
+                                    "the time limit of jobs that give none")
+
     # --- clip buffer and adaptation ------------------------------------------------------------
     buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
     buffer_max_bytes: int = Field(2048 * MIB, ge=0)
@@ -79,7 +100,8 @@ class Settings(BaseSettings):
                                            "gate only (chosen by a hash of the clip's frames)")
     worker: Literal["spawn", "external", "off"] = Field(
         "spawn", description="adaptation worker: spawn a child process, rely on `vss worker`, or none")
-    adapt_job_dir: Path | None = Field(None, description="adaptation job files (default: <buffer_dir>/jobs)")
+    adapt_job_dir: StoreLocation | None = Field(None, description="adaptation job files, a directory or s3:// URL "
+                                                "(default: <buffer_dir>/jobs)")
     adapt_device: Literal["auto", "cpu", "cuda"] = "auto"
     adapt_threads: int = Field(1, ge=1, description="torch threads of the worker on CPU (leave cores to serving)")
     adapt_nice: int = Field(10, ge=0, le=19, description="scheduling niceness added to the worker process")
@@ -95,6 +117,61 @@ class Settings(BaseSettings):
     adapt_auto_method: str = "tent"
     adapt_auto_steps: int = Field(100, ge=1)
     adapt_keep_jobs: int = Field(100, ge=1, description="finished job records kept")
+
+    # --- server-side sources (POST /v1/sources; README "Server-side sources") --------------------
+    sources_allowed_schemes: Annotated[list[str], NoDecode] = Field(
+        ["rtsp", "http", "https", "file"], description="URL schemes a source may use")
+    sources_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="host names (exact, or *.suffix), addresses or CIDR networks a source "
+        "may connect to (empty: no network source is allowed)")
+    sources_file_dir: Path | None = Field(None, description="the one directory file:// sources may read "
+                                          "(unset: file:// is refused)")
+    sources_max: int = Field(4, ge=0, description="sources kept at once (running or not; DELETE frees one)")
+    sources_queue_size: int = Field(2, ge=1, description="decoded frames waiting per source before stale "
+                                    "ones are dropped")
+    sources_connect_timeout_s: float = Field(10.0, gt=0, description="limit for opening a source")
+    sources_read_timeout_s: float = Field(10.0, gt=0, description="a source silent this long has dropped")
+    sources_reconnect_min_s: float = Field(0.5, gt=0, description="first wait before reconnecting")
+    sources_reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reconnects "
+                                           "(the wait doubles from sources_reconnect_min_s)")
+    sources_reconnect_attempts: int = Field(0, ge=0, description="failed reconnects in a row before a "
+                                            "source is marked failed (0: keep trying)")
+    sources_output_dir: Path = Field(Path("var/sources"), description="where sinks write overlay segments "
+                                     "(<dir>/<source id>/) and HLS playlists")
+    sources_segment_keep: int = Field(100, ge=1, description="overlay segments kept per source by the disk "
+                                      "sink (oldest deleted first)")
+    sources_hls_list_size: int = Field(6, ge=2, description="segments listed in a source's HLS playlist")
+
+    @field_validator("sources_allowed_schemes", "sources_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """``a,b`` or a JSON list in the environment; entries are trimmed and lower-cased."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if isinstance(value, list | tuple):
+            return [str(v).strip().lower() for v in value]
+        return value
+
+    @field_validator("sources_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        from .sources.policy import parse_hosts  # stdlib only; raises ValueError for a bad entry
+
+        parse_hosts(value)
+        return value
+
+    @field_validator("sources_file_dir", mode="before")
+    @classmethod
+    def _no_file_dir(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
+    # --- who may feed the clip buffer (service/collect.py) -------------------------------------
+    collect: Literal["auto", "all", "authenticated", "off"] = Field(
+        "auto", description="whose uploads and streams may become training clips: all, authenticated (requests "
+        "that carry the API key), off; auto: authenticated when api_key is set, else all")
+    collect_rate_clips: int = Field(60, ge=1, description="clips one client (API key, else address) may add to "
+                                    "the buffer per window")
+    collect_rate_window_s: float = Field(600.0, gt=0, description="the window of collect_rate_clips, in seconds")
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -112,9 +189,13 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    def job_root(self) -> Path:
-        """Directory of the adaptation job files (shared by servers and workers)."""
-        return self.adapt_job_dir if self.adapt_job_dir is not None else self.buffer_dir / "jobs"
+    def job_root(self) -> Path | str:
+        """Directory (or ``s3://`` URL) of the adaptation job files (shared by servers and workers)."""
+        if self.adapt_job_dir is not None:
+            return self.adapt_job_dir
+        if isinstance(self.buffer_dir, str):
+            return f"{self.buffer_dir.rstrip('/')}/jobs"
+        return self.buffer_dir / "jobs"
 
     def api_key_value(self) -> str | None:
         """The API key as a plain string, or None when auth is off."""

@@ -17,7 +17,8 @@ import numpy as np
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_UNSUPPORTED = 1003  # unsupported data: text where a frame is expected, undecodable image
 CLOSE_INVALID = 1007  # invalid payload: bad config, raw frame of the wrong size
-CLOSE_POLICY = 1008  # policy violation: frame too large, too many pixels
+CLOSE_POLICY = 1008  # policy violation: too many pixels (a frame, or the label maps of the config's size)
+CLOSE_TOO_BIG = 1009  # message too big: over ws_max_message_bytes (uvicorn closes with it too, without a JSON error)
 CLOSE_INTERNAL = 1011  # a server-side failure
 CLOSE_TRY_AGAIN = 1013  # no model loaded yet
 
@@ -31,6 +32,7 @@ RLE_HEADER = struct.Struct("<4sIII")  # b"RLE1", height, width, number of runs
 RLE_MAGIC = b"RLE1"
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 MAX_LABEL_SIDE = 8192
+MAX_CONFIG_CHARS = 4096  # a config is a few dozen characters; longer ones are refused before parsing
 
 
 class StreamError(Exception):
@@ -61,13 +63,19 @@ def _positive_pair(value: object, what: str) -> tuple[int, int]:
 
 
 def parse_config(message: dict[str, object], max_pixels: int) -> StreamConfig:
-    """The first websocket message (an ASGI receive event) -> ``StreamConfig``; raises ``StreamError``."""
+    """The first websocket message (an ASGI receive event) -> ``StreamConfig``; raises ``StreamError``.
+
+    ``max_pixels`` bounds the raw frame size and the label maps of ``size`` (the request budget)."""
     text = message.get("text")
-    if text is None:
+    if not isinstance(text, str):
         raise StreamError(CLOSE_UNSUPPORTED, "config_expected",
                           "the first message must be a text JSON config, e.g. {\"format\": \"png\"}")
+    if len(text) > MAX_CONFIG_CHARS:
+        raise _invalid(f"the config is {len(text)} characters long; at most {MAX_CONFIG_CHARS}")
     try:
-        data = json.loads(text)  # type: ignore[arg-type]
+        data = json.loads(text)
+    except RecursionError as e:  # deeply nested arrays or objects
+        raise _invalid("the config is nested too deeply") from e
     except ValueError as e:
         raise _invalid(f"the config is not valid JSON ({e})") from e
     if not isinstance(data, dict):
@@ -79,6 +87,10 @@ def parse_config(message: dict[str, object], max_pixels: int) -> StreamConfig:
     if fmt not in FORMATS:
         raise _invalid(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     size = None if data.get("size") is None else _positive_pair(data["size"], "size [h, w]")
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise StreamError(CLOSE_POLICY, "too_many_pixels", f"label maps of {size[1]}x{size[0]} = "
+                                                           f"{size[0] * size[1]} pixels are over the limit of "
+                                                           f"{max_pixels} pixels")
     collect = data.get("collect", True)
     if not isinstance(collect, bool):
         raise _invalid(f"collect must be true or false, got {collect!r}")
@@ -95,7 +107,7 @@ def parse_config(message: dict[str, object], max_pixels: int) -> StreamConfig:
     return StreamConfig(fmt, size, collect, raw)
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(h, w) from the first SOF segment of a JPEG, or None if there is none before the scan."""
     i, n = 2, len(data)
     while i + 4 <= n:
@@ -145,7 +157,7 @@ def precheck_frame(data: bytes, config: StreamConfig, max_pixels: int) -> str:
         _check_pixels(h, w, max_pixels)
         return "png"
     if data.startswith(JPEG_SOI):
-        size = _jpeg_size(data)
+        size = jpeg_size(data)
         if size is None:
             raise StreamError(CLOSE_UNSUPPORTED, "undecodable_frame", "a JPEG without a readable frame header")
         _check_pixels(*size, max_pixels)

@@ -82,7 +82,7 @@ class WorkerSupervisor:
         if proc is not None and proc.poll() is not None and not self._stop.is_set():
             code = proc.returncode
             failed = self.jobs.fail_claimed(proc.pid, self.host, "worker_lost",
-                                            f"the adaptation worker (pid {proc.pid}) died with exit status {code}")
+                                            f"the adaptation worker died with exit status {code}")  # pid: logged below
             self.jobs.forget_worker(proc.pid, self.host)
             if time.monotonic() - self._spawned_at > self.max_backoff_s:
                 self._backoff = self.restart_backoff_s  # it had been running fine: restart promptly

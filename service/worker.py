@@ -20,26 +20,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+from . import crashpoints
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
+from .storage import StoreError
+from .store_buffer import open_clip_buffer
+from .store_jobs import open_job_store
 
 log = logging.getLogger("vss.worker")
 
 # Settings a spawned worker inherits from its server (everything else comes from the environment).
 WORKER_FIELDS = (
-    "model_dir", "buffer_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
+    "model_dir", "buffer_dir", "cache_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
     "buffer_heldout_fraction", "adapt_device", "adapt_threads", "adapt_nice", "adapt_min_clips", "adapt_max_clips",
     "adapt_poll_s", "adapt_heartbeat_s", "adapt_heartbeat_timeout_s", "adapt_auto_clips", "adapt_auto_method",
-    "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json",
+    "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json", "adapt_max_time_s",
 )
 
 
@@ -59,8 +65,14 @@ def worker_settings_json(settings: Settings) -> str:
 
 
 def clip_buffer(settings: Settings) -> ClipBuffer:
-    return ClipBuffer(settings.buffer_dir, settings.buffer_max_clips, settings.buffer_max_bytes,
-                      settings.buffer_heldout_fraction)
+    """The clip buffer in a directory or on an object store (``VSS_BUFFER_DIR=s3://...``)."""
+    return open_clip_buffer(settings.buffer_dir, settings.buffer_max_clips, settings.buffer_max_bytes,
+                            settings.buffer_heldout_fraction)
+
+
+def job_store(settings: Settings) -> AdaptJobStore:
+    """The adaptation job records in a directory or on an object store."""
+    return open_job_store(settings.job_root(), settings.adapt_keep_jobs)
 
 
 def load_val_clips(directory: Path, size: tuple[int, int]) -> list[Any]:
@@ -98,7 +110,7 @@ class Worker:
     def __init__(self, settings: Settings, *, jobs: AdaptJobStore | None = None, buffer: ClipBuffer | None = None,
                  registry: Any = None, thresholds: Any = None, parent_pid: int | None = None) -> None:
         self.settings = settings
-        self.jobs = jobs or AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+        self.jobs = jobs or job_store(settings)
         self.buffer = buffer or clip_buffer(settings)
         self._registry = registry
         self.thresholds = thresholds  # adaptation.gate.GateThresholds; None: the gate's defaults
@@ -109,13 +121,14 @@ class Worker:
         self.current: str | None = None
         self.device: str | None = None
         self._last_cancel_check = (0.0, False)
+        self._store_error: str | None = None
 
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from .registry import ModelRegistry  # imports torch: only once there is work
+            from .registry_api import open_registry  # imports torch: only once there is work
 
-            self._registry = ModelRegistry(self.settings.model_dir)
+            self._registry = open_registry(self.settings.model_dir, self.settings.cache_dir)
         return self._registry
 
     # --- the loop ------------------------------------------------------------------------------
@@ -126,9 +139,10 @@ class Worker:
         log.info("adaptation worker pid %d: jobs in %s, buffer %s, models %s", os.getpid(), self.jobs.root,
                  self.buffer.root, self.settings.model_dir)
         try:
-            self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)  # jobs of a predecessor that died
+            self._poll(lambda: bool(self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)))  # a dead predecessor
+            self._poll(lambda: bool(self.jobs.sweep() + self.buffer.sweep()))  # and its temp files
             while not self.stop_event.is_set():
-                worked = self.poll_once()
+                worked = self._poll(self.poll_once)
                 if once:
                     return
                 if not worked:
@@ -137,6 +151,20 @@ class Worker:
             self.stop_event.set()
             beat.join(5)
             self.jobs.forget_worker(self.identity["pid"], self.identity["host"])
+
+    def _poll(self, step: Callable[[], bool]) -> bool:
+        """Run one poll step; an object store that is down is waited out (logged once per distinct error)."""
+        try:
+            worked = step()
+        except StoreError as e:
+            if str(e) != self._store_error:
+                log.error("adaptation worker cannot reach the store, waiting: %s", e)
+            self._store_error = str(e)
+            return False
+        if self._store_error is not None:
+            log.info("adaptation worker: the store answers again")
+        self._store_error = None
+        return worked
 
     def _parent_gone(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -257,18 +285,21 @@ class Worker:
         device = self._setup_torch()
         parent = self.registry.active()
         if parent is None:
-            raise JobFailure("no_active_model", f"the registry {self.registry.root} has no ACTIVE version")
+            raise JobFailure("no_active_model", f"the registry {self.registry.location} has no ACTIVE version")
         model, meta = load_checkpoint(self.registry.path(parent))
         size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
-        train, heldout, clips_info = self._load_clips(size)
+        train, heldout, clips_info = self._load_clips(size, bool(request.get("authenticated_only")))
         val = load_val_clips(self.settings.val_dir, size) if self.settings.val_dir is not None else None
         clips_info["val"] = len(val) if val else 0
         self.jobs.set(job_id, parent=parent, clips=clips_info, stage="adapting", device=device)
+        crashpoints.reached("adapt_running")
         kwargs: dict[str, Any] = {"device": device}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
         cfg = AdaptConfig(method=request["method"], options=dict(request.get("options") or {}),
-                          steps=int(request["steps"]), lr=request.get("lr"), time_budget_s=request.get("time_budget_s"),
+                          steps=int(request["steps"]), lr=request.get("lr"),
+                          time_budget_s=min(float(request.get("time_budget_s") or math.inf),
+                                            self.settings.adapt_max_time_s),
                           seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")))
 
         def on_progress(stage: str, info: dict[str, Any]) -> None:
@@ -310,12 +341,15 @@ class Worker:
                         parent, job_id, version)
         return self.jobs.finish(job_id, PUBLISHED, version=version, activated=activated, gate=report)
 
-    def _load_clips(self, size: tuple[int, int]) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """(train, held-out, summary) from the newest ``adapt_max_clips`` buffered clips, with DIS flow."""
+    def _load_clips(self, size: tuple[int, int],
+                    authenticated_only: bool = False) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """(train, held-out, summary) from the newest ``adapt_max_clips`` buffered clips (only those that
+        authenticated clients added, when ``authenticated_only``), with DIS flow."""
         from adaptation.clips import prepare_clip
         from models.flow import build_flow
 
-        infos = self.buffer.clips()[-self.settings.adapt_max_clips:]
+        infos = [c for c in self.buffer.clips() if c.authenticated or not authenticated_only]
+        infos = infos[-self.settings.adapt_max_clips:]
         flow = build_flow(self.settings.flow, str(self.settings.raft_weights) if self.settings.raft_weights else None)
         loaded: dict[bool, list[Any]] = {False: [], True: []}
         ids: dict[bool, list[str]] = {False: [], True: []}
@@ -331,9 +365,11 @@ class Worker:
             ids[info.heldout].append(info.id)
         train, held = loaded[False], loaded[True]
         if len(train) < self.settings.adapt_min_clips:
-            raise JobFailure("not_enough_clips", f"the buffer holds {len(train)} training clip(s); "
+            which = " authenticated" if authenticated_only else ""
+            raise JobFailure("not_enough_clips", f"the buffer holds {len(train)}{which} training clip(s); "
                                                  f"at least {self.settings.adapt_min_clips} are needed")
         summary = {"train": len(train), "heldout": len(held), "frames": sum(len(c) for c in train + held),
+                   "authenticated_only": authenticated_only,
                    "heldout_from": "buffer" if held else "split", "ids": {"train": ids[False], "heldout": ids[True]}}
         return train, held, summary
 

@@ -9,7 +9,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the condition",
+               interval: float = 0.05) -> T:
     """Return the first truthy ``predicate()`` result; ``AssertionError`` naming ``what`` after ``timeout`` s.
 
     Exceptions raised by ``predicate`` count as "not yet" (the last one is reported on timeout).

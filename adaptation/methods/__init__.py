@@ -21,9 +21,14 @@ METHODS: dict[str, str] = {
 }
 
 
-def build_method(name: str, **kwargs: Any) -> Any:
-    """Instantiate a method by its CLI name."""
+def method_class(name: str) -> Any:
+    """The class of a method by its CLI name (imports its module)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(name: str, **kwargs: Any) -> Any:
+    """Instantiate a method by its CLI name."""
+    return method_class(name)(**kwargs)

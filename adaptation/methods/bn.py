@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..options import Bool
 from ..trainer import LossOutput
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -93,6 +94,8 @@ class BNStats:
     """BN-statistics adaptation on the loop: no gradient step, running stats re-estimated on target."""
 
     name = "bn"
+
+    OPTIONS = {"reset": Bool()}  # what a request may set (adaptation.options)
 
     def __init__(self, reset: bool = True, seed: int = 0) -> None:
         self.reset = reset

@@ -21,12 +21,16 @@ from torch import nn
 
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import itcr_loss, propagate, tent_loss
+from ..options import PARAMS, SAFEGUARDS, Bool, Float
 from ..trainer import LossOutput
 from .bn import select_params, set_bn_mode
 
 
 class ITCR:
     name = "itcr"
+
+    OPTIONS = {"aux_weight": Float(0.0, 100.0), "entropy_weight": Float(0.0, 100.0), "params": PARAMS,
+               "bn_train": Bool(), **SAFEGUARDS}
 
     def __init__(self, aux_weight: float = 1.0, entropy_weight: float = 0.0, params: str = "all",
                  bn_train: bool = False, ema_momentum: float = 0.0, anchor_weight: float = 0.1,

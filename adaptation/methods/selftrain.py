@@ -17,12 +17,17 @@ from torch import nn
 from ..augment import AugmentConfig, cross_frame_augment
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import cross_entropy_ignore, propagate, refine_pseudo_labels
+from ..options import PARAMS, SAFEGUARDS, Bool, Choice, Float
 from ..trainer import LossOutput
 from .bn import select_params, set_bn_mode
 
 
 class SelfTrain:
     name = "selftrain"
+
+    OPTIONS = {"strategy": Choice("consistency", "max-confidence", "warp-frame"), "threshold": Float(0.0, 1.0),
+               "aux_weight": Float(0.0, 100.0), "augment": Bool(), "params": PARAMS, "bn_train": Bool(),
+               **SAFEGUARDS}
 
     def __init__(self, strategy: str = "consistency", threshold: float = 0.0, aux_weight: float = 0.1,
                  augment: bool = True, params: str = "all", bn_train: bool = False, ema_momentum: float = 0.99,

@@ -33,9 +33,10 @@ from models.warp import warp
 from ..augment import AugmentConfig, cross_frame_augment
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import confident_topk, cross_entropy_ignore, pixel_contrastive_loss, sample_pixels
+from ..options import PARAMS, SAFEGUARDS, Bool, Choice, Float, Int
 from ..trainer import LossOutput
 from .bn import select_params, set_bn_mode
-from .stpl_heads import STPLHeads
+from .stpl_heads import FUSIONS, STPLHeads
 
 VARIANTS = ("spatio-temporal", "spatial", "temporal")
 
@@ -47,6 +48,12 @@ def _pixels(z: torch.Tensor) -> torch.Tensor:
 
 class STPL:
     name = "stpl"
+
+    OPTIONS = {"fusion": Choice(*FUSIONS), "variant": Choice(*VARIANTS), "proportion": Float(0.01, 1.0),
+               "temperature": Float(0.001, 10.0), "dim": Int(1, 1024), "max_pixels": Int(16, 65536),
+               "ce_weight": Float(0.0, 100.0), "head_lr_mult": Float(0.0, 1000.0), "head_warmup": Int(0, 100000),
+               "params": PARAMS, "bn_train": Bool(), "blur_p": Float(0.0, 1.0), "jitter_p": Float(0.0, 1.0),
+               **SAFEGUARDS}
 
     def __init__(self, fusion: str = "stam", variant: str = "spatio-temporal", proportion: float = 0.7,
                  temperature: float = 0.07, dim: int = 64, max_pixels: int = 1024, ce_weight: float = 0.0,

@@ -14,12 +14,15 @@ from torch import nn
 
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import diversity_loss, tent_loss
+from ..options import PARAMS, SAFEGUARDS, Bool, Float
 from ..trainer import LossOutput
 from .bn import select_params, set_bn_mode
 
 
 class Tent:
     name = "tent"
+
+    OPTIONS = {"diversity_weight": Float(0.0, 100.0), "params": PARAMS, "bn_train": Bool(), **SAFEGUARDS}
 
     def __init__(self, diversity_weight: float = 0.0, params: str = "bn", bn_train: bool = True,
                  ema_momentum: float = 0.0, anchor_weight: float = 0.0, anchor_confidence: float = 0.9,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from pathlib import Path
 
 from service.cli import CLIError
 
@@ -22,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the web page. Flags override the VSS_* environment variables.")
     p.add_argument("--host", default=None, help="bind address (default: $VSS_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default: $VSS_PORT or 8000)")
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
-                   help="model registry directory (default: $VSS_MODEL_DIR or var/models)")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="model registry directory or s3://bucket/prefix (default: $VSS_MODEL_DIR or var/models)")
     p.add_argument("--engine", choices=("torch", "onnx"), default=None, help="inference backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
@@ -76,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
           f"{auth})", flush=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            # 1 MiB of headroom so the stream route itself answers oversized frames with 1008
-                            # and a message; video frames do not compress, so per-message deflate only costs CPU.
-                            ws_max_size=settings.ws_max_message_bytes + (1 << 20), ws_per_message_deflate=False,
+                            # uvicorn refuses a message over the budget while it arrives (close 1009, never
+                            # buffered whole); video frames do not compress, so per-message deflate only costs CPU.
+                            ws_max_size=settings.ws_max_message_bytes, ws_per_message_deflate=False,
                             server_header=False)
     server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
     server.run()

@@ -19,11 +19,11 @@ from service.cli import CLIError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run the adaptation worker (for servers started with VSS_WORKER=external)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--model-dir", default=None, metavar="DIR",
                    help="model registry directory shared with the servers (default: $VSS_MODEL_DIR)")
-    p.add_argument("--buffer-dir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--buffer-dir", default=None, metavar="DIR",
                    help="clip buffer directory shared with the servers (default: $VSS_BUFFER_DIR)")
-    p.add_argument("--job-dir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--job-dir", default=None, metavar="DIR",
                    help="adaptation job directory (default: $VSS_ADAPT_JOB_DIR or <buffer-dir>/jobs)")
     p.add_argument("--val-dir", type=Path, default=None, metavar="DIR",
                    help="labeled validation clips (*.npz: frames, labels): the gate then decides on mIoU")

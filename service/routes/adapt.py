@@ -10,25 +10,32 @@ with the first job, or at startup when the auto policy is on or a job is waiting
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
 from ..buffer import ClipBuffer, ClipCollector
-from ..deps import ApiError, RequireApiKey
+from ..budget import BudgetExceeded, budget
+from ..collect import Provenance, RateLimiter
+from ..deps import AUTH_ERRORS, ApiError, RequireApiKey
 from ..settings import Settings
+from ..storage import StoreError
 from ..supervisor import WorkerSupervisor, worker_command
-from ..worker import clip_buffer, worker_settings_json
+from ..worker import clip_buffer, job_store, worker_settings_json
+from .errors import disk_errors
 
+log = logging.getLogger(__name__)
+PRIVATE_JOB_FIELDS = ("worker",)  # the job file's record of which process (pid, host) runs it
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
 
@@ -41,11 +48,35 @@ class AdaptationPlane:
     collector: ClipCollector
     jobs: AdaptJobStore
     supervisor: WorkerSupervisor | None
+    limiter: RateLimiter
+    refused: Callable[[str], None] = lambda reason: None  # counts clips refused, by reason
 
     def start(self) -> None:
-        self.jobs.root.mkdir(parents=True, exist_ok=True)
-        if self.settings.adapt_auto_clips > 0 or self.jobs.active() is not None:
+        try:
+            self.jobs.ensure()
+            self.jobs.sweep()  # temp files of a process that died
+            self.buffer.sweep()
+        except StoreError as e:  # the object store is down: routes answer 503 until it returns
+            log.error("cannot reach the clip buffer or the adaptation jobs in %s: %s", self.jobs.root, e)
+        except OSError as e:  # a read-only or full disk: adapt and clip routes answer 503/507 until it is fixed
+            log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
+        try:
+            pending = self.jobs.active() is not None
+        except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
+            log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
+            pending = True
+        if self.settings.adapt_auto_clips > 0 or pending:
             self.ensure_worker()
+
+    def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
+        """Hand a sampled clip to the collector if the client is within its rate limit (any thread)."""
+        if not self.limiter.take(prov.client):
+            self.refused("rate_limited")
+            return False
+        if not self.collector.submit(frames, source, prov.to_dict()):
+            self.refused("queue_full")
+            return False
+        return True
 
     def ensure_worker(self) -> None:
         if self.supervisor is not None:
@@ -54,8 +85,8 @@ class AdaptationPlane:
     def worker_status(self) -> dict[str, Any]:
         s = self.settings
         sup = self.supervisor
-        return {"mode": s.worker, "pid": sup.pid if sup else None, "restarts": sup.restarts if sup else 0,
-                "alive": self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0))}
+        return {"mode": s.worker, "restarts": sup.restarts if sup else 0,
+                "alive": len(self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0)))}
 
     def close(self) -> None:
         self.collector.close()
@@ -74,18 +105,23 @@ def build_plane(app: Any) -> AdaptationPlane:
 
     metrics = getattr(app.state, "metrics", None)
     on_added = None
+    refused: Callable[[str], None] = lambda reason: None  # noqa: E731
     if metrics is not None:
         from prometheus_client import Counter
 
         counter = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip buffer", ["source"],
                           registry=metrics.registry)
+        refusals = Counter("vss_buffer_clips_refused_total", "Sampled clips not added to the clip buffer",
+                           ["reason"], registry=metrics.registry)
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
-    jobs = AdaptJobStore(settings.job_root(), settings.adapt_keep_jobs)
+        refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
+    jobs = job_store(settings)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
                                       settings.adapt_heartbeat_timeout_s)
-    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor)
+    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor,
+                           RateLimiter(settings.collect_rate_clips, settings.collect_rate_window_s), refused)
 
 
 def adaptation_plane(app: Any) -> AdaptationPlane:
@@ -112,7 +148,7 @@ router = APIRouter(tags=["adapt"], lifespan=_lifespan)
 class AdaptRequest(BaseModel):
     """What to run; everything but ``method`` has a default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
 
     method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl or selftrain")
     steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
@@ -122,6 +158,8 @@ class AdaptRequest(BaseModel):
                                    description="(t-1, t) frame pairs per step (default: the method's)")
     seed: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="method keyword arguments")
+    authenticated_only: bool = Field(False, description="train and gate only on clips that authenticated "
+                                     "clients (the API key) added; see VSS_COLLECT")
 
     @field_validator("lr", "time_budget_s")
     @classmethod
@@ -156,22 +194,37 @@ class JobState(BaseModel):
     started: float | None
     finished: float | None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _public(cls, data: Any) -> Any:
+        """The stored job without the worker's identity (pid, host): answers never show them."""
+        return {k: v for k, v in data.items() if k not in PRIVATE_JOB_FIELDS} if isinstance(data, dict) else data
+
 
 class JobList(BaseModel):
     jobs: list[JobState]
-    worker: dict[str, Any] = Field(description="worker mode, the spawned pid and its restarts, live heartbeats")
+    worker: dict[str, Any] = Field(description="worker mode, restarts of the spawned worker, and how many workers "
+                                   "sent a heartbeat lately (`alive`)")
 
 
 def _validate_method(body: AdaptRequest, settings: Settings) -> None:
-    from adaptation.methods import build_method
+    """Method, budget (steps, seconds) and options against the method's declared ``OPTIONS``."""
+    from adaptation.methods import method_class
+    from adaptation.options import OptionError, check_options
     from adaptation.sourcefree import SOURCE_FREE
 
     if body.method not in SOURCE_FREE:
         raise ApiError(422, "unknown_method", f"unknown method {body.method!r}; choose one of {', '.join(SOURCE_FREE)}")
-    if body.steps > settings.adapt_max_steps:
-        raise ApiError(422, "invalid_request", f"steps={body.steps} is over the limit of {settings.adapt_max_steps}")
     try:
-        build_method(body.method, seed=body.seed, **body.options)
+        budget(settings).check_adapt(body.steps, body.time_budget_s)
+    except BudgetExceeded as e:
+        raise ApiError(422, e.code, e.message) from e
+    cls = method_class(body.method)
+    try:
+        options = check_options(body.method, cls.OPTIONS, body.options)
+        cls(seed=body.seed, **options)
+    except OptionError as e:
+        raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}", details={"option": e.name}) from e
     except (TypeError, ValueError) as e:
         raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}") from e
 
@@ -179,9 +232,11 @@ def _validate_method(body: AdaptRequest, settings: Settings) -> None:
 def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
     settings = plane.settings
     plane.jobs.reap(settings.adapt_heartbeat_timeout_s)
-    train = sum(not c.heldout for c in plane.buffer.clips())
+    usable = [c for c in plane.buffer.clips() if c.authenticated or not body.authenticated_only]
+    train = sum(not c.heldout for c in usable)
     if train < settings.adapt_min_clips:
-        raise ApiError(409, "not_enough_clips", f"the clip buffer holds {train} training clip(s); at least "
+        which = " authenticated" if body.authenticated_only else ""
+        raise ApiError(409, "not_enough_clips", f"the clip buffer holds {train}{which} training clip(s); at least "
                                                 f"{settings.adapt_min_clips} are needed: stream or segment target "
                                                 "videos with collect on, or POST /v1/clips")
     try:
@@ -196,9 +251,11 @@ def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
 @router.post("/v1/adapt", summary="Start an adaptation job on the buffered clips", status_code=202,
              dependencies=[RequireApiKey], response_model=JobState,
              responses={202: {"description": "queued; poll the `Location` URL"},
-                        401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
+                        **AUTH_ERRORS, 400: {"description": "malformed JSON body"},
+                        413: {"description": "a body over 1 MiB"},
                         409: {"description": "a job is already queued or running, or too few buffered clips"},
-                        422: {"description": "unknown method, bad options or out-of-range values"}})
+                        422: {"description": "unknown method, bad options or out-of-range values"},
+                        503: {"description": "the job directory is read-only"}, 507: {"description": "disk full"}})
 @router.post("/adapt", include_in_schema=False, status_code=202, dependencies=[RequireApiKey])
 async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     """Adapt the ACTIVE model to the clip buffer with `method` for `steps` steps (or `time_budget_s`).
@@ -208,8 +265,9 @@ async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
     with the new `version`, `rejected` with the gate's reasons, `failed` or `cancelled`."""
     plane = adaptation_plane(request.app)
     _validate_method(body, plane.settings)
-    job = await run_in_threadpool(_create, plane, body)
-    return JSONResponse(job, 202, headers={"Location": f"/v1/adapt/{job['id']}"})
+    with disk_errors("creating the adaptation job"):
+        job = await run_in_threadpool(_create, plane, body)
+    return JSONResponse(JobState(**job).model_dump(mode="json"), 202, headers={"Location": f"/v1/adapt/{job['id']}"})
 
 
 @router.get("/v1/adapt", summary="List adaptation jobs, newest first")
@@ -241,7 +299,8 @@ async def get_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
 
 
 @router.post("/v1/adapt/{job_id}/cancel", summary="Cancel a job", dependencies=[RequireApiKey],
-             responses={404: {"description": "unknown job"}, 409: {"description": "the job already ended"}})
+             responses={**AUTH_ERRORS, 404: {"description": "unknown job"},
+                        409: {"description": "the job already ended"}})
 async def cancel_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
     """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`
     (nothing is published)."""

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 
-from ..deps import ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
-from ..registry import InvalidVersion, ModelRegistry, VersionNotFound
+from ..redact import redact
+from ..registry import InvalidVersion, VersionNotFound
+from ..registry_api import Registry
+from ..storage import StoreError
+from ..store_registry import ActivationConflict
+from .errors import disk_errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+# The registry checks the name (422 invalid_version); the schema states the same pattern.
+VERSION = Annotated[str, Path(description="a version name: 'v' and at least four digits, e.g. v0001",
+                              json_schema_extra={"pattern": "^v[0-9]{4,}$"}, examples=["v0001"])]
 
 
 class ModelInfo(BaseModel):
@@ -51,6 +60,9 @@ class LastSwap(BaseModel):
 class ServingModel(BaseModel):
     version: str
     backend: str = Field(examples=["torch", "onnxruntime"])
+    provider: str = Field(description="what runs the network: the ONNX Runtime execution provider that really "
+                                      "took the model (after any fallback), or torch's device",
+                          examples=["CUDAExecutionProvider", "CPUExecutionProvider", "cuda", "cpu"])
     loaded_at: datetime | None
     swaps: int
     swap_failures: int
@@ -58,44 +70,56 @@ class ServingModel(BaseModel):
     model: ModelInfo
 
 
-def _info(registry: ModelRegistry, version: str, active: str | None, serving: str | None) -> ModelInfo:
+def _redacted(value: Any) -> Any:
+    """Metadata as answered: strings without server paths (e.g. where a checkpoint was built)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def _info(registry: Registry, version: str, active: str | None, serving: str | None) -> ModelInfo:
     flags = {"version": version, "active": version == active, "serving": version == serving}
     try:
         meta = registry.meta(version)
     except CheckpointError as e:
-        return ModelInfo(**flags, error=str(e))
-    provenance = dict(meta.get("provenance") or {})
+        return ModelInfo(**flags, error=redact(str(e)))
+    provenance = _redacted(dict(meta.get("provenance") or {}))
     return ModelInfo(**flags, parent=meta.get("parent"), created=provenance.get("created"),
                      classes=meta["classes"], palette=meta["palette"], input_size=meta["input_size"],
                      architecture=meta["architecture"], sha256=meta.get("sha256"),
                      has_onnx=registry.has_onnx(version), provenance=provenance)
 
 
-def _active(registry: ModelRegistry) -> str | None:
+def _active(registry: Registry) -> str | None:
     try:
         return registry.active()
-    except InvalidVersion:
+    except (InvalidVersion, StoreError):  # a garbled pointer or a store that is down: unknown right now
         return None
 
 
-def _serving(manager: EngineManager, registry: ModelRegistry) -> ServingModel:
+def _serving(manager: EngineManager, registry: Registry) -> ServingModel:
     engine = manager.peek()
     if engine is None:
         raise ApiError(503, "not_ready", "no model version is loaded yet", {"Retry-After": "1"})
     last = manager.last
     return ServingModel(
-        version=engine.version, backend=engine.backend,
+        version=engine.version, backend=engine.backend, provider=engine.provider,
         loaded_at=datetime.fromtimestamp(manager.loaded_at, UTC) if manager.loaded_at else None,
         swaps=manager.swaps, swap_failures=manager.swap_failures,
         last_swap=LastSwap(version=last.version, previous=last.previous, ok=last.ok, seconds=round(last.seconds, 3),
-                           at=datetime.fromtimestamp(last.at, UTC), error=last.error) if last else None,
+                           at=datetime.fromtimestamp(last.at, UTC),
+                           error=None if last.error is None else redact(last.error)) if last else None,
         model=_info(registry, engine.version, _active(registry), engine.version),
     )
 
 
-def _lookup(registry: ModelRegistry, version: str) -> None:
+def _lookup(registry: Registry, version: str) -> None:
     try:
-        registry.path(version)
+        registry.check(version)
     except InvalidVersion as e:
         raise ApiError(422, "invalid_version", str(e)) from e
     except VersionNotFound as e:
@@ -119,17 +143,21 @@ def active_model(registry: RegistryDep, manager: EngineManagerDep) -> ServingMod
 
 @router.get("/{version}", summary="Describe one version",
             responses={404: {"description": "unknown version"}, 422: {"description": "invalid version name"}})
-def get_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+def get_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
     _lookup(registry, version)
     return _info(registry, version, _active(registry), manager.version)
 
 
 @router.post("/{version}/activate", summary="Activate a version (deploy or roll back)",
              dependencies=[RequireApiKey],
-             responses={401: {"description": "missing API key"}, 403: {"description": "wrong API key"},
-                        404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
-                        409: {"description": "the version failed to load; nothing changed"}})
-def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+             responses={**AUTH_ERRORS, 404: {"description": "unknown version"},
+                        422: {"description": "invalid version name"},
+                        409: {"description": "the version failed to load, or another activation won; "
+                                              "nothing changed"},
+                        503: {"description": "the registry is read-only or the model store is unreachable; "
+                                             "nothing changed"},
+                        507: {"description": "the registry's disk is full; nothing changed"}})
+def activate_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
     """Load and warm up ``version``, then point ``ACTIVE`` at it and swap it in without dropping requests.
 
     Other processes sharing the model directory follow within one registry poll interval. If the
@@ -137,7 +165,10 @@ def activate_model(version: str, registry: RegistryDep, manager: EngineManagerDe
     """
     _lookup(registry, version)
     try:
-        manager.activate(version)
+        with disk_errors(f"activating {version}"):
+            manager.activate(version)
     except EngineLoadError as e:
         raise ApiError(409, "load_failed", str(e)) from e
+    except ActivationConflict as e:
+        raise ApiError(409, "activation_conflict", str(e)) from e
     return _serving(manager, registry)

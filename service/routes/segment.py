@@ -9,12 +9,13 @@ app's FIFO engine lock, so concurrent requests, jobs and streams interleave fram
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,9 @@ from starlette.concurrency import run_in_threadpool
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
+from ..budget import BudgetExceeded, budget
+from ..buffer import resize_frames
+from ..collect import PendingClips, Provenance, allows, collect_mode, provenance
 from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
 from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
 from ..metrics import Metrics
@@ -35,7 +39,9 @@ from ..pipeline import FrameResult
 from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
+from .errors import disk_errors
 
+log = logging.getLogger(__name__)
 Format = Literal["zip", "mp4", "json"]
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override
@@ -43,47 +49,67 @@ CLIP_FRAMES = 8  # consecutive frames per clip handed to the clip buffer
 CLIP_EVERY = 240  # one clip starts every this many segmented frames
 
 
-def on_frames_collected(app: Any, frames: list[np.ndarray], source: str, fps: float) -> None:
+def on_frames_collected(app: Any, frames: list[np.ndarray], source: str, prov: Provenance) -> None:
     """Hook for the clip buffer: ``frames`` are ``CLIP_FRAMES`` consecutive (H, W, 3) uint8 RGB frames sampled
-    from an upload or a stream whose client did not opt out (``collect=false``) while ``buffer_enabled``;
-    ``source`` is "upload" or "stream", ``fps`` the source's frame rate (0.0 when unknown, as for streams).
+    from an upload that decoded completely, or from a stream, of a client the collect policy admits
+    (``service.collect``) and that did not opt out (``collect=false``); ``source`` is "upload" or "stream".
 
-    Called from a worker thread between two frames of that request, so it must return quickly (hand the
-    clip over, do not train): the clip buffer's collector writes it on its own thread.
+    Called from a worker thread, so it must return quickly (hand the clip over, do not train): the
+    plane applies the client's rate limit and the clip buffer's collector writes the clip on its own thread.
     """
     plane = getattr(app.state, "adaptation", None)  # built at startup by the adapt router's lifespan
     if plane is not None:
-        plane.collector.submit(frames, source)
+        plane.offer(frames, source, prov)
 
 
 class ClipSampler:
-    """Cuts runs of ``CLIP_FRAMES`` consecutive frames, one every ``CLIP_EVERY``, and hands them to the hook."""
+    """Cuts runs of ``CLIP_FRAMES`` consecutive frames, one every ``CLIP_EVERY``, resized to ``size`` (the
+    model input) as they come, and hands them to ``deliver``; or, with ``pending``, holds them until
+    ``commit`` (an upload's clips wait until it decoded completely)."""
 
     def __init__(self, deliver: Callable[[list[np.ndarray]], None], clip_frames: int = CLIP_FRAMES,
-                 every: int = CLIP_EVERY) -> None:
-        self.deliver, self.clip_frames, self.every = deliver, clip_frames, every
+                 every: int = CLIP_EVERY, size: tuple[int, int] | None = None,
+                 pending: PendingClips | None = None) -> None:
+        self.deliver = pending.add if pending is not None else deliver
+        self.pending, self.clip_frames, self.every, self.size = pending, clip_frames, every, size
         self._seen = 0
         self._clip: list[np.ndarray] = []
 
     def push(self, frame: np.ndarray) -> None:
         if self._seen % self.every < self.clip_frames:
-            self._clip.append(frame)
+            self._clip.append(frame if self.size is None else resize_frames([frame], self.size)[0])
             if len(self._clip) == self.clip_frames:
                 clip, self._clip = self._clip, []
                 self.deliver(clip)
         self._seen += 1
 
+    def commit(self) -> None:
+        """The input decoded completely: hand the held clips over."""
+        if self.pending is not None:
+            self.pending.commit()
 
-def clip_sampler(app: Any, source: str, fps: float) -> ClipSampler:
-    """A sampler with the app's ``buffer_clip_frames`` / ``buffer_clip_every`` settings feeding the hook."""
+
+def clip_sampler(app: Any, source: str, prov: Provenance, hold: bool = False) -> ClipSampler | None:
+    """A sampler with the app's ``buffer_clip_frames`` / ``buffer_clip_every`` settings feeding the hook, or
+    None when the collect policy does not let this client feed the buffer. ``hold``: keep clips until
+    ``commit`` (uploads)."""
     settings = app.state.settings
-    return ClipSampler(lambda clip: on_frames_collected(app, clip, source, fps), settings.buffer_clip_frames,
-                       max(settings.buffer_clip_every, settings.buffer_clip_frames))
+    plane = getattr(app.state, "adaptation", None)
+    if plane is None or not allows(collect_mode(settings), prov.authenticated):
+        return None
+    deliver = lambda clip: on_frames_collected(app, clip, source, prov)  # noqa: E731
+    return ClipSampler(deliver, settings.buffer_clip_frames,
+                       max(settings.buffer_clip_every, settings.buffer_clip_frames), plane.collector.size_fn(),
+                       PendingClips(deliver) if hold else None)
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(decode.warm_up)  # the decoder fork server, so the first upload does not wait
+    try:  # recover the jobs of a predecessor that died (kill -9), sweep its temp files
+        await run_in_threadpool(data_plane(app).jobs.start)
+    except OSError as e:  # a read-only or full job directory: uploads answer 503/507 until it is fixed
+        log.error("the upload job directory is not usable: %s", e)
     yield
     plane = getattr(app.state, "data_plane", None)
     if plane is not None:
@@ -102,12 +128,14 @@ ERRORS = {
     415: {"description": "not multipart, empty, or not a decodable video"},
     422: {"description": "bad parameter, missing `video` field, or a resolution, duration or frame-count "
                          "limit exceeded"},
-    503: {"description": "no model loaded yet, or too many jobs pending"},
+    503: {"description": "no model loaded yet, too many jobs pending, or the server's storage is read-only"},
+    507: {"description": "the server's disk is full (nothing of the request was kept)"},
 }
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"256x512"`` -> (256, 512): the inference size override (multiples of 8, 64..2048)."""
+def parse_size(text: str | None, settings: Settings) -> tuple[int, int] | None:
+    """``"256x512"`` -> (256, 512): the inference size override (multiples of 8, 64..2048, at most
+    ``max_inference_pixels``)."""
     if text is None:
         return None
     match = SIZE_RE.fullmatch(text.strip().lower())
@@ -117,6 +145,10 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if h % 8 or w % 8 or not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
         raise ApiError(422, "invalid_request", f"size {h}x{w}: both sides must be multiples of 8 between "
                                                f"{MIN_SIDE} and {MAX_SIDE}")
+    try:
+        budget(settings).check_inference(h, w)
+    except BudgetExceeded as e:
+        raise ApiError(422, e.code, e.message) from e
     return h, w
 
 
@@ -124,13 +156,18 @@ def check_limits(info: VideoInfo, settings: Settings, stride: int, max_frames: i
     """Enforce resolution, duration and frame limits; returns the number of frames to segment (0: unknown).
 
     The resolution limit applies to the long and the short side, so portrait videos are treated
-    like landscape ones.
+    like landscape ones; the label maps and overlay frames made at the video's resolution must fit the
+    pixel budget.
     """
     long_limit, short_limit = max(settings.max_width, settings.max_height), min(settings.max_width,
                                                                                 settings.max_height)
     if max(info.width, info.height) > long_limit or min(info.width, info.height) > short_limit:
         raise ApiError(422, "resolution_too_large", f"the video is {info.width}x{info.height}; the limit is "
                                                     f"{settings.max_width}x{settings.max_height}")
+    try:
+        budget(settings).check_pixels(info.height, info.width, "the video's frames (and label maps)")
+    except BudgetExceeded as e:
+        raise ApiError(422, "resolution_too_large", e.message) from e
     if info.duration_s > settings.max_duration_s:
         raise ApiError(422, "video_too_long", f"the video lasts {info.duration_s:.1f} s; the limit is "
                                               f"{settings.max_duration_s:g} s")
@@ -149,11 +186,10 @@ def decode_limits(settings: Settings) -> decode.DecodeLimits:
     defaults = decode.DecodeLimits()
     return decode.DecodeLimits(timeout_s=float(getattr(settings, "decode_timeout_s", defaults.timeout_s)),
                                memory_mb=int(getattr(settings, "decode_memory_mb", defaults.memory_mb)),
-                               max_pixels=settings.max_width * settings.max_height)
+                               max_pixels=budget(settings).max_pixels)
 
 
-def _frame_hook(app: Any, metrics: Metrics, collect: bool, fps: float) -> Callable[[np.ndarray, FrameResult], None]:
-    sampler = clip_sampler(app, "upload", fps) if collect else None
+def _frame_hook(metrics: Metrics, sampler: ClipSampler | None) -> Callable[[np.ndarray, FrameResult], None]:
     frames = metrics.frames_segmented.labels(source="upload")
     seconds = metrics.inference_seconds.labels(stage="upload_frame")
 
@@ -173,7 +209,9 @@ async def segment(
     request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep,
     fmt: Annotated[Format, Query(alias="format", description="zip: palette PNG label maps + manifest.json; "
                                  "mp4: overlay video with a legend; json: per-frame class statistics")] = "zip",
-    size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512")] = None,
+    size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512: multiples of 8 "
+                                      f"in {MIN_SIDE}..{MAX_SIDE}, at most `max_inference_pixels` pixels",
+                                      json_schema_extra={"pattern": "^[0-9]{1,5}x[0-9]{1,5}$"})] = None,
     stride: Annotated[int, Query(ge=1, le=1000, description="segment every stride-th frame")] = 1,
     max_frames: Annotated[int | None, Query(ge=1, description="segment at most this many frames")] = None,
     collect: Annotated[bool, Query(description="let sampled frames feed the adaptation clip buffer")] = True,
@@ -181,15 +219,18 @@ async def segment(
     """Upload a video as the multipart field `video`. Videos with at most `job_frame_threshold` frames to
     segment are answered with the file itself (`Content-Disposition: attachment`); longer ones get
     `202 Accepted`, a job body and a `Location: /v1/jobs/{id}` header."""
-    input_size = parse_size(size)
+    input_size = parse_size(size, settings)
+    prov = provenance(request, settings, "/v1/segment")
     if max_frames is not None and max_frames > settings.max_frames:
         raise ApiError(422, "invalid_request", f"max_frames={max_frames} is over the limit of {settings.max_frames}")
     plane = data_plane(request.app)
-    workdir = plane.jobs.workdir()
+    with disk_errors("storing the upload"):
+        workdir = await run_in_threadpool(plane.jobs.workdir)
     owned = False  # True once a response or a job is responsible for deleting workdir
     video: decode.VideoStream | None = None
     try:
-        upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
+        with disk_errors("storing the upload"):
+            upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
         cap = min(max_frames or settings.max_frames, settings.max_frames)
         # One isolated child probes the file and then decodes ahead while the limits are checked.
         video = decode.VideoStream(upload.path, max_frames=cap, stride=stride, limits=decode_limits(settings))
@@ -198,18 +239,21 @@ async def segment(
         except VideoError as e:
             raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
         total = check_limits(info, settings, stride, max_frames)
+        sampler = clip_sampler(request.app, "upload", prov, hold=True) if collect else None
         work = Segmentation(
-            engine=LockedEngine(engine, plane.engine_lock), info=info, upload=upload, fmt=fmt, stride=stride,
-            cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
+            engine=LockedEngine(engine, plane.engine_lock, plane.batcher), info=info, upload=upload, fmt=fmt,
+            stride=stride, cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
             flow=build_flow(settings.flow, str(settings.raft_weights) if settings.raft_weights else None),
-            on_frame=_frame_hook(request.app, metrics, collect and settings.buffer_enabled, info.fps / stride))
+            on_frame=_frame_hook(metrics, sampler), sampler=sampler)
         if total == 0 or total > settings.job_frame_threshold:
             video.close()  # a queued job must not hold a decoder process: it starts its own
-            job = _submit(plane.jobs, workdir, total or cap, work)
+            with disk_errors("queuing the job"):
+                job = _submit(plane.jobs, workdir, total or cap, work)
             owned = True
             return JSONResponse(job.public(), 202, headers={"Location": f"/v1/jobs/{job.id}"})
         try:
-            summary = await run_in_threadpool(work.run, video)
+            with disk_errors("writing the result"):
+                summary = await run_in_threadpool(work.run, video)
         except VideoError as e:
             raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
         owned = True
@@ -238,6 +282,7 @@ class Segmentation:
     input_size: tuple[int, int] | None
     limits: decode.DecodeLimits
     on_frame: Callable[[np.ndarray, FrameResult], None]
+    sampler: ClipSampler | None = None  # its clips feed the buffer only once the whole input decoded
 
     @property
     def filename(self) -> str:
@@ -251,8 +296,12 @@ class Segmentation:
         if frames is None:
             frames = decode.VideoStream(self.upload.path, max_frames=self.cap, stride=self.stride, limits=self.limits)
         try:
-            return segment_frames(self.engine, self.flow, frames, self.info, self.out, self.fmt, stride=self.stride,
-                                  input_size=self.input_size, progress=progress, on_frame=self.on_frame)
+            summary = segment_frames(self.engine, self.flow, frames, self.info, self.out, self.fmt,
+                                     stride=self.stride, input_size=self.input_size, progress=progress,
+                                     on_frame=self.on_frame)
+            if self.sampler is not None:
+                self.sampler.commit()  # only now: a decoding error ends segment_frames with VideoError
+            return summary
         finally:
             frames.close()
             self.upload.path.unlink(missing_ok=True)
@@ -265,12 +314,14 @@ def _media_message(error: Exception, upload: Upload) -> str:
 
 def _submit(jobs: JobStore, workdir: Path, total: int, work: Segmentation) -> Job:
     def run(job: Job) -> None:
+        moved = replace(work, upload=replace(work.upload, path=job.workdir / work.upload.path.name),
+                        out=job.workdir / work.out.name)  # submit moved workdir to the job's own directory
         try:
-            summary = work.run(progress=lambda done: jobs.progress(job, done))
+            summary = moved.run(progress=lambda done: jobs.progress(job, done))
         except VideoError as e:
-            jobs.fail(job, "unsupported_media_type", _media_message(e, work.upload))
+            jobs.fail(job, "unsupported_media_type", _media_message(e, moved.upload))
             return
-        jobs.finish(job, work.out, MEDIA_TYPES[work.fmt], work.filename, summary)
+        jobs.finish(job, moved.out, MEDIA_TYPES[work.fmt], work.filename, summary)
 
     try:
         return jobs.submit(workdir, total, work.fmt, run)

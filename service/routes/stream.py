@@ -33,13 +33,16 @@ Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **old
 is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
 the server always works on the freshest frames. Each connection keeps the previous frame's logits
 (one network forward per frame); every frame uses the registry's current engine, and after a swap
-the next frame is a keyframe of the new version.
+the next frame is a keyframe of the new version. With ``batch_max`` > 1 the network call of a frame may
+run in one batch with other streams' and uploads' frames (``service.batcher``); replies are unchanged.
 
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
-payload: bad config JSON or fields, a raw frame of the wrong size) or 1008 (policy: a message over
-``ws_max_message_bytes`` or a frame over ``max_width`` x ``max_height`` pixels); 1013 before a model is
-loaded and 1011 for a server-side failure.
+payload: bad config JSON or fields, a config over 4096 characters or nested too deeply, a raw frame
+of the wrong size), 1008 (policy: a frame, or the label maps of the config's ``size``, over the pixel
+budget ``max_pixels``) or 1009 (message too big: a message over ``ws_max_message_bytes``; ``vss serve``
+has uvicorn enforce it while the message arrives, which closes with 1009 before any JSON error can be
+sent); 1013 before a model is loaded and 1011 for a server-side failure.
 
 Draining (``service.drain``): when the server is told to stop (SIGTERM), the stream finishes the frame in
 hand, sends ``{"type": "error", "error": {"code": "draining", ...}, "last_frame": N}`` (``N``: the last frame
@@ -63,11 +66,13 @@ from starlette.types import Message
 
 from models.flow import build_flow
 
+from ..budget import BudgetExceeded, budget
+from ..collect import provenance
 from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
 from ..jobs import LockedEngine, data_plane
 from ..live import NotReady
 from ..pipeline import StreamSegmenter
-from ..stream_codec import (CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
+from ..stream_codec import (CLOSE_INTERNAL, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
                             StreamError, decode_frame, encode_labels, parse_config, precheck_frame)
 from .segment import clip_sampler
 
@@ -135,16 +140,20 @@ class StreamSession:
         self.drained = drained  # done when the server starts draining
         self.last_frame: int | None = None  # index of the last frame whose reply was handed to the sender
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
+        self.budget = budget(self.settings)
         self.manager = get_engine_manager(ws)
-        self.lock = data_plane(app).engine_lock
+        plane = data_plane(app)
+        self.lock, self.batcher = plane.engine_lock, plane.batcher
         self.queue = DropOldestQueue(self.settings.ws_queue_size)
         self.dropped = 0
         self._raw_engine: Any = None
         self.segmenter: StreamSegmenter | None = None
         self.flow = build_flow(self.settings.flow,
                                str(self.settings.raft_weights) if self.settings.raft_weights else None)
-        collect = config.collect and self.settings.buffer_enabled
-        self.sampler = clip_sampler(app, "stream", 0.0) if collect else None
+        prov = provenance(ws, self.settings, "/v1/stream")
+        # Each frame is decoded completely before it is segmented (an undecodable one ends the stream),
+        # so a stream's clips are handed over as soon as they are complete.
+        self.sampler = clip_sampler(app, "stream", prov) if config.collect else None
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
@@ -152,7 +161,7 @@ class StreamSession:
     async def receive(self) -> None:
         """Read frames until the client leaves or breaks the protocol; never blocks on inference."""
         index = 0
-        max_pixels = self.settings.max_width * self.settings.max_height
+        max_pixels = self.budget.max_pixels
         try:
             while True:
                 message = await self.ws.receive()
@@ -163,9 +172,10 @@ class StreamSession:
                 if data is None:
                     raise StreamError(CLOSE_UNSUPPORTED, "unexpected_text",
                                       "expected a binary frame message; the config is sent only once")
-                if len(data) > self.settings.ws_max_message_bytes:
-                    raise StreamError(CLOSE_POLICY, "frame_too_large", f"a frame message of {len(data)} bytes is "
-                                      f"over the limit of {self.settings.ws_max_message_bytes}")
+                try:
+                    self.budget.check_message(len(data))
+                except BudgetExceeded as e:
+                    raise StreamError(CLOSE_TOO_BIG, e.code, e.message) from e
                 precheck_frame(data, self.config, max_pixels)
                 if self.queue.put(_Item(index, data, time.perf_counter())):
                     self.dropped += 1
@@ -181,7 +191,7 @@ class StreamSession:
         raw = self.manager.current()
         if raw is not self._raw_engine:
             self._raw_engine = raw
-            engine = LockedEngine(raw, self.lock)
+            engine = LockedEngine(raw, self.lock, self.batcher)  # the network call may join other streams' batch
             if self.segmenter is None:
                 self.segmenter = StreamSegmenter(engine, self.flow, self.config.size)
             else:
@@ -191,7 +201,7 @@ class StreamSession:
 
     def process(self, item: _Item) -> tuple[dict[str, Any], bytes]:
         """Decode, segment and encode one frame (worker thread)."""
-        frame = decode_frame(item.data, self.config, self.settings.max_width * self.settings.max_height)
+        frame = decode_frame(item.data, self.config, self.budget.max_pixels)
         result = self._segmenter().step(frame)
         blob = encode_labels(result.labels, self.config.format)
         if self.sampler is not None:
@@ -305,7 +315,7 @@ async def stream(ws: WebSocket) -> None:
                 return
             if first["type"] == "websocket.disconnect":
                 return
-            config = parse_config(first, settings.max_width * settings.max_height)
+            config = parse_config(first, budget(settings).max_pixels)
         except StreamError as e:
             await close_with_error(ws, e)
             return

@@ -102,7 +102,7 @@ def test_stream_adapt_publish_hot_swap_and_reject_sabotage(tmp_path: Path, demo_
     frames = np.concatenate([generate_clip(STYLE, frames=8, size=MODEL_SIZE, seed=s).frames for s in SCENES])
     app = create_app(settings)
     with live_server(app, None) as host, httpx.Client(base_url=f"http://{host}", timeout=30) as http, \
-            connect(f"ws://{host}/v1/stream") as ws:
+            connect(f"ws://{host}/v1/stream", additional_headers=AUTH) as ws:  # the key: its clips may train
         ws.send(json.dumps({"format": "rle", "collect": True}))
         assert json.loads(ws.recv(timeout=30))["model_version"] == "v0001"
         stream = Stream(ws, frames)

@@ -26,7 +26,7 @@ def test_add_load_roundtrip_and_resize(tmp_path: Path) -> None:
     small = buf.add(frames(2, 64, 128), "api", size=(16, 32))
     assert buf.load(small.id).shape == (2, 16, 32, 3)
     assert [c.id for c in buf.clips()] == [info.id, small.id]  # oldest first
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".npz", ".npz"]  # no temp files
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != ".lock") == [".json", ".json", ".npz", ".npz"]
 
 
 def test_rejects_bad_clips(tmp_path: Path) -> None:
@@ -70,9 +70,9 @@ def test_heldout_split_is_a_deterministic_hash_of_the_frames(tmp_path: Path) -> 
     assert 0 < sum(c.heldout for c in infos) < 12
     again = [buf.add(frames(2, seed=i)) for i in range(12)]  # the same frames once more (a looping video)
     assert [c.heldout for c in again] == [c.heldout for c in infos]
-    assert len({c.id for c in infos + again}) == 24
+    assert [c.id for c in again] == [c.id for c in infos]  # not stored twice
     stats = buf.stats()
-    assert stats["heldout_clips"] + stats["train_clips"] == 24
+    assert stats["heldout_clips"] + stats["train_clips"] == 12
 
 
 def test_half_written_clips_are_invisible_and_orphans_removed(tmp_path: Path) -> None:
@@ -142,12 +142,12 @@ def test_collector_never_blocks_the_caller(tmp_path: Path) -> None:
 
     release = threading.Event()
     collector = ClipCollector(ClipBuffer(tmp_path), lambda: release.wait(30) and (8, 8), queue_size=1)
-    assert collector.submit(frames(2), "stream")
+    assert collector.submit(frames(2, seed=1), "stream")
     deadline = time.monotonic() + 10
     while collector._queue.qsize() and time.monotonic() < deadline:  # the writer took the first clip
         time.sleep(0.01)
-    assert collector.submit(frames(2), "stream")  # waits in the queue
-    assert not collector.submit(frames(2), "stream")  # queue full: dropped at once
+    assert collector.submit(frames(2, seed=2), "stream")  # waits in the queue
+    assert not collector.submit(frames(2, seed=3), "stream")  # queue full: dropped at once
     assert collector.dropped == 1
     release.set()
     assert collector.flush(30)

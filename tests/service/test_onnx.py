@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,8 +20,10 @@ from models.onnx_export import (DEFAULT_OPSET, FRAME_FILE, FUSION_FILE, MANIFEST
 from service.cli import main as cli_main
 from service.engine import TorchEngine
 from service.live import EngineManager, EngineOptions, make_engine_factory
-from service.onnx_engine import OnnxEngine, OnnxEngineError, ensure_onnx, select_providers
+from service.onnx_engine import (OnnxEngine, OnnxEngineError, Provider, ensure_onnx, provider_name,
+                                 select_providers)
 from service.registry import ModelRegistry
+from service.settings import Settings
 
 PARITY = 0.995  # the product target: same argmax label on >= 99.5 % of pixels
 
@@ -168,6 +173,96 @@ def test_cpu_providers_without_a_gpu_build() -> None:
         assert select_providers("auto") == ["CPUExecutionProvider"]
         with pytest.raises(OnnxEngineError, match="onnxruntime-gpu"):
             select_providers("cuda")
+
+
+GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class GpuHostWithoutTensorRT:
+    """Session factory of an onnxruntime-gpu host where TensorRT's library is missing and CUDA's too.
+
+    A TensorRT session raises, as onnxruntime does when a provider library fails to load; every other
+    request goes to the real onnxruntime, which (this being the CPU build) logs and silently runs the
+    graph on the CPU provider, as onnxruntime-gpu does when the CUDA libraries are missing.
+    """
+
+    def __init__(self, broken: tuple[str, ...] = ("TensorrtExecutionProvider",)) -> None:
+        self.broken, self.asked = broken, []
+
+    def __call__(self, path: str, options: ort.SessionOptions, providers: list[Provider]) -> Any:
+        wanted = provider_name(providers[0])
+        self.asked.append(wanted)
+        if wanted in self.broken:
+            raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : Failed to load {wanted}: libnvinfer.so.10: "
+                               "cannot open shared object file: No such file or directory")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Specified provider ... is not in available providers"
+            return ort.InferenceSession(path, options, providers=providers)
+
+
+def test_provider_priority_for_a_gpu_build() -> None:
+    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True})
+    assert select_providers("auto", fp16=True, available=GPU_BUILD) == [trt, "CUDAExecutionProvider",
+                                                                        "CPUExecutionProvider"]
+    assert select_providers("auto", tensorrt=False, available=GPU_BUILD) == ["CUDAExecutionProvider",
+                                                                             "CPUExecutionProvider"]
+    assert select_providers("cuda", tensorrt=False, available=GPU_BUILD) == ["CUDAExecutionProvider"]
+    assert select_providers("cpu", available=GPU_BUILD) == ["CPUExecutionProvider"]
+
+
+def test_providers_fall_back_to_the_first_that_really_serves(onnx_dir: Path, model_and_meta,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    factory = GpuHostWithoutTensorRT()
+    with caplog.at_level(logging.INFO, logger="service.onnx_engine"):
+        engine = OnnxEngine(onnx_dir, model_and_meta[1], "v0007", device="auto", intra_op_threads=1,
+                            session_factory=factory, available_providers=GPU_BUILD)
+    # TensorRT raised on the first graph; CUDA created both sessions, which run on the CPU provider: kept.
+    assert factory.asked == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CUDAExecutionProvider"]
+    assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu"
+    assert len(engine.passed_over) == 2
+    assert engine.passed_over[0].startswith("TensorrtExecutionProvider: ") and "libnvinfer" in engine.passed_over[0]
+    assert engine.passed_over[1] == "CUDAExecutionProvider: onnxruntime fell back to CPUExecutionProvider"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and "TensorrtExecutionProvider" in warned[0] and "CUDAExecutionProvider" in warned[1]
+    assert any(r.getMessage() == "ONNX Runtime serves v0007 with CPUExecutionProvider" for r in caplog.records)
+    torch_engine = TorchEngine(model_and_meta[0], model_and_meta[1], "t", "cpu")
+    frames = np.random.default_rng(5).uniform(0, 255, (1, 3, 64, 128)).astype(np.float32)
+    ref = torch_engine.frame_logits(frames)
+    np.testing.assert_allclose(engine.frame_logits(frames), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_silent_fallback_is_seen_and_kept(onnx_dir: Path, model_and_meta) -> None:
+    """onnxruntime-gpu without TensorRT's library: it logs and runs on the next provider that loads."""
+    factory = GpuHostWithoutTensorRT(broken=())
+    engine = OnnxEngine(onnx_dir, model_and_meta[1], session_factory=factory, available_providers=GPU_BUILD)
+    assert factory.asked == ["TensorrtExecutionProvider", "TensorrtExecutionProvider"]  # no second try needed
+    assert engine.provider == "CPUExecutionProvider" and engine.passed_over == [
+        "TensorrtExecutionProvider: onnxruntime fell back to CPUExecutionProvider",
+        "CUDAExecutionProvider: onnxruntime fell back to CPUExecutionProvider"]
+
+
+def test_device_cuda_never_falls_back_to_the_cpu(onnx_dir: Path, model_and_meta) -> None:
+    factory = GpuHostWithoutTensorRT()
+    with pytest.raises(OnnxEngineError, match=r"device=cuda.*CUDAExecutionProvider: onnxruntime fell back to CPU"):
+        OnnxEngine(onnx_dir, model_and_meta[1], device="cuda", session_factory=factory, available_providers=GPU_BUILD)
+    assert "CPUExecutionProvider" not in factory.asked
+
+
+def test_no_provider_that_serves_is_an_engine_error(onnx_dir: Path, model_and_meta) -> None:
+    factory = GpuHostWithoutTensorRT(broken=tuple(GPU_BUILD))
+    with pytest.raises(OnnxEngineError, match="no ONNX Runtime execution provider") as caught:
+        OnnxEngine(onnx_dir, model_and_meta[1], session_factory=factory, available_providers=GPU_BUILD)
+    assert all(name in str(caught.value) for name in GPU_BUILD)
+
+
+@pytest.mark.parametrize(("engine", "provider"), [("onnx", "CPUExecutionProvider"), ("torch", "cpu")])
+def test_the_serving_provider_is_exposed(start_client, tmp_path: Path, engine: str, provider: str) -> None:
+    client = start_client(Settings(_env_file=None, model_dir=tmp_path / "models", buffer_dir=tmp_path / "buffer",
+                                   cache_dir=tmp_path / "cache", job_dir=tmp_path / "jobs", demo_model=None,
+                                   intra_op_threads=1, engine=engine, device="cpu"))
+    active = client.get("/v1/models/active").json()
+    assert active["version"] == "v0001" and active["provider"] == provider
+    assert f'vss_model_provider{{provider="{provider}"}} 1.0' in client.get("/metrics").text
 
 
 def test_registry_onnx_engine_exports_on_demand(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -143,7 +143,11 @@ def test_frames_in_every_encoding_get_label_maps(shared) -> None:
     (json.dumps({}), b"RGB3" + (5000).to_bytes(4, "little") + (5000).to_bytes(4, "little"), 1008, "frame_too_large"),
     (json.dumps({"raw": {"width": 9000, "height": 8000}}), None, 1007, "invalid_config"),
     (json.dumps({"raw": {"width": 8000, "height": 8000}}), None, 1008, "frame_too_large"),
-    (json.dumps({}), b"\x00" * (2 * 2**20 + 1), 1008, "frame_too_large"),
+    (json.dumps({}), b"\x00" * (2 * 2**20 + 1), 1009, "message_too_big"),
+    # the label maps a config asks for fit the pixel budget (a 16x16 frame must not cost 8192x8192 x classes)
+    (json.dumps({"format": "rle", "size": [8192, 8192]}), None, 1008, "too_many_pixels"),
+    ('{"size":' + "[" * 2000, None, 1007, "invalid_config"),  # nested too deeply for the JSON parser
+    ('{"size":' + "[" * 5000, None, 1007, "invalid_config"),  # over the config's 4096 characters
 ])
 def test_malformed_input_closes_with_a_precise_code(shared, config, payload, close_code, code) -> None:
     url, _ = shared

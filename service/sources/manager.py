@@ -1,0 +1,95 @@
+"""The app's sources: at most ``sources_max`` of them, each a ``Source`` with its own two threads.
+
+Built by the sources router's lifespan (``app.state.sources``) and stopped when the app stops. It is
+also the context a ``Source`` works in: settings, the allow-list, the engine manager and the app's
+FIFO engine lock (shared with uploads and websocket streams), metrics, the flow provider and the
+clip-buffer hook.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from typing import Any
+
+from models.flow import FlowProvider, build_flow
+
+from ..routes.segment import ClipSampler, clip_sampler
+from .policy import SourcePolicy
+from .source import Source, SourceSpec
+
+STOP_GRACE_S = 2.0  # beyond the read timeout, for a frame in the network to finish
+
+
+class TooManySources(RuntimeError):
+    """``sources_max`` sources exist already (or it is 0: sources are off)."""
+
+
+class SourceManager:
+    def __init__(self, app: Any, engine_lock: Any, policy: SourcePolicy | None = None) -> None:
+        self.app = app
+        self.settings = app.state.settings
+        self.metrics = app.state.metrics
+        self.engine_manager = app.state.engine_manager
+        self.engine_lock = engine_lock
+        self.policy = policy if policy is not None else SourcePolicy.from_settings(self.settings)
+        self._sources: dict[str, Source] = {}
+        self._lock = threading.Lock()
+
+    # --- what a Source needs -------------------------------------------------------------------------
+    def flow(self) -> FlowProvider:
+        weights = self.settings.raft_weights
+        return build_flow(self.settings.flow, str(weights) if weights else None)
+
+    def sampler(self, spec: SourceSpec) -> ClipSampler | None:
+        """The clip-buffer hook of ``WS /v1/stream``, fed with this source's frames (when the buffer is on)."""
+        return clip_sampler(self.app, "source", 0.0) if self.settings.buffer_enabled else None
+
+    # --- the sources ---------------------------------------------------------------------------------
+    def create(self, spec: SourceSpec) -> Source:
+        """Start a source; raises ``TooManySources``."""
+        with self._lock:
+            if self.settings.sources_max == 0:
+                raise TooManySources("server-side sources are off (VSS_SOURCES_MAX=0)")
+            if len(self._sources) >= self.settings.sources_max:
+                raise TooManySources(f"{len(self._sources)} sources exist (VSS_SOURCES_MAX="
+                                     f"{self.settings.sources_max}); DELETE one first")
+            source = Source(spec, self)
+            self._sources[source.id] = source
+        source.start()
+        return source
+
+    def get(self, source_id: str) -> Source | None:
+        with self._lock:
+            return self._sources.get(source_id)
+
+    def list(self) -> list[Source]:
+        with self._lock:
+            return sorted(self._sources.values(), key=lambda s: s.created)
+
+    def delete(self, source_id: str) -> Source | None:
+        """Stop a source, forget it and remove its HLS files (disk segments stay); None if unknown."""
+        with self._lock:
+            source = self._sources.pop(source_id, None)
+        if source is None:
+            return None
+        self._stop(source)
+        return source
+
+    def _stop(self, source: Source) -> None:
+        source.stop(self.settings.sources_read_timeout_s + STOP_GRACE_S)
+        self.metrics.sources.labels(state=source.state).dec()
+        shutil.rmtree(source.output / "hls", ignore_errors=True)
+        try:
+            source.output.rmdir()  # when no disk segments are left in it
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop every source (app shutdown)."""
+        with self._lock:
+            sources, self._sources = list(self._sources.values()), {}
+        for source in sources:
+            source.request_stop()
+        for source in sources:
+            self._stop(source)
