@@ -41,7 +41,7 @@ def adapt_site(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) 
     ModelRegistry(root / "models").import_dir(tiny_checkpoint)
     app = make_app(root, adapted_copy(tiny_checkpoint, root), buffer_enabled=True,
                    buffer_clip_frames=2, buffer_clip_every=2, adapt_min_clips=1, worker="spawn", adapt_threads=1,
-                   api_key=API_KEY)
+                   api_key=API_KEY, collect="all")  # "all": the browser's websocket cannot send the key
     with live_server(app) as url:
         yield url, app
 
