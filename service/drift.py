@@ -125,10 +125,11 @@ class DriftMonitor:
         self._streams: dict[str, Ema] = {}
         self._opened = 0
 
-    def open_stream(self) -> str:
+    def open_stream(self, name: str | None = None) -> str:
+        """Start tracking a stream; its id is ``name`` (e.g. ``source:<id>``) or ``s<n>`` (websockets)."""
         with self._lock:
             self._opened += 1
-            sid = f"s{self._opened}"
+            sid = name if name is not None else f"s{self._opened}"
             self._streams[sid] = Ema(self.alpha)
             return sid
 
