@@ -11,7 +11,8 @@ distance between the EMA class distribution and the reference one (``total_varia
 Reference (the simplest honest choice, documented): the mean entropy and class distribution of the
 first ``reference_frames`` frames this *process* serves with a version, over all streams. It is
 re-learned after every swap and every restart, and it describes whatever traffic came first: if a
-version's first frames are already shifted, drift is measured relative to that shifted traffic. A
+version's first frames are already shifted, drift is measured relative to that shifted traffic (and a
+frame of the old version still in flight during a swap restarts it once more). A
 reference stored in the checkpoint at training time (issue 13, item 4) would not have that weakness.
 Until the reference is complete, the signal is ``None``. The signal only reports; nothing acts on it yet.
 """
