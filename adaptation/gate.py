@@ -15,6 +15,14 @@ as the service runs them). The candidate passes when:
 With labeled validation clips the decision is mIoU >= parent mIoU + ``miou_margin`` (plus finite
 weights); the unsupervised checks are then reported as warnings only.
 
+Statistical gate (``adaptation.stat_gate``): with 2 or more clips, the raw comparisons above are replaced by
+a percentile bootstrap over clips of the mean per-clip change (candidate - parent). Labeled: the lower end
+of the ``confidence`` interval of the per-clip mIoU change must be >= ``miou_margin``. Unlabeled: the same
+bound of the per-clip temporal-consistency change (the proxy) must be >= -``tc_tolerance``; a proxy is
+weaker evidence than labels (it measures flicker, not correctness). The interval is recorded in
+``metrics["stat_gate"]`` (labeled mode also records the proxy's as ``metrics["stat_gate_proxy"]``); with one
+clip the raw comparison decides and ``metrics["stat_gate"]`` says so.
+
 Measured on the synthetic benchmark (bench/adaptation.py): on strong shifts a source model can
 label most of a foggy frame as one class, and a correctly adapted candidate then agrees with it
 on only 15-20 % of the pixels and moves the class distribution by a total variation of ~0.7.
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import stat_gate
 from .clips import TargetClip
 from .metrics import confusion_matrix, iou_from_confusion, miou, temporal_consistency, warp_labels_np
 
@@ -47,6 +56,9 @@ class GateThresholds:
     tc_tolerance: float = 2.0  # temporal consistency (class-mean IoU, percent) may drop this much
     min_agreement: float = 10.0  # percent of pixels labeled as the parent does
     miou_margin: float = 0.0  # labeled: candidate mIoU >= parent mIoU + margin
+    confidence: float = stat_gate.DEFAULT_CONFIDENCE  # two-sided bootstrap interval (>= 2 clips)
+    resamples: int = stat_gate.DEFAULT_RESAMPLES
+    bootstrap_seed: int = stat_gate.DEFAULT_SEED
 
 
 @dataclass
@@ -197,8 +209,19 @@ def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequen
                                                                                              num_classes)
     metrics["tc_parent"], metrics["tc_candidate"] = round(tc_par, 2), round(tc_cand, 2)
     metrics["tc_pixel_parent"], metrics["tc_pixel_candidate"] = round(px_par, 2), round(px_cand, 2)
-    if tc_cand < tc_par - th.tc_tolerance:
+    if len(heldout) >= 2:
+        tc_diffs = [_tc([c], [clip], num_classes)[0] - _tc([p], [clip], num_classes)[0]
+                    for c, p, clip in zip(cand, ref.heldout_preds, heldout)]
+        proxy = _decide(tc_diffs, "temporal consistency", -th.tc_tolerance, th)
+        metrics["stat_gate_proxy" if val else "stat_gate"] = proxy.to_dict()
+        if not proxy.passed:
+            checks.append(f"temporal consistency may have dropped: lower bound {proxy.interval.lower:.2f} of the "
+                          f"mean per-clip change < -{th.tc_tolerance}")
+    elif tc_cand < tc_par - th.tc_tolerance:
         checks.append(f"temporal consistency dropped: {tc_cand:.1f}% < parent {tc_par:.1f}% - {th.tc_tolerance}")
+        metrics["stat_gate"] = _one_clip_note()
+    else:
+        metrics["stat_gate"] = _one_clip_note()
     agree = sum(int((a == b).sum()) for a, b in zip(cand, ref.heldout_preds))
     total = sum(a.size for a in cand)
     agreement = 100.0 * agree / max(total, 1)
@@ -208,15 +231,39 @@ def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequen
     if val:
         if ref.val_preds is None:
             raise ValueError("the reference was computed without validation clips")
+        cand_val = [predict_clip(candidate, c) for c in val]
         m_par = _miou(ref.val_preds, val, num_classes, classes)
-        m_cand = _miou([predict_clip(candidate, c) for c in val], val, num_classes, classes)
+        m_cand = _miou(cand_val, val, num_classes, classes)
         metrics["miou_parent"], metrics["miou_candidate"] = round(m_par["miou"], 2), round(m_cand["miou"], 2)
         metrics["warnings"] = checks
+        if len(val) >= 2:  # the statistical gate: bootstrap over clips of the per-clip mIoU change
+            diffs = [_miou([c], [clip], num_classes, classes)["miou"] - _miou([p], [clip], num_classes, classes)["miou"]
+                     for c, p, clip in zip(cand_val, ref.val_preds, val)]
+            if not all(math.isfinite(d) for d in diffs):
+                return GateReport(False, ["per-clip validation mIoU is not finite"], metrics)
+            decision = _decide(diffs, "mIoU", th.miou_margin, th)
+            metrics["stat_gate"] = decision.to_dict()
+            iv = decision.interval
+            reasons = [] if decision.passed else [
+                f"labeled validation mIoU: lower bound {iv.lower:.2f} of the {iv.confidence:.0%} interval of the "
+                f"mean per-clip change (mean {iv.mean:+.2f}, {iv.n_clips} clips) < {th.miou_margin:g}"]
+            return GateReport(decision.passed, reasons, metrics)
+        metrics["stat_gate"] = _one_clip_note()
         ok = math.isfinite(m_cand["miou"]) and m_cand["miou"] >= m_par["miou"] + th.miou_margin
         reasons = [] if ok else [f"labeled validation mIoU {m_cand['miou']:.2f} < parent {m_par['miou']:.2f}"
                                  + (f" + {th.miou_margin}" if th.miou_margin else "")]
         return GateReport(ok, reasons, metrics)
     return GateReport(not checks, checks, metrics)
+
+
+def _decide(diffs: Sequence[float], statistic: str, threshold: float,
+            th: GateThresholds) -> stat_gate.StatDecision:
+    return stat_gate.decide(diffs, statistic, threshold, th.confidence, th.resamples, th.bootstrap_seed)
+
+
+def _one_clip_note() -> dict[str, Any]:
+    return {"applied": False, "n_clips": 1,
+            "note": "one clip: no bootstrap interval; the raw comparison decided (see the module docstring)"}
 
 
 def _num_classes(model: Any) -> int:

@@ -31,6 +31,7 @@ from . import routes
 from .budget import MAX_JSON_BODY_BYTES, document_limits
 from .deps import ApiError
 from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
+from .drift import DriftCollector, DriftMonitor
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .redact import redact
@@ -113,6 +114,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.engine_manager = manager
     app.state.metrics = metrics
     app.state.drain = drain = Drain()
+    app.state.drift = drift = DriftMonitor()  # service/drift.py: the drift signal of this process
+    metrics.registry.register(DriftCollector(drift))
     _add_error_handlers(app)
     app.add_middleware(DrainMiddleware, drain=drain, refusal=_draining_response)
     if settings.cors_origins:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
@@ -68,6 +68,9 @@ class ServingModel(BaseModel):
     swap_failures: int
     last_swap: LastSwap | None
     model: ModelInfo
+    drift: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the drift signal of this "
+                                         "process and its open streams against the version's reference "
+                                         "(service/drift.py)")
 
 
 def _redacted(value: Any) -> Any:
@@ -136,9 +139,13 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
-    """The serving version, its backend, when it was loaded and the swap counters of this process."""
-    return _serving(manager, registry)
+def active_model(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+    """The serving version, its backend, when it was loaded and the swap counters of this process, and the
+    drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
+    against the first frames this process served with the version)."""
+    serving = _serving(manager, registry)
+    serving.drift = request.app.state.drift.snapshot()
+    return serving
 
 
 @router.get("/{version}", summary="Describe one version",

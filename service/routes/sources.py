@@ -20,6 +20,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
+from ..collect import provenance
 from ..deps import ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings
 from ..jobs import data_plane
 from ..live import NotReady
@@ -107,7 +109,7 @@ async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]
     except PolicyError as e:
         raise ApiError(e.status, e.code, e.message) from e
     try:
-        source = manager.create(body.spec())
+        source = manager.create(replace(body.spec(), provenance=provenance(request, manager.settings, "/v1/sources")))
     except TooManySources as e:
         if manager.settings.sources_max == 0:
             raise ApiError(403, "sources_off", str(e)) from e

@@ -157,6 +157,8 @@ class StreamSession:
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
+        self.drift = app.state.drift  # service/drift.py: this stream's and the process's drift signal
+        self.drift_id = self.drift.open_stream()
 
     async def receive(self) -> None:
         """Read frames until the client leaves or breaks the protocol; never blocks on inference."""
@@ -202,7 +204,9 @@ class StreamSession:
     def process(self, item: _Item) -> tuple[dict[str, Any], bytes]:
         """Decode, segment and encode one frame (worker thread)."""
         frame = decode_frame(item.data, self.config, self.budget.max_pixels)
-        result = self._segmenter().step(frame)
+        pending = self._segmenter().advance(frame)
+        self.drift.observe(self.drift_id, pending.model_version, pending.classes, pending.logits)
+        result = pending.resolve()
         blob = encode_labels(result.labels, self.config.format)
         if self.sampler is not None:
             self.sampler.push(frame)
@@ -259,6 +263,7 @@ class StreamSession:
                 self.last_frame = meta["frame"]
                 sending = asyncio.create_task(self._send(meta, blob))
         finally:
+            self.drift.close_stream(self.drift_id)
             receiver.cancel()
             if sending is not None and not sending.done():
                 sending.cancel()

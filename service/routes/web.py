@@ -12,8 +12,10 @@ from ..deps import ApiError, EngineDep
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Served files by name: an explicit list, so no request path ever reaches the file system.
-STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "adapt.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+JS = "text/javascript; charset=utf-8"
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8",
+                "app.js": JS, "stream.js": JS, "models.js": JS, "adapt.js": JS, "plot.js": JS,
+                "favicon.ico": "image/x-icon"}
 
 router = APIRouter(tags=["web"])
 
@@ -36,6 +38,12 @@ def _static(name: str) -> FileResponse:
 def index() -> FileResponse:
     """The web page: upload a video or stream a webcam and watch the overlay."""
     return _static("index.html")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> FileResponse:
+    """The page's icon (a 16 and 32 px ICO made once with Pillow and committed), so browsers get no 404."""
+    return _static("favicon.ico")
 
 
 @router.get("/static/{name}", include_in_schema=False)

@@ -43,7 +43,9 @@ class SourceManager:
 
     def sampler(self, spec: SourceSpec) -> ClipSampler | None:
         """The clip-buffer hook of ``WS /v1/stream``, fed with this source's frames (when the buffer is on)."""
-        return clip_sampler(self.app, "source", 0.0) if self.settings.buffer_enabled else None
+        if spec.provenance is None or not self.settings.buffer_enabled:
+            return None
+        return clip_sampler(self.app, "source", spec.provenance)
 
     # --- the sources ---------------------------------------------------------------------------------
     def create(self, spec: SourceSpec) -> Source:

@@ -56,6 +56,7 @@ class SourceSpec:
     segment_s: float = 4.0
     on_end: str = "auto"  # "stop" | "reconnect" | "auto": stop when the stream had a duration (a file)
     realtime: bool = True  # pace decoding to the stream's timestamps
+    provenance: Any = None  # service.collect.Provenance of the request that created the source
 
 
 @dataclass
@@ -96,6 +97,8 @@ class Source:
         self._segmenter: StreamSegmenter | None = None
         self._raw_engine: Any = None
         self._sampler = ctx.sampler(spec) if spec.collect else None
+        self._drift = ctx.app.state.drift  # service/drift.py; this source is the stream "source:<id>"
+        self._drift_id = self._drift.open_stream(f"source:{self.id}")
         ctx.metrics.sources.labels(state=self.state).inc()
         self._reader = threading.Thread(target=self._read_loop, name=f"vss-source-{self.id}-read", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"vss-source-{self.id}-work", daemon=True)
@@ -275,6 +278,7 @@ class Source:
                     log.exception("source %s: frame %d failed", self.id, item.index)
                     self.error = f"segmentation failed: {type(e).__name__}: {e}"
         finally:
+            self._drift.close_stream(self._drift_id)
             self.queue.clear()
             self._close_sinks()
             self._reader.join()  # it never waits for the worker
@@ -300,7 +304,9 @@ class Source:
         frame = item.frame.to_ndarray(format="rgb24")
         frame = apply_rotation(frame, normalize_rotation(item.frame.rotation))
         segmenter = self._engine_segmenter()
-        result = segmenter.step(frame)
+        pending = segmenter.advance(frame)
+        self._drift.observe(self._drift_id, pending.model_version, pending.classes, pending.logits)
+        result = pending.resolve()
         if self._sampler is not None:
             self._sampler.push(frame)
         metrics = self.ctx.metrics

@@ -1,28 +1,30 @@
-// vss web page, adaptation panel: clip buffer counts, start/cancel a job (POST /v1/adapt), and follow
-// its progress, losses, gate verdict and the version it published (GET /v1/adapt/{id}).
-// Loaded after app.js (uses its $, setStatus, errorText, loadModels and loadClasses). Plain browser JavaScript.
+// vss web page, adaptation panel: start/cancel a job (POST /v1/adapt, validated here first), and follow
+// its progress, loss plot, gate verdict with its metrics and the version it published (GET /v1/adapt/{id}).
+// Loaded after app.js, plot.js and models.js (uses $, setStatus, errorText, loadBuffer, loadClasses,
+// drawPlot, apiHeaders, loadModels). Plain browser JavaScript.
 "use strict";
 
 const adapt = { job: null, timer: null };
 const FINAL = ["published", "rejected", "failed", "cancelled"];
 
-function adaptHeaders() {
-  const key = $("adapt-key").value.trim();
-  const headers = { "Content-Type": "application/json" };
-  if (key) headers.Authorization = `Bearer ${key}`;
-  return headers;
+function metricText(value) {
+  if (Array.isArray(value)) return value.map(metricText).join(", ") || "none";
+  if (value && typeof value === "object") {
+    return Object.entries(value).map(([k, v]) => `${k} ${metricText(v)}`).join(" · ");
+  }
+  return typeof value === "number" ? formatNumber(value) : String(value);
 }
 
-async function loadBuffer() {
-  try {
-    const response = await fetch("/v1/clips");
-    if (!response.ok) return;
-    const b = await response.json();
-    const mib = (b.bytes / 2 ** 20).toFixed(1);
-    setStatus($("adapt-buffer"), `clip buffer: ${b.clips} clips (${b.train_clips} for training, `
-      + `${b.heldout_clips} held out for the gate), ${b.frames} frames, ${mib} MiB`
-      + (b.collect ? "" : " · collection is off on this server"));
-  } catch (e) { /* the next refresh tries again */ }
+function showMetrics(metrics) {
+  // The gate's measurements (held-out clips: class shares, entropy, temporal consistency, agreement, mIoU).
+  const table = $("adapt-metrics");
+  table.replaceChildren();
+  table.hidden = !metrics || !Object.keys(metrics).length;
+  for (const [name, value] of Object.entries(metrics || {})) {
+    const row = table.insertRow();
+    row.insertCell().textContent = name.replaceAll("_", " ");
+    row.insertCell().textContent = metricText(value);
+  }
 }
 
 function showJob(job) {
@@ -33,6 +35,13 @@ function showJob(job) {
   $("adapt-loss").textContent = last ? `${last.loss.toFixed(4)} (step ${last.step})` : "–";
   const gate = job.gate;
   $("adapt-gate").textContent = gate ? (gate.passed ? "passed" : "rejected") : "–";
+  showMetrics(gate && gate.metrics);
+  if (job.losses && job.losses.length) {
+    drawPlot($("adapt-plot"), "training loss over steps",
+             [{ name: "loss", points: job.losses.map((l) => [l.step, l.loss]) }]);
+  } else {
+    $("adapt-plot").hidden = true;
+  }
   $("adapt-version").textContent = job.version ? `${job.version} (from ${job.parent})` : "–";
   const reasons = $("adapt-reasons");
   reasons.replaceChildren();
@@ -43,6 +52,7 @@ function showJob(job) {
   }
   const box = $("adapt-progress");
   box.hidden = false;
+  box.classList.toggle("failed", job.state === "failed" || job.state === "rejected");
   box.querySelector(".bar").style.width = `${Math.round(100 * (job.progress || 0))}%`;
   box.querySelector(".label").textContent = job.stage ? `${job.stage} · ${job.step} / ${job.steps}` : job.state;
   const done = FINAL.includes(job.state);
@@ -50,6 +60,7 @@ function showJob(job) {
   $("adapt-cancel").disabled = done || job.cancel_requested;
   if (job.state === "failed") setStatus($("adapt-status"), `failed: ${job.error.message}`, true);
   else if (job.state === "published") setStatus($("adapt-status"), `published ${job.version}`);
+  else if (job.state === "rejected") setStatus($("adapt-status"), "rejected by the gate (its reasons are below)");
   else if (done) setStatus($("adapt-status"), job.state);
   else setStatus($("adapt-status"), job.cancel_requested ? "cancelling …" : `${job.state} …`);
 }
@@ -81,12 +92,23 @@ function follow(job) {
 
 async function startAdapt(event) {
   event.preventDefault();
-  const body = { method: $("adapt-method").value, steps: Number($("adapt-steps").value) };
-  const lr = $("adapt-lr").value.trim();
-  if (lr) body.lr = Number(lr);
+  const body = { method: $("adapt-method").value };
+  const steps = $("adapt-steps").value.trim(), lr = $("adapt-lr").value.trim();
+  if (!/^[0-9]+$/.test(steps) || Number(steps) < 1) {
+    return setStatus($("adapt-status"), `steps must be a whole number of at least 1, not "${steps}"`, true);
+  }
+  body.steps = Number(steps);
+  if (lr) {
+    const value = Number(lr);  // Number("abc") is NaN; Number("") would be 0
+    if (!/^[-+0-9.eE]+$/.test(lr) || !Number.isFinite(value) || value <= 0) {
+      return setStatus($("adapt-status"), `lr must be a positive number such as 0.001 or 1e-4, not "${lr}"`, true);
+    }
+    body.lr = value;
+  }
+  setStatus($("adapt-status"), "starting …");
   $("adapt-start").disabled = true;
   try {
-    const response = await fetch("/v1/adapt", { method: "POST", headers: adaptHeaders(), body: JSON.stringify(body) });
+    const response = await fetch("/v1/adapt", { method: "POST", headers: apiHeaders(), body: JSON.stringify(body) });
     if (response.status !== 202) throw new Error(await errorText(response));
     follow(await response.json());
   } catch (e) {
@@ -97,7 +119,7 @@ async function startAdapt(event) {
 
 async function cancelAdapt() {
   if (!adapt.job) return;
-  const response = await fetch(`/v1/adapt/${adapt.job.id}/cancel`, { method: "POST", headers: adaptHeaders() });
+  const response = await fetch(`/v1/adapt/${adapt.job.id}/cancel`, { method: "POST", headers: apiHeaders() });
   if (!response.ok) return setStatus($("adapt-status"), await errorText(response), true);
   showJob(await response.json());
 }
@@ -114,6 +136,4 @@ async function resumeAdapt() {
 
 $("adapt-form").addEventListener("submit", startAdapt);
 $("adapt-cancel").addEventListener("click", cancelAdapt);
-loadBuffer();
 resumeAdapt();
-setInterval(loadBuffer, 10000);

@@ -13,6 +13,7 @@ from service.settings import Settings
 from service.storage import S3Store
 from service.store_buffer import StoreClipBuffer
 from service.store_registry import StoreRegistry
+from service.video import VideoWriter
 from tests.s3server import SeaweedServer
 from tests.waiting import wait_until
 
@@ -65,6 +66,12 @@ def test_store_outage_keeps_serving_and_resumes(weed: str, tmp_path: Path, tiny_
             publisher.activate("v0002")
             wait_until(lambda: serving(client) == "v0002", 30, "the activation to propagate after the outage")
             added = collector.added
+            other = tmp_path / "mirrored.mp4"  # new content: the buffer stores the same clip only once
+            with VideoWriter(other, synthetic_video.fps, synthetic_video.frames.shape[2],
+                             synthetic_video.frames.shape[1], crf=18) as writer:
+                for frame in synthetic_video.frames:
+                    writer.write(frame[:, ::-1].copy())
+            video = {"video": ("mirrored.mp4", other.read_bytes(), "video/mp4")}
             assert client.post("/v1/segment?format=json", files=video).status_code == 200
             assert collector.flush(30) and collector.added > added  # collection resumed
     finally:

@@ -114,6 +114,8 @@ def test_file_source_runs_to_its_end_with_a_disk_sink(server: Server, client: ht
     assert segments and done["sinks"]["disk"]["segments"] == len(segments)
     assert sum(decoded_frames(str(p)) for p in segments) == done["frames_segmented"]
     assert not list(disk.glob(".*"))  # no temp files left
+    drift = client.get("/v1/models/active").json()["drift"]  # service/drift.py saw its frames, then let go
+    assert drift["process"]["frames"] >= done["frames_segmented"] and f"source:{source['id']}" not in drift["streams"]
 
 
 def test_hls_source_with_an_hls_sink_served_by_the_app(server: Server, client: httpx.Client,

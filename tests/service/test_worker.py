@@ -86,6 +86,9 @@ def test_passing_candidate_is_published_and_activated(env: dict[str, Any]) -> No
     assert meta["parent"] == "v0001" and meta["provenance"]["job_id"] == job["id"]
     assert set(meta["provenance"]["clips"]["heldout"]).isdisjoint(meta["provenance"]["clips"]["train"])
     assert meta["provenance"]["hyperparameters"]["batch_size"] == DEFAULTS["bn"]["config"]["batch_size"]
+    # the statistical gate's interval (or its one-clip note) reaches the job record and meta.json alike
+    assert "n_clips" in job["gate"]["metrics"]["stat_gate"]
+    assert meta["provenance"]["gate"]["metrics"]["stat_gate"] == job["gate"]["metrics"]["stat_gate"]
 
 
 def test_request_batch_size_overrides_the_method_default(env: dict[str, Any]) -> None:
