@@ -76,7 +76,9 @@ class Replica(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         env = fleet_env(s3_env, root_url, work / name, **{"VSS_WORKER": "external", **extra})
         super().__init__(["serve", "--host", "127.0.0.1", "--port", str(self.port)], env, work / f"{name}.log")
-        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+        key = extra.get("VSS_API_KEY")  # clients that hold the key send it: their traffic may feed the buffer
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=30.0, headers=self.auth)
 
     def serving(self) -> str | None:
         """The version /readyz reports, None while not ready or unreachable."""
@@ -88,7 +90,8 @@ class Replica(Process):
 
     def stream(self, collect: bool = True) -> Stream:
         stack = ExitStack()
-        ws = stack.enter_context(connect(f"ws://127.0.0.1:{self.port}/v1/stream", open_timeout=30))
+        ws = stack.enter_context(connect(f"ws://127.0.0.1:{self.port}/v1/stream", open_timeout=30,
+                                         additional_headers=self.auth))
         ws.send(json.dumps({"format": "rle", "collect": collect}))
         hello = json.loads(ws.recv(timeout=60))
         return Stream(ws, hello, stack)
