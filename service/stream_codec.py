@@ -35,6 +35,12 @@ MAX_LABEL_SIDE = 8192
 MAX_CONFIG_CHARS = 4096  # a config is a few dozen characters; longer ones are refused before parsing
 
 
+
+def close_reason(text: str, limit: int = 123) -> str:
+    """``text`` cut to fit a websocket close frame: RFC 6455 allows 123 bytes of UTF-8 reason (a longer one
+    makes the close itself fail, and the client sees 1006 instead of the code)."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+
 class StreamError(Exception):
     """A protocol error: the server reports ``code``/``message`` and closes with ``close_code``."""
 

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from ..collect import provenance
-from ..deps import ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings
+from ..deps import AUTH_ERRORS, ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings
 from ..jobs import data_plane
 from ..live import NotReady
 from ..sources.feed import Subscriber
@@ -56,7 +56,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(tags=["sources"], lifespan=_lifespan)  # the websocket checks the key itself
-_http = APIRouter(tags=["sources"], dependencies=[RequireApiKey])
+_http = APIRouter(tags=["sources"], dependencies=[RequireApiKey], responses=AUTH_ERRORS)
 
 
 class SourceRequest(BaseModel):

@@ -73,7 +73,8 @@ from ..jobs import LockedEngine, data_plane
 from ..live import NotReady
 from ..pipeline import StreamSegmenter
 from ..stream_codec import (CLOSE_INTERNAL, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
-                            StreamError, decode_frame, encode_labels, parse_config, precheck_frame)
+                            StreamError, close_reason, decode_frame, encode_labels, parse_config,
+                            precheck_frame)
 from .segment import clip_sampler
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ async def close_with_error(ws: WebSocket, error: StreamError, extra: dict[str, A
     try:
         body = {"type": "error", "error": {"code": error.code, "message": error.message}, **(extra or {})}
         await ws.send_text(json.dumps(body))
-        await ws.close(error.close_code, reason=error.message[:120])
+        await ws.close(error.close_code, reason=close_reason(error.message))
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is already gone
 

@@ -117,8 +117,11 @@ def test_upload_label_maps_fit_the_pixel_budget(tmp_path: Path, start_client, sy
     assert "VSS_MAX_PIXELS" in found["message"]
 
 
-def test_clip_images_decode_at_the_size_they_are_stored_at(client: TestClient) -> None:
+def test_clip_images_decode_at_the_size_they_are_stored_at(tmp_path: Path,
+                                                           start_client: Callable[[Settings], TestClient]) -> None:
     from service.routes.clips import _decode_flag
+
+    client = start_client(settings_for(tmp_path, buffer_enabled=True))  # VSS_BUFFER_ENABLED=false refuses clips
 
     big = np.zeros((1024, 2048, 3), np.uint8)
     big[:, :1024] = (200, 30, 30)
