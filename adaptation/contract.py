@@ -51,6 +51,25 @@ class Needs:
     target: tuple[str, ...] = ()
 
 
+def from_text(declared: Mapping[str, Option], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options typed on a command line: a string given for a declared bool/int/float option is parsed
+    (``true``/``false`` in any case, numbers); everything else is left for ``check_options`` to judge."""
+    out = dict(options)
+    for name, value in options.items():
+        kind = declared[name].kind if name in declared else None
+        if not isinstance(value, str) or kind not in (bool, int, float):
+            continue
+        text = value.strip().lower()
+        if kind is bool and text in ("true", "false"):
+            out[name] = text == "true"
+        elif kind is not bool:
+            try:
+                out[name] = kind(text)
+            except ValueError:
+                pass
+    return out
+
+
 def require_classes(method: str, context: MethodContext) -> int:
     """``context.num_classes``, which a method with discriminators cannot do without."""
     if context.num_classes is None:

@@ -38,8 +38,8 @@ from models.config import ModelConfig, get_config
 from .datasets import VideoFrameDataset, accepted_options, build_dataset, classes_of, label_space_of, parse_spec
 from .distributed import BatchIndices, DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
 from .evaluate import build_eval_dataset, evaluate
-from .contract import Method
-from .methods import build_method
+from .contract import Method, from_text
+from .methods import build_method, method_class
 from .trainer import TrainConfig, make_optimizer, train
 
 # Arguments that must match when a run directory is resumed.
@@ -270,9 +270,10 @@ class OfflineRun:
         start = int(resume["step"]) if resume else 0
         if resume:
             self.best = resume.get("best", self.best)
+        options = from_text(method_class(cfg.method).OPTIONS, cfg.method_args)  # `vss train --method-arg K=V`
         self.method = build_method(cfg.method, seed=cfg.seed + env.rank, num_classes=len(classes),
                                    aux_head=bool(self.base_meta["architecture"].get("aux_head", True)),
-                                   total_steps=cfg.iters, **cfg.method_args)
+                                   total_steps=cfg.iters, **options)
         self.source, self.target, self.val = self._datasets(self.method, classes)
         self.model.to(env.device)
         for m in self.method.modules().values():

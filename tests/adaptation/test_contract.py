@@ -108,3 +108,13 @@ def test_safeguard_options_become_one_injected_object() -> None:
     assert method.guard.cfg.restore_p == 0.01 and method.guard.cfg.anchor_weight == 0.0
     assert method.diversity_weight == 0.5
     assert method_class("itcr").create(MethodContext(), {}).guard.cfg.anchor_weight == 0.1
+
+
+def test_command_line_text_is_parsed_for_declared_kinds_only() -> None:
+    from adaptation.contract import from_text
+
+    declared = method_class("uvda").OPTIONS
+    parsed = from_text(declared, {"video_discriminator": "TRUE", "ndf": "8", "threshold": "0.5",
+                                  "refine": "consistency", "warmup": "soon", "unknown": "1"})
+    assert parsed == {"video_discriminator": True, "ndf": 8, "threshold": 0.5, "refine": "consistency",
+                      "warmup": "soon", "unknown": "1"}  # the last two are left for check_options to refuse
