@@ -20,8 +20,6 @@ import torch
 
 from models.flow import DISFlow, FlowProvider, resize_flow_np
 
-IGNORE_INDEX = 255
-
 
 @dataclass
 class TargetClip:
@@ -219,13 +217,3 @@ class PairSampler:
             batch["label"] = torch.from_numpy(np.stack(label).astype(np.int64))
         return batch
 
-
-def iter_frame_batches(clips: Sequence[TargetClip], batch_size: int) -> Iterator[torch.Tensor]:
-    """All frames of the clips in order, as (B, 3, h, w) float tensors (for BN passes and histograms)."""
-    frames = [f for clip in clips for f in clip.frames]
-    for i in range(0, len(frames), batch_size):
-        yield frames_tensor(np.stack(frames[i:i + batch_size]))
-
-
-def num_pairs(clips: Sequence[TargetClip]) -> int:
-    return sum(max(len(c) - 1, 0) for c in clips)

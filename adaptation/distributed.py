@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 from models.accel import AccelSegmenter
+
+if TYPE_CHECKING:
+    from .contract import Method
 
 
 @dataclass(frozen=True)
@@ -76,15 +80,14 @@ def make_wrapper(env: DistEnv):
     return wrap
 
 
-def distribute(model: AccelSegmenter, method: object, env: DistEnv) -> AccelSegmenter:
+def distribute(model: AccelSegmenter, method: Method, env: DistEnv) -> AccelSegmenter:
     """Wrap ``model.net``, ``model.fusion`` and the method's own modules in DDP (in place)."""
     if not env.enabled:
         return model
     wrap = make_wrapper(env)
     model.net = wrap(model.net)
     model.fusion = wrap(model.fusion)
-    if hasattr(method, "distribute"):
-        method.distribute(wrap)
+    method.distribute(wrap)
     return model
 
 
@@ -100,15 +103,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     plain.num_classes = model.num_classes
     plain.train(model.training)
     return plain
-
-
-def broadcast_module(module: nn.Module, env: DistEnv, src: int = 0) -> None:
-    """Copy every parameter and buffer of ``module`` from rank ``src`` (e.g. BN statistics before saving)."""
-    if not env.enabled:
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
 
 
 def barrier(env: DistEnv) -> None:

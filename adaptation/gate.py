@@ -7,10 +7,10 @@ as the service runs them). The candidate passes when:
     is still predicted on at least ``vanish_floor`` of them, the entropy of the candidate's class
     distribution keeps ``min_entropy_ratio`` of the parent's, and the two distributions differ by
     at most ``max_class_tv`` (total variation distance);
-  * its temporal consistency is not worse than the parent's by more than ``tc_tolerance`` points;
-    TC is the ESVS definition, the mean over classes of the IoU between the prediction at t and
-    the flow-warped prediction at t-1, so that a parent which labels everything with one class is
-    not rewarded for it (pixel-level agreement is reported as ``tc_pixel_*``);
+  * its temporal consistency ``tc_iou`` is not worse than the parent's by more than ``tc_tolerance``
+    points: the mean over classes of the IoU between the prediction at t and the flow-warped
+    prediction at t-1, so that a parent which labels everything with one class is not rewarded for
+    it (the pixel agreement, ``tc`` in evaluation reports, is reported as ``tc_pixel_*``);
   * it labels at least ``min_agreement`` percent of the pixels as the parent does.
 With labeled validation clips the decision is mIoU >= parent mIoU + ``miou_margin`` (plus finite
 weights); the unsupervised checks are then reported as warnings only.
@@ -39,12 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from models.stream import predict_stream
 
 from . import stat_gate
 from .clips import TargetClip
-from .metrics import confusion_matrix, iou_from_confusion, miou, temporal_consistency, warp_labels_np
+from .metrics import confusion_matrix, iou_from_confusion, miou, temporal_consistency, temporal_iou_confusion
 
 
 @dataclass(frozen=True)
@@ -92,35 +93,11 @@ def weights_finite(model: Any) -> bool:
 
 
 def predict_clip(model: Any, clip: TargetClip) -> np.ndarray:
-    """(T, h, w) int64 labels at the clip's size; -1 marks pixels whose logits are not finite.
+    """(T, h, w) int64 labels at the clip's size with the clip's flow; -1 marks non-finite logits.
 
-    ``model`` is an ``AccelSegmenter`` (run in eval mode under inference_mode) or a
-    ``service.engine.Engine`` (numpy ``frame_logits`` / ``fuse``). One network forward per frame.
+    ``model`` is an ``AccelSegmenter`` or a ``service.engine.Engine`` (``models.stream.predict_stream``).
     """
-    h, w = clip.frames.shape[1:3]
-    frames = np.ascontiguousarray(clip.frames.transpose(0, 3, 1, 2), dtype=np.float32)
-    flows = np.ascontiguousarray(clip.flows.transpose(0, 3, 1, 2), dtype=np.float32)
-    out, prev = [], None
-    if _is_module(model):
-        model.eval()
-        device = next(model.parameters()).device
-    for t in range(len(clip)):
-        if _is_module(model):
-            with torch.inference_mode():
-                x = torch.from_numpy(frames[t:t + 1]).to(device)
-                flow = torch.from_numpy(flows[t:t + 1]).to(device) if prev is not None else None
-                fused, prev = model.stream_step(x, prev, flow)
-                fused = fused.float().cpu()
-        else:
-            cur = model.frame_logits(frames[t:t + 1])
-            fused = torch.from_numpy(model.fuse(cur, cur if prev is None else prev,
-                                                None if prev is None else flows[t:t + 1])).float()
-            prev = cur
-        up = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=True)[0]
-        lab = up.argmax(0).numpy().astype(np.int64)
-        lab[~torch.isfinite(up).all(0).numpy()] = -1
-        out.append(lab)
-    return np.stack(out)
+    return predict_stream(model, clip.frames, clip.flows)
 
 
 def compute_reference(parent: Any, heldout: Sequence[TargetClip],
@@ -138,16 +115,14 @@ def _class_shares(preds: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
 
 
 def _tc(preds: Sequence[np.ndarray], clips: Sequence[TargetClip], num_classes: int) -> tuple[float, float]:
-    """(class-mean IoU, pixel agreement) in percent between each prediction and its warped predecessor."""
+    """(``tc_iou``, ``tc``) in percent between each prediction and its warped predecessor (``metrics``)."""
     conf = np.zeros((num_classes, num_classes), np.int64)
     agree = valid = 0
     for pred, clip in zip(preds, clips):
         for t in range(1, len(pred)):
             a, v = temporal_consistency(pred[t], pred[t - 1], clip.flows[t])
             agree, valid = agree + a, valid + v
-            warped, ok = warp_labels_np(pred[t - 1], clip.flows[t])
-            keep = ok & (warped >= 0) & (pred[t] >= 0)
-            conf += confusion_matrix(pred[t][keep], warped[keep], num_classes)
+            conf += temporal_iou_confusion(pred[t], pred[t - 1], clip.flows[t], num_classes)
     ious = iou_from_confusion(conf)
     class_mean = float(np.nanmean(ious)) * 100 if (~np.isnan(ious)).any() else 100.0
     return class_mean, 100.0 * agree / max(valid, 1)
@@ -207,7 +182,7 @@ def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequen
         checks.append(f"class distribution moved too far: total variation {tv:.3f} > {th.max_class_tv}")
     (tc_par, px_par), (tc_cand, px_cand) = _tc(ref.heldout_preds, heldout, num_classes), _tc(cand, heldout,
                                                                                              num_classes)
-    metrics["tc_parent"], metrics["tc_candidate"] = round(tc_par, 2), round(tc_cand, 2)
+    metrics["tc_iou_parent"], metrics["tc_iou_candidate"] = round(tc_par, 2), round(tc_cand, 2)
     metrics["tc_pixel_parent"], metrics["tc_pixel_candidate"] = round(px_par, 2), round(px_cand, 2)
     if len(heldout) >= 2:
         tc_diffs = [_tc([c], [clip], num_classes)[0] - _tc([p], [clip], num_classes)[0]

@@ -12,9 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.classes import IGNORE_INDEX
 from models.warp import warp
 
-IGNORE_INDEX = 255
+REFINEMENTS = ("consistency", "max-confidence", "warp-frame")  # ``refine_pseudo_labels`` strategies
 EPS = 1e-8
 
 

@@ -1,10 +1,17 @@
-"""Segmentation metrics: confusion-matrix mIoU (ignore index 255) and flow-based temporal consistency."""
+"""Segmentation metrics: confusion-matrix mIoU (ignore index 255) and flow-based temporal consistency.
+
+Two temporal-consistency metrics, each with one name in every report:
+* ``tc`` (``temporal_consistency``): the share of warp-valid pixels whose label at t equals the
+  flow-warped label of t-1 (UnifiedVideoDA's ``pred_pred`` / ESVS's TC); what evaluation reports.
+* ``tc_iou`` (``temporal_iou_confusion``): the mean over classes of the IoU between the labels at t
+  and the warped labels of t-1, which a prediction of one class everywhere cannot game; the gate's.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from models.classes import IGNORE_INDEX
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
@@ -51,3 +58,12 @@ def temporal_consistency(pred_t: np.ndarray, pred_prev: np.ndarray, flow: np.nda
     """(agreeing pixels, valid pixels) between the prediction at t and the flow-warped prediction at t-1."""
     warped, valid = warp_labels_np(pred_prev, flow)
     return int(((warped == pred_t) & valid).sum()), int(valid.sum())
+
+
+def temporal_iou_confusion(pred_t: np.ndarray, pred_prev: np.ndarray, flow: np.ndarray,
+                           num_classes: int) -> np.ndarray:
+    """Confusion counts between the labels at t and the flow-warped labels of t-1 (warp-valid pixels
+    with labels >= 0 on both sides); ``iou_from_confusion`` of their sum gives ``tc_iou``."""
+    warped, ok = warp_labels_np(pred_prev, flow)
+    keep = ok & (warped >= 0) & (pred_t >= 0)
+    return confusion_matrix(pred_t[keep], warped[keep], num_classes)

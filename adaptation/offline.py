@@ -17,8 +17,6 @@ A run resumes from its last checkpoint (weights, optimisers, method modules and 
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
 import shutil
@@ -40,7 +38,8 @@ from models.config import ModelConfig, get_config
 from .datasets import VideoFrameDataset, accepted_options, build_dataset, classes_of, label_space_of, parse_spec
 from .distributed import BatchIndices, DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
 from .evaluate import build_eval_dataset, evaluate
-from .methods import METHODS, build_method
+from .contract import Method, from_text
+from .methods import build_method, method_class
 from .trainer import TrainConfig, make_optimizer, train
 
 # Arguments that must match when a run directory is resumed.
@@ -106,15 +105,6 @@ def batch_stream(source: VideoFrameDataset, target: VideoFrameDataset | None, cf
             yield {"source": to_device(s, env.device), "target": to_device(t, env.device)}
 
 
-def _accepted(cls_path: str, offered: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``offered`` keyword arguments the method's constructor takes."""
-    if cls_path not in METHODS:
-        raise ValueError(f"unknown method {cls_path!r}; choose one of {sorted(METHODS)}")
-    module, _, name = METHODS[cls_path].partition(":")
-    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    return {k: v for k, v in offered.items() if k in params}
-
-
 class OfflineRun:
     """One ``vss train`` run; ``run()`` returns a summary dict (rank 0 writes everything)."""
 
@@ -167,9 +157,9 @@ class OfflineRun:
                              f"{list(classes)}")
         return model, meta
 
-    def _datasets(self, method: Any, classes: tuple[str, ...]) -> tuple:
+    def _datasets(self, method: Method, classes: tuple[str, ...]) -> tuple:
         cfg = self.cfg
-        needs = getattr(method, "needs", None)
+        needs = method.needs
         src_spec = parse_spec(cfg.source)
         trg_spec = parse_spec(cfg.target) if cfg.target else None
         src_size = cfg.source_size or cfg.input_size
@@ -184,11 +174,11 @@ class OfflineRun:
 
         if needs is not None and trg_spec is None:
             raise ValueError(f"--method {cfg.method} adapts to a target domain: give --target SPEC")
-        source = build_dataset(src_spec, "train", src_size, extras=(needs or {}).get("source", ()),
+        source = build_dataset(src_spec, "train", src_size, extras=needs.source if needs else (),
                                flow_dir=cfg.source_flow_dir, **options(src_spec))
         target = None
         if needs is not None:
-            target = build_dataset(trg_spec, "train", cfg.input_size, extras=needs.get("target", ()), labels=False,
+            target = build_dataset(trg_spec, "train", cfg.input_size, extras=needs.target, labels=False,
                                    label_space=space, flow_dir=cfg.target_flow_dir, **options(trg_spec))
         val_spec = trg_spec or src_spec
         val = build_eval_dataset(val_spec, "val", cfg.input_size, label_space=space,
@@ -210,8 +200,8 @@ class OfflineRun:
             save_checkpoint(ckpts / name, plain, self._meta(step, metrics))
         state = {"step": step, "optimizer": self.opt.state_dict(),
                  "aux_optimizer": self.aux_opt.state_dict() if self.aux_opt is not None else None,
-                 "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
-                 "modules": {k: m.state_dict() for k, m in self._method_modules().items()}}
+                 "method": self.method.state_dict(),
+                 "modules": {k: m.state_dict() for k, m in self.method.modules().items()}}
         tmp = ckpts / f".{name}.state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, ckpts / f"{name}.state.pt")
@@ -231,9 +221,6 @@ class OfflineRun:
             os.replace(best, old)
         os.replace(new, best)
         shutil.rmtree(old, ignore_errors=True)
-
-    def _method_modules(self) -> dict[str, torch.nn.Module]:
-        return self.method.modules() if hasattr(self.method, "modules") else {}
 
     # --- loop callbacks ---------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -283,13 +270,15 @@ class OfflineRun:
         start = int(resume["step"]) if resume else 0
         if resume:
             self.best = resume.get("best", self.best)
-        offered = {"num_classes": len(classes), "aux_head": bool(self.base_meta["architecture"].get("aux_head", True)),
-                   "total_steps": cfg.iters, "seed": cfg.seed + env.rank}
-        self.method = build_method(cfg.method, **_accepted(cfg.method, offered), **cfg.method_args)
+        options = from_text(method_class(cfg.method).OPTIONS, cfg.method_args)  # `vss train --method-arg K=V`
+        self.method = build_method(cfg.method, seed=cfg.seed + env.rank, num_classes=len(classes),
+                                   aux_head=bool(self.base_meta["architecture"].get("aux_head", True)),
+                                   total_steps=cfg.iters, **options)
         self.source, self.target, self.val = self._datasets(self.method, classes)
         self.model.to(env.device)
-        for m in self._method_modules().values():
+        for m in self.method.modules().values():
             m.to(env.device)
+        self.method.setup(self.model)
         self.opt = make_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.lr, cfg.momentum,
                                   cfg.weight_decay)
         aux_groups = self.method.aux_param_groups()
@@ -297,7 +286,7 @@ class OfflineRun:
         if any(g["params"] for g in aux_groups):
             self.aux_opt = make_optimizer("adam", aux_groups, cfg.aux_lr, cfg.momentum, 0.0)
             for g in self.aux_opt.param_groups:
-                g.update(getattr(self.method, "aux_optimizer_options", {}))
+                g.update(self.method.aux_optimizer_options)
         if resume:
             self._restore(resume)
         self._write_config()
@@ -340,9 +329,8 @@ class OfflineRun:
         self.opt.load_state_dict(state["optimizer"])
         if self.aux_opt is not None and state.get("aux_optimizer") is not None:
             self.aux_opt.load_state_dict(state["aux_optimizer"])
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(state["method"], self.model)
-        modules = self._method_modules()
+        self.method.load_state_dict(state["method"], self.model)
+        modules = self.method.modules()
         for key, sd in state.get("modules", {}).items():
             if key not in modules:
                 raise ValueError(f"{name}.state.pt has method module {key!r} that {self.cfg.method} does not")

@@ -221,9 +221,7 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
         result = train(candidate, method, batches, tcfg, on_log=on_log, should_stop=should_stop)
     except NonFiniteLoss as e:
         failure = f"training diverged: {e}"
-    finish = getattr(method, "finish", None)
-    if finish is not None:
-        finish(candidate)
+    method.finish(candidate)
     if failure is None and cfg.bn_postpass and cfg.method != "bn":
         progress("bn_postpass", {"frames": len(frames)})
         bn_pass()

@@ -1,6 +1,6 @@
 """THE training loop, shared by offline UDA (`vss train`), offline source-free (`vss adapt`) and the worker.
 
-A method only declares what it trains and computes losses (see ``Method``); this loop owns
+A method only declares what it trains and computes losses (``adaptation.contract.Method``); this loop owns
 zero_grad, backward, gradient clipping, mixed precision, optimiser steps, LR schedule, time
 budget, cancellation and non-finite detection.
 """
@@ -11,10 +11,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .contract import Method
 
 
 @dataclass
@@ -28,30 +31,6 @@ class LossOutput:
     loss: torch.Tensor
     aux_loss: torch.Tensor | None = None
     logs: dict[str, float] = field(default_factory=dict)
-
-
-class Method(Protocol):
-    """A training method: which parameters it trains, how modules behave in training, and its loss."""
-
-    name: str
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimiser groups for the model: ``{"params": [...], "lr_mult": float}``; nothing else is trained."""
-        ...
-
-    def aux_param_groups(self) -> list[dict[str, Any]]:
-        """Groups for the method's own modules (discriminators, projection heads); may be empty."""
-        ...
-
-    def train_mode(self, model: nn.Module) -> None:
-        """Put the model in the mode this method wants (e.g. BN in train or eval)."""
-        ...
-
-    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput: ...
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Hook after the optimiser step (EMA teacher update, proxy copy, stochastic restore)."""
-        ...
 
 
 class NonFiniteLoss(RuntimeError):
@@ -121,9 +100,11 @@ def train(model: nn.Module, method: Method, batches: Iterable[dict[str, Any]], c
     """Run ``cfg.steps`` optimisation steps of ``method`` on ``model`` over ``batches``.
 
     Raises ``NonFiniteLoss`` on a NaN/inf loss and ``Cancelled`` when ``should_stop()`` turns true.
-    ``optimizers`` can be passed in to resume (their state restored by the caller).
+    Without ``optimizers`` the loop calls ``method.setup(model)`` and builds them from the method's
+    groups; a caller that passes ``optimizers`` (to resume: their state restored) has done both.
     """
     if optimizers is None:
+        method.setup(model)
         opt = make_optimizer(cfg.optimizer, method.param_groups(model), cfg.lr, cfg.momentum, cfg.weight_decay)
         aux_groups = method.aux_param_groups()
         aux_opt = (make_optimizer(cfg.aux_optimizer, aux_groups, cfg.aux_lr or cfg.lr, cfg.momentum, 0.0)

@@ -78,12 +78,12 @@ def cpu_seconds_per_step(row: str, init: Path, size: tuple[int, int], style: str
     if name not in ("source-only", "tps"):
         kwargs["num_classes"] = len(meta["classes"])
     method = build_method(name, **kwargs)
-    needs = getattr(method, "needs", None)
+    needs = method.needs
     kw = dict(input_size=size, **DATA)
-    src = build_dataset("synthetic:source", "train", extras=(needs or {}).get("source", ()), **kw)
+    src = build_dataset("synthetic:source", "train", extras=needs.source if needs else (), **kw)
     batch = default_collate([src[0]])
     if needs is not None:
-        trg = build_dataset(f"synthetic:{style}", "train", extras=needs.get("target", ()), labels=False, **kw)
+        trg = build_dataset(f"synthetic:{style}", "train", extras=needs.target, labels=False, **kw)
         batch = {"source": batch, "target": default_collate([trg[0]])}
     cfg = TrainConfig(steps=1, lr=lr, optimizer="sgd")
     train(model, method, [batch], cfg)

@@ -26,6 +26,9 @@ from .config import ModelConfig
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 FORMAT = "vss-checkpoint/1"
+# The bundled demo checkpoint (``python -m adaptation.make_demo -o service/demo_model``): the one place
+# that names it for the service settings, the CLI and the benchmarks.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "service" / "demo_model"
 
 
 class CheckpointError(ValueError):

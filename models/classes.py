@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+IGNORE_INDEX = 255  # label value of pixels without a class (void, dropped pseudo-labels); never a class id
+
 CITYSCAPES_COLOURS: dict[str, tuple[int, int, int]] = {
     "road": (128, 64, 128), "sidewalk": (244, 35, 232), "building": (70, 70, 70), "wall": (102, 102, 156),
     "fence": (190, 153, 153), "pole": (153, 153, 153), "light": (250, 170, 30), "sign": (220, 220, 0),

@@ -85,3 +85,21 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
     return replace(CONFIGS[name], **overrides)
+
+
+def parse_hxw(text: str, min_side: int = 1, max_side: int | None = None) -> tuple[int, int]:
+    """``"256x512"`` (case-insensitive) -> (256, 512); ValueError naming the expected form or range.
+
+    The one parser of HxW sizes; CLI flags and query parameters wrap it in their own error type.
+    """
+    h, sep, w = text.strip().lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        size = (int(h), int(w))
+    except ValueError:
+        raise ValueError(f"expected HxW such as 256x512, got {text!r}") from None
+    if min(size) < min_side or (max_side is not None and max(size) > max_side):
+        bounds = f"{min_side}..{max_side}" if max_side is not None else f">= {min_side}"
+        raise ValueError(f"size {size[0]}x{size[1]} out of range ({bounds} per side)")
+    return size

@@ -137,6 +137,14 @@ def load_davsn_flow(path: str | Path, size: tuple[int, int] | None = None) -> np
     return resize_flow_np(flow, size) if size is not None else flow
 
 
+def encode_davsn_flow(flow: np.ndarray) -> np.ndarray:
+    """(H, W, 2) float32 pixels -> DA-VSN file content: int16 flow x 10 at half resolution
+    (the inverse of ``load_davsn_flow`` up to rounding)."""
+    h, w = flow.shape[:2]
+    half = resize_flow_np(flow, (max(h // 2, 1), max(w // 2, 1)))
+    return np.clip(np.rint(half * 10.0), -32768, 32767).astype(np.int16)
+
+
 def build_flow(name: str, raft_weights: str | None = None) -> FlowProvider:
     """Provider by CLI name: ``dis`` (default preset), ``dis-<preset>``, ``none``, ``raft`` (needs weights)."""
     if name == "none":

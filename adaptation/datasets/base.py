@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.classes import IGNORE_INDEX
 from models.flow import DISFlow, load_davsn_flow, resize_flow_np
-
-IGNORE_INDEX = 255
 FLOW_MODES = ("precomputed", "dis", "gt", "none")
 EXTRAS = ("prev2", "next", "flow_fwd")
 # Which frame pair each flow key relates: (current, previous) in the backward sense of models.warp.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..contract import Method, MethodContext
+
 METHODS: dict[str, str] = {
     # supervised / offline UDA (vss train)
     "source-only": "adaptation.methods.supervised:SourceOnly",
@@ -21,7 +23,7 @@ METHODS: dict[str, str] = {
 }
 
 
-def method_class(name: str) -> Any:
+def method_class(name: str) -> type[Method]:
     """The class of a method by its CLI name (imports its module)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
@@ -29,6 +31,9 @@ def method_class(name: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_method(name: str, **kwargs: Any) -> Any:
-    """Instantiate a method by its CLI name."""
-    return method_class(name)(**kwargs)
+def build_method(name: str, *, seed: int = 0, num_classes: int | None = None, aux_head: bool = True,
+                 total_steps: int = 50_000, **options: Any) -> Method:
+    """Instantiate a method by its CLI name: the keywords above are the run's context
+    (``MethodContext``), the rest are the method's declared ``OPTIONS`` (``OptionError`` otherwise)."""
+    context = MethodContext(seed=seed, num_classes=num_classes, aux_head=aux_head, total_steps=total_steps)
+    return method_class(name).create(context, options)

@@ -27,50 +27,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import MethodContext, Needs, UDAMethod, require_classes
 from ..discriminators import FCDiscriminator, set_requires_grad
 from ..losses import itcr_loss, propagate
+from ..options import Bool, Float, Int
+from ..supervision import accel_previous, fused_key, source_terms
 from ..trainer import LossOutput
 from ..uda_losses import SOURCE, TARGET, adversarial_bce, pair_input, weight_discrepancy
-from .supervised import SourceOnly, segmentation_ce
+from .supervised import SourceOnly
+
+WEIGHT = Float(0.0, 1000.0)
 
 
-def fused_key(head: str) -> str:
-    return "fused" if head == "main" else f"fused_{head}"
-
-
-def prev_key(head: str) -> str:
-    return "prev" if head == "main" else f"prev_{head}"
-
-
-def source_terms(out: dict[str, torch.Tensor], label: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, dict]:
-    """Supervised CE on the fused main head + ``aux_weight`` x CE on the fused aux head (ADVENT)."""
-    loss = segmentation_ce(out["fused"], label)
-    logs = {"ce": float(loss.detach())}
-    if "fused_aux" in out and aux_weight > 0:
-        aux = segmentation_ce(out["fused_aux"], label)
-        loss = loss + aux_weight * aux
-        logs["ce_aux"] = float(aux.detach())
-    return loss, logs
-
-
-def accel_previous(model: nn.Module, out: dict[str, torch.Tensor], frames: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """ACCEL prediction of frame k-1 from (k-1, k-2) per head, without gradients.
-
-    Reuses the raw k-1 logits that ``model(cur, prev, flow)`` computed (``out["prev"]``), so it costs
-    one more no-grad forward (frame k-2) plus the fusion.
-    """
-    if "prev2" not in frames or "flow_prev" not in frames:
-        raise KeyError("this method needs frames k-2 and the flow k-1 -> k-2 (dataset extra 'prev2')")
-    with torch.no_grad():
-        older = model.frame(frames["prev2"])
-        return {head: model.fuse(out[prev_key(head)], older[head], frames["flow_prev"])[0]
-                for head in older if prev_key(head) in out}
-
-
-class DAVSN(SourceOnly):
+class DAVSN(UDAMethod, SourceOnly):
     name = "davsn"
-    needs = {"source": ("prev2",), "target": ("prev2",)}
+    needs = Needs(source=("prev2",), target=("prev2",))
     aux_optimizer_options = {"betas": (0.9, 0.99)}  # Adam for the discriminators, as DA-VSN
+    OPTIONS = {"ctcr": Bool(), "itcr": Bool(), "lambda_u": WEIGHT, "lambda_sa": WEIGHT, "lambda_wd": WEIGHT,
+               "lambda_itcr": WEIGHT, "aux_adv_weight": WEIGHT, "ndf": Int(1, 1024), "aux_weight": WEIGHT,
+               "head_lr_mult": WEIGHT}
+
+    @classmethod
+    def _build(cls, context: MethodContext, options: dict[str, Any]) -> DAVSN:
+        return cls(num_classes=require_classes(cls.name, context), aux_head=context.aux_head, **options)
 
     def __init__(self, num_classes: int, ctcr: bool = True, itcr: bool = True, lambda_u: float = 1e-3,
                  lambda_sa: float = 1.0, lambda_wd: float = 1.0, lambda_itcr: float | None = None,
@@ -92,7 +71,6 @@ class DAVSN(SourceOnly):
                 self.disc[f"s_{head}"] = FCDiscriminator(2 * num_classes, ndf)
         self._d: dict[str, nn.Module] = dict(self.disc.items())  # what is called: DDP wrappers under torchrun
 
-    # --- what the loop and the driver need ------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         """The method's own trainable modules (saved with checkpoints, wrapped for DDP, moved to device)."""
         return {"disc": self.disc}

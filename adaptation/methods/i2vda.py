@@ -31,15 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.classes import IGNORE_INDEX
 from models.warp import warp
 
 from ..discriminators import FCDiscriminator, set_requires_grad
 from ..distributed import unwrap_model
+from ..contract import MethodContext, Needs, UDAMethod, require_classes
 from ..losses import cross_entropy_ignore
+from ..options import Float, Int
+from ..supervision import segmentation_ce
 from ..trainer import LossOutput
 from ..uda_losses import (SOURCE, TARGET, adversarial_lsgan, entropy_pseudo_labels, interpolate_frame,
                           occlusion_mask, scale_flow, softmax_up)
-from .supervised import SourceOnly, segmentation_ce
+from .supervised import SourceOnly
+
+WEIGHT = Float(0.0, 1000.0)
 
 
 @contextlib.contextmanager
@@ -66,9 +72,18 @@ def keyframe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.fuse(main, main, None)[0]
 
 
-class I2VDA(SourceOnly):
+class I2VDA(UDAMethod, SourceOnly):
     name = "i2vda"
-    needs = {"source": (), "target": ("flow_fwd",)}
+    needs = Needs(source=(), target=("flow_fwd",))
+    aux_optimizer_options = {"betas": (0.9, 0.99)}
+    OPTIONS = {"lambda_adv": WEIGHT, "lambda_tc": WEIGHT, "alpha": Float(0.0, 1.0), "eta": WEIGHT,
+               "delta": Float(0.0, 10.0), "iter_copy": Int(1, 10**9), "iter_launch": Int(0, 10**9),
+               "ndf": Int(1, 1024), "aux_weight": WEIGHT, "head_lr_mult": WEIGHT}
+
+    @classmethod
+    def _build(cls, context: MethodContext, options: dict[str, Any]) -> I2VDA:
+        return cls(num_classes=require_classes(cls.name, context), total_steps=context.total_steps,
+                   seed=context.seed, **options)
 
     def __init__(self, num_classes: int, lambda_adv: float = 0.01, lambda_tc: float = 1.0, alpha: float = 0.5,
                  eta: float = 1.0, delta: float = 0.3, iter_copy: int | None = None, iter_launch: int | None = None,
@@ -94,8 +109,6 @@ class I2VDA(SourceOnly):
 
     def aux_param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.disc.parameters()), "lr_mult": 1.0}]
-
-    aux_optimizer_options = {"betas": (0.9, 0.99)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.gen.get_state(), "has_proxy": self.proxy is not None}
@@ -155,11 +168,11 @@ class I2VDA(SourceOnly):
             # P_1^W = W(P_t, F_1->t) with F_1->t ~ (1 - t) F_1->0 (linear motion between the frames).
             pt_up = F.interpolate(pt, size=size, mode="bilinear", align_corners=True)
             p1w, valid = warp(pt_up, scale_flow(f10, 1.0 - t))
-            pl = pl.masked_fill(valid[:, 0] <= 0, 255)
+            pl = pl.masked_fill(valid[:, 0] <= 0, IGNORE_INDEX)
             tc = cross_entropy_ignore(p1w, pl)
             loss = loss + self.lambda_tc * tc
             logs["tc"] = float(tc.detach())
-            logs["pl_kept"] = float((pl != 255).float().mean())
+            logs["pl_kept"] = float((pl != IGNORE_INDEX).float().mean())
         d_loss = adversarial_lsgan(self._d(softmax_up(s_main.detach(), size)), SOURCE) + \
             0.5 * adversarial_lsgan(self._d(softmax_up(p0.detach(), size)), TARGET) + \
             0.5 * adversarial_lsgan(self._d(softmax_up(pt.detach(), size)), TARGET)

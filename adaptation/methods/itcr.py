@@ -19,36 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import SourceFreeMethod
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import itcr_loss, propagate, tent_loss
 from ..options import PARAMS, SAFEGUARDS, Bool, Float
 from ..trainer import LossOutput
-from .bn import select_params, set_bn_mode
 
 
-class ITCR:
+class ITCR(SourceFreeMethod):
     name = "itcr"
 
     OPTIONS = {"aux_weight": Float(0.0, 100.0), "entropy_weight": Float(0.0, 100.0), "params": PARAMS,
                "bn_train": Bool(), **SAFEGUARDS}
+    SAFEGUARD_DEFAULTS = SafeguardConfig(anchor_weight=0.1)
 
-    def __init__(self, aux_weight: float = 1.0, entropy_weight: float = 0.0, params: str = "all",
-                 bn_train: bool = False, ema_momentum: float = 0.0, anchor_weight: float = 0.1,
-                 anchor_confidence: float = 0.9, restore_p: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, guard: Safeguards | None = None, aux_weight: float = 1.0, entropy_weight: float = 0.0,
+                 params: str = "all", bn_train: bool = False, seed: int = 0) -> None:
+        super().__init__(guard, params, bn_train, seed)
         self.aux_weight, self.entropy_weight = aux_weight, entropy_weight
-        self.params, self.bn_train = params, bn_train
-        self.guard = Safeguards(SafeguardConfig(ema_momentum, anchor_weight, anchor_confidence, restore_p), seed)
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        named = [(n, p) for n, p in select_params(model, self.params) if not n.startswith("fusion")]
-        self.guard.attach(model, {n for n, _ in named})
-        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
-
-    def aux_param_groups(self) -> list[dict[str, Any]]:
-        return []
-
-    def train_mode(self, model: nn.Module) -> None:
-        set_bn_mode(model, self.bn_train)
+    def trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in super().trainable(model) if not n.startswith("fusion")]
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput:
         flow = batch.get("flow")
@@ -68,11 +59,4 @@ class ITCR:
             ent_term = tent_loss(cur["main"])
             loss = loss + self.entropy_weight * ent_term
             logs["entropy"] = float(ent_term.detach())
-        anchor = self.guard.anchor_term(cur["main"], batch["cur"])
-        if anchor is not None:
-            loss = loss + anchor
-            logs["anchor"] = float(anchor.detach())
-        return LossOutput(loss, None, logs)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.guard.after_step(model)
+        return LossOutput(self.anchored(loss, logs, cur["main"], batch["cur"]), None, logs)

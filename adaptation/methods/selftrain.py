@@ -14,42 +14,34 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.classes import IGNORE_INDEX
+
 from ..augment import AugmentConfig, cross_frame_augment
+from ..contract import SourceFreeMethod
 from ..ema import SafeguardConfig, Safeguards
-from ..losses import cross_entropy_ignore, propagate, refine_pseudo_labels
+from ..losses import REFINEMENTS, cross_entropy_ignore, propagate, refine_pseudo_labels
 from ..options import PARAMS, SAFEGUARDS, Bool, Choice, Float
 from ..trainer import LossOutput
-from .bn import select_params, set_bn_mode
 
 
-class SelfTrain:
+class SelfTrain(SourceFreeMethod):
     name = "selftrain"
 
-    OPTIONS = {"strategy": Choice("consistency", "max-confidence", "warp-frame"), "threshold": Float(0.0, 1.0),
+    OPTIONS = {"strategy": Choice(*REFINEMENTS), "threshold": Float(0.0, 1.0),
                "aux_weight": Float(0.0, 100.0), "augment": Bool(), "params": PARAMS, "bn_train": Bool(),
                **SAFEGUARDS}
+    SAFEGUARD_DEFAULTS = SafeguardConfig(ema_momentum=0.99)
 
-    def __init__(self, strategy: str = "consistency", threshold: float = 0.0, aux_weight: float = 0.1,
-                 augment: bool = True, params: str = "all", bn_train: bool = False, ema_momentum: float = 0.99,
-                 anchor_weight: float = 0.0, anchor_confidence: float = 0.9, restore_p: float = 0.0,
+    def __init__(self, guard: Safeguards | None = None, strategy: str = "consistency", threshold: float = 0.0,
+                 aux_weight: float = 0.1, augment: bool = True, params: str = "all", bn_train: bool = False,
                  seed: int = 0) -> None:
-        refine_pseudo_labels(torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), torch.ones(1, 1, 1), strategy)
+        if strategy not in REFINEMENTS:
+            raise ValueError(f"unknown refinement strategy {strategy!r}; choose consistency, max-confidence "
+                             "or warp-frame")
+        super().__init__(guard, params, bn_train, seed)
         self.strategy, self.threshold, self.aux_weight = strategy, threshold, aux_weight
         self.augment = AugmentConfig() if augment else None
-        self.params, self.bn_train = params, bn_train
         self.generator = torch.Generator().manual_seed(seed)
-        self.guard = Safeguards(SafeguardConfig(ema_momentum, anchor_weight, anchor_confidence, restore_p), seed)
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        named = select_params(model, self.params)
-        self.guard.attach(model, {n for n, _ in named})
-        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
-
-    def aux_param_groups(self) -> list[dict[str, Any]]:
-        return []
-
-    def train_mode(self, model: nn.Module) -> None:
-        set_bn_mode(model, self.bn_train)
 
     def pseudo_labels(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Refined labels (N, h, w) at logit resolution from the labeler's t and warped t-1 predictions."""
@@ -67,16 +59,9 @@ class SelfTrain:
             cur, prev, _ = cross_frame_augment(cur, prev, self.augment, self.generator)
         out = model(cur, prev, batch.get("flow"))
         ce = cross_entropy_ignore(out["fused"], labels)
-        loss, logs = ce, {"ce": float(ce.detach()), "pl_kept": float((labels != 255).float().mean())}
+        loss, logs = ce, {"ce": float(ce.detach()), "pl_kept": float((labels != IGNORE_INDEX).float().mean())}
         if "fused_aux" in out and self.aux_weight > 0:
             ce_aux = cross_entropy_ignore(out["fused_aux"], labels)
             loss = loss + self.aux_weight * ce_aux
             logs["ce_aux"] = float(ce_aux.detach())
-        anchor = self.guard.anchor_term(out["cur"], batch["cur"])
-        if anchor is not None:
-            loss = loss + anchor
-            logs["anchor"] = float(anchor.detach())
-        return LossOutput(loss, None, logs)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.guard.after_step(model)
+        return LossOutput(self.anchored(loss, logs, out["cur"], batch["cur"]), None, logs)

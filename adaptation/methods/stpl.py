@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.classes import IGNORE_INDEX
 from models.warp import warp
 
 from ..augment import AugmentConfig, cross_frame_augment
+from ..contract import SourceFreeMethod
 from ..ema import SafeguardConfig, Safeguards
 from ..losses import confident_topk, cross_entropy_ignore, pixel_contrastive_loss, sample_pixels
 from ..options import PARAMS, SAFEGUARDS, Bool, Choice, Float, Int
 from ..trainer import LossOutput
-from .bn import select_params, set_bn_mode
 from .stpl_heads import FUSIONS, STPLHeads
 
 VARIANTS = ("spatio-temporal", "spatial", "temporal")
@@ -46,7 +47,7 @@ def _pixels(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
-class STPL:
+class STPL(SourceFreeMethod):
     name = "stpl"
 
     OPTIONS = {"fusion": Choice(*FUSIONS), "variant": Choice(*VARIANTS), "proportion": Float(0.01, 1.0),
@@ -54,40 +55,41 @@ class STPL:
                "ce_weight": Float(0.0, 100.0), "head_lr_mult": Float(0.0, 1000.0), "head_warmup": Int(0, 100000),
                "params": PARAMS, "bn_train": Bool(), "blur_p": Float(0.0, 1.0), "jitter_p": Float(0.0, 1.0),
                **SAFEGUARDS}
+    SAFEGUARD_DEFAULTS = SafeguardConfig(ema_momentum=0.99)
 
-    def __init__(self, fusion: str = "stam", variant: str = "spatio-temporal", proportion: float = 0.7,
-                 temperature: float = 0.07, dim: int = 64, max_pixels: int = 1024, ce_weight: float = 0.0,
-                 head_lr_mult: float = 10.0, head_warmup: int = 0, params: str = "all", bn_train: bool = False,
-                 blur_p: float = 0.5, jitter_p: float = 0.8, ema_momentum: float = 0.99,
-                 anchor_weight: float = 0.0, anchor_confidence: float = 0.9, restore_p: float = 0.0,
-                 seed: int = 0) -> None:
+    def __init__(self, guard: Safeguards | None = None, fusion: str = "stam", variant: str = "spatio-temporal",
+                 proportion: float = 0.7, temperature: float = 0.07, dim: int = 64, max_pixels: int = 1024,
+                 ce_weight: float = 0.0, head_lr_mult: float = 10.0, head_warmup: int = 0, params: str = "all",
+                 bn_train: bool = False, blur_p: float = 0.5, jitter_p: float = 0.8, seed: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown STPL variant {variant!r}; choose one of {VARIANTS}")
+        super().__init__(guard, params, bn_train, seed)
         self.fusion = "none" if variant != "spatio-temporal" else fusion
         self.variant, self.proportion, self.temperature = variant, proportion, temperature
         self.dim, self.max_pixels, self.ce_weight = dim, max_pixels, ce_weight
         self.head_lr_mult, self.head_warmup = head_lr_mult, head_warmup
-        self.params, self.bn_train = params, bn_train
         self.augment = AugmentConfig(blur_p=blur_p, jitter_p=jitter_p)
         self.generator = torch.Generator().manual_seed(seed)
-        self.guard = Safeguards(SafeguardConfig(ema_momentum, anchor_weight, anchor_confidence, restore_p), seed)
         self.heads: STPLHeads | None = None
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        named = select_params(model, self.params)
-        self.guard.attach(model, {n for n, _ in named})
-        if self.heads is None:
-            channels = int(model.net.feature_channels)  # type: ignore[union-attr]
-            self.heads = STPLHeads(self.fusion, channels, self.dim).to(next(model.parameters()).device)
-        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
+    def setup(self, model: nn.Module) -> None:
+        """Snapshot the safeguards' copies, then build the fusion block and projection head (random init)."""
+        super().setup(model)
+        if self.heads is not None:  # a second optimiser for the same run (the loop called again)
+            return
+        channels = int(model.net.feature_channels)  # type: ignore[union-attr]
+        self.heads = STPLHeads(self.fusion, channels, self.dim).to(next(model.parameters()).device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"heads": self.heads} if self.heads is not None else {}
 
     def aux_param_groups(self) -> list[dict[str, Any]]:
         if self.heads is None:
-            raise RuntimeError("STPL.param_groups(model) must be called before aux_param_groups()")
+            raise RuntimeError("STPL.setup(model) must be called before aux_param_groups()")
         return [{"params": list(self.heads.parameters()), "lr_mult": self.head_lr_mult}]
 
     def train_mode(self, model: nn.Module) -> None:
-        set_bn_mode(model, self.bn_train)
+        super().train_mode(model)
         if self.heads is not None:
             self.heads.train()
 
@@ -100,7 +102,7 @@ class STPL:
         return cur, prev
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput:
-        assert self.heads is not None, "param_groups(model) was not called"
+        assert self.heads is not None, "setup(model) was not called"
         cur, prev, flow = batch["cur"], batch["prev"], batch.get("flow")
         n = cur.shape[0]
         labels, prev_labels = self._labels(model, batch)
@@ -132,18 +134,11 @@ class STPL:
         ki = sample_pixels(key_labels, self.max_pixels, self.generator)
         con = pixel_contrastive_loss(queries[qi], labels.flatten()[qi], keys[ki], key_labels.flatten()[ki],
                                      self.temperature)
-        loss, logs = con, {"contrast": float(con.detach()), "pl_kept": float((labels != 255).float().mean())}
+        loss, logs = con, {"contrast": float(con.detach()), "pl_kept": float((labels != IGNORE_INDEX).float().mean())}
         if self.ce_weight > 0:
             view = slice(n, 2 * n) if self.variant != "temporal" else slice(0, n)
             fused, _ = model.fuse(student["main"][view], past["main"][view], flow)  # type: ignore[operator]
             ce = cross_entropy_ignore(fused, labels)
             loss = loss + self.ce_weight * ce
             logs["ce"] = float(ce.detach())
-        anchor = self.guard.anchor_term(student["main"][:n], cur)
-        if anchor is not None:
-            loss = loss + anchor
-            logs["anchor"] = float(anchor.detach())
-        return LossOutput(loss, None, logs)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.guard.after_step(model)
+        return LossOutput(self.anchored(loss, logs, student["main"][:n], cur), None, logs)

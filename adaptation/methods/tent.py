@@ -12,34 +12,22 @@ from typing import Any
 
 from torch import nn
 
-from ..ema import SafeguardConfig, Safeguards
+from ..contract import SourceFreeMethod
+from ..ema import Safeguards
 from ..losses import diversity_loss, tent_loss
 from ..options import PARAMS, SAFEGUARDS, Bool, Float
 from ..trainer import LossOutput
-from .bn import select_params, set_bn_mode
 
 
-class Tent:
+class Tent(SourceFreeMethod):
     name = "tent"
 
     OPTIONS = {"diversity_weight": Float(0.0, 100.0), "params": PARAMS, "bn_train": Bool(), **SAFEGUARDS}
 
-    def __init__(self, diversity_weight: float = 0.0, params: str = "bn", bn_train: bool = True,
-                 ema_momentum: float = 0.0, anchor_weight: float = 0.0, anchor_confidence: float = 0.9,
-                 restore_p: float = 0.0, seed: int = 0) -> None:
-        self.diversity_weight, self.params, self.bn_train = diversity_weight, params, bn_train
-        self.guard = Safeguards(SafeguardConfig(ema_momentum, anchor_weight, anchor_confidence, restore_p), seed)
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        named = select_params(model, self.params)
-        self.guard.attach(model, {n for n, _ in named})
-        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
-
-    def aux_param_groups(self) -> list[dict[str, Any]]:
-        return []
-
-    def train_mode(self, model: nn.Module) -> None:
-        set_bn_mode(model, self.bn_train)
+    def __init__(self, guard: Safeguards | None = None, diversity_weight: float = 0.0, params: str = "bn",
+                 bn_train: bool = True, seed: int = 0) -> None:
+        super().__init__(guard, params, bn_train, seed)
+        self.diversity_weight = diversity_weight
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> LossOutput:
         out = model(batch["cur"], batch["prev"], batch.get("flow"))
@@ -49,11 +37,4 @@ class Tent:
             div = diversity_loss(out["fused"])
             loss = loss + self.diversity_weight * div
             logs["diversity"] = float(div.detach())
-        anchor = self.guard.anchor_term(out["cur"], batch["cur"])
-        if anchor is not None:
-            loss = loss + anchor
-            logs["anchor"] = float(anchor.detach())
-        return LossOutput(loss, None, logs)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.guard.after_step(model)
+        return LossOutput(self.anchored(loss, logs, out["cur"], batch["cur"]), None, logs)

@@ -24,17 +24,30 @@ from torch import nn
 
 from models.warp import warp
 
+from models.classes import IGNORE_INDEX
+
 from ..augment import AugmentConfig, cross_frame_augment
-from ..losses import IGNORE_INDEX, cross_entropy_ignore
+from ..contract import MethodContext, Needs, UDAMethod
+from ..losses import cross_entropy_ignore
+from ..options import Bool, Float
+from ..supervision import fused_key, source_terms
 from ..trainer import LossOutput
 from ..uda_losses import hflip_flow, histogram_match
-from .davsn import fused_key, source_terms
 from .supervised import SourceOnly
 
+WEIGHT = Float(0.0, 1000.0)
 
-class TPS(SourceOnly):
+
+class TPS(UDAMethod, SourceOnly):
     name = "tps"
-    needs = {"source": (), "target": ("prev2",)}
+    needs = Needs(source=(), target=("prev2",))
+    # ``scale_range`` and ``augment`` are constructor arguments for code, not options.
+    OPTIONS = {"lambda_t": WEIGHT, "aux_weight": WEIGHT, "head_lr_mult": WEIGHT, "style_match": Bool(),
+               "flip": Bool(), "threshold": Float(0.0, 1.0), "jitter": Float(0.0, 10.0)}
+
+    @classmethod
+    def _build(cls, context: MethodContext, options: dict[str, Any]) -> TPS:
+        return cls(seed=context.seed, **options)
 
     def __init__(self, lambda_t: float = 1.0, aux_weight: float = 0.1, head_lr_mult: float = 10.0,
                  style_match: bool = True, flip: bool = True, scale_range: tuple[float, float] = (0.8, 1.2),

@@ -29,24 +29,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.classes import IGNORE_INDEX
 from models.warp import warp
 
 from ..augment import AugmentConfig, apply_augment, sample_params
 from ..discriminators import FCDiscriminator, set_requires_grad
 from ..distributed import unwrap_model
 from ..ema import ema_update
-from ..losses import IGNORE_INDEX, refine_pseudo_labels
+from ..contract import MethodContext, Needs, UDAMethod, require_classes
+from ..losses import REFINEMENTS, refine_pseudo_labels
+from ..options import Bool, Choice, Float, Int
+from ..supervision import accel_previous, source_terms
 from ..trainer import LossOutput
 from ..uda_losses import (SOURCE, TARGET, adversarial_lsgan, class_mix_mask, mix, pair_input, pseudo_weight,
                           softmax_up, weighted_ce)
-from .davsn import accel_previous, source_terms
 from .supervised import SourceOnly
 
-REFINE = ("consistency", "max-confidence", "warp-frame")
+REFINE = REFINEMENTS
+WEIGHT = Float(0.0, 1000.0)
 
 
-class UnifiedVideoDA(SourceOnly):
+class UnifiedVideoDA(UDAMethod, SourceOnly):
     name = "uvda"
+    aux_optimizer_options = {"betas": (0.9, 0.99)}
+    # ``augment`` is a constructor argument for code, not an option.
+    OPTIONS = {"consistent_mix": Bool(), "refine": Choice(*REFINE), "direction": Choice("backward", "forward"),
+               "video_discriminator": Bool(), "threshold": Float(0.0, 1.0), "ema_alpha": Float(0.0, 1.0),
+               "lambda_target": WEIGHT, "lambda_adv": WEIGHT, "teacher_bn": Choice("batch", "running"),
+               "warmup": Int(0, 10**9), "ndf": Int(1, 1024), "aux_weight": WEIGHT, "head_lr_mult": WEIGHT}
+
+    @classmethod
+    def _build(cls, context: MethodContext, options: dict[str, Any]) -> UnifiedVideoDA:
+        return cls(num_classes=require_classes(cls.name, context), seed=context.seed, **options)
 
     def __init__(self, num_classes: int, consistent_mix: bool = False, refine: str | None = None,
                  direction: str = "backward", video_discriminator: bool = False, threshold: float = 0.968,
@@ -71,7 +85,7 @@ class UnifiedVideoDA(SourceOnly):
         self.teacher: nn.Module | None = None
         self.gen = torch.Generator().manual_seed(seed)
         target = (("prev2",) if video_discriminator else ()) + (("next",) if refine and direction == "forward" else ())
-        self.needs = {"source": ("prev2",) if video_discriminator else (), "target": target}
+        self.needs = Needs(source=("prev2",) if video_discriminator else (), target=target)
 
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {}
@@ -87,8 +101,6 @@ class UnifiedVideoDA(SourceOnly):
 
     def aux_param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.disc.parameters()), "lr_mult": 1.0}] if self.disc is not None else []
-
-    aux_optimizer_options = {"betas": (0.9, 0.99)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.gen.get_state()}

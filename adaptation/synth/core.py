@@ -7,8 +7,9 @@ from enum import IntEnum
 
 import numpy as np
 
+from models.classes import IGNORE_INDEX as IGNORE_INDEX  # re-exported: adaptation.synth.IGNORE_INDEX
+
 CLASSES: tuple[str, ...] = ("road", "sidewalk", "building", "vegetation", "sky", "person", "car")
-IGNORE_INDEX = 255
 
 PALETTE = np.array(
     [[128, 64, 128], [244, 35, 232], [70, 70, 70], [107, 142, 35], [70, 130, 180], [220, 20, 60], [0, 0, 142]],

@@ -39,15 +39,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def davsn_flow(flow: np.ndarray) -> np.ndarray:
-    """(H, W, 2) float32 pixels -> DA-VSN file content: int16 flow x 10 at half resolution."""
-    from models.flow import resize_flow_np
-
-    h, w = flow.shape[:2]
-    half = resize_flow_np(flow, (max(h // 2, 1), max(w // 2, 1)))
-    return np.clip(np.rint(half * 10.0), -32768, 32767).astype(np.int16)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -73,6 +64,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 def write_clip(clip: Clip, video: Path, labels_dir: Path, flow_dir: Path | None, fps: float,
                flow_format: str = "npy") -> None:
     """Write a generated ``Clip`` (see ``adaptation.synth``) as MP4 + label PNGs (+ flow files)."""
+    from models.flow import encode_davsn_flow
     from service.outputs import label_png
     from service.video import VideoWriter
 
@@ -91,7 +83,7 @@ def write_clip(clip: Clip, video: Path, labels_dir: Path, flow_dir: Path | None,
             flow_tmp = _staging_dir(flow_dir)
             staged.append(flow_tmp)
             for i, flow in enumerate(clip.flow):
-                data = davsn_flow(flow) if flow_format == "davsn" else flow.astype(np.float32)
+                data = encode_davsn_flow(flow) if flow_format == "davsn" else flow.astype(np.float32)
                 (flow_tmp / f"{i:06d}.npy").write_bytes(_npy_bytes(data))
         h, w = clip.frames.shape[1:3]
         with VideoWriter(video, fps, w, h, crf=18) as writer:

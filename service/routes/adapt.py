@@ -209,8 +209,8 @@ class JobList(BaseModel):
 
 def _validate_method(body: AdaptRequest, settings: Settings) -> None:
     """Method, budget (steps, seconds) and options against the method's declared ``OPTIONS``."""
-    from adaptation.methods import method_class
-    from adaptation.options import OptionError, check_options
+    from adaptation.methods import build_method
+    from adaptation.options import OptionError
     from adaptation.sourcefree import SOURCE_FREE
 
     if body.method not in SOURCE_FREE:
@@ -219,10 +219,8 @@ def _validate_method(body: AdaptRequest, settings: Settings) -> None:
         budget(settings).check_adapt(body.steps, body.time_budget_s)
     except BudgetExceeded as e:
         raise ApiError(422, e.code, e.message) from e
-    cls = method_class(body.method)
     try:
-        options = check_options(body.method, cls.OPTIONS, body.options)
-        cls(seed=body.seed, **options)
+        build_method(body.method, seed=body.seed, **body.options)  # checks the options the method declares
     except OptionError as e:
         raise ApiError(422, "invalid_options", f"bad options for {body.method}: {e}", details={"option": e.name}) from e
     except (TypeError, ValueError) as e:

@@ -43,7 +43,7 @@ def test_identical_candidate_passes(parent, heldout):
     report = gate(parent, copy.deepcopy(parent), heldout)
     assert report.passed, report.reasons
     assert report.metrics["agreement"] == 100.0
-    assert report.metrics["tc_candidate"] == report.metrics["tc_parent"]
+    assert report.metrics["tc_iou_candidate"] == report.metrics["tc_iou_parent"]
     assert report.metrics["class_tv"] == 0.0
 
 
@@ -98,7 +98,7 @@ def test_temporally_inconsistent_candidate_rejected(parent, heldout):
     report = gate(parent, NoiseEngine(), heldout, thresholds=GateThresholds(min_agreement=0.0))
     assert not report.passed
     assert any("temporal consistency" in r for r in report.reasons), report.reasons
-    assert report.metrics["tc_candidate"] < report.metrics["tc_parent"] - 2
+    assert report.metrics["tc_iou_candidate"] < report.metrics["tc_iou_parent"] - 2
 
 
 def test_labeled_validation_is_decisive(parent, heldout):

@@ -8,7 +8,9 @@ import torch
 
 from adaptation.clips import PairSampler, TargetClip, class_balanced_weights, split_heldout
 from adaptation.ema import ema_update, frozen_copy, stochastic_restore
-from adaptation.methods import METHODS, build_method
+from adaptation.contract import Method, SourceFreeMethod, UDAMethod
+from adaptation.methods import METHODS, build_method, method_class
+from adaptation.options import OptionError
 from adaptation.methods.bn import bn_layers, recalibrate_bn
 from adaptation.methods.stpl_heads import FUSIONS, STPLHeads
 from adaptation.trainer import TrainConfig, train
@@ -70,8 +72,22 @@ def test_one_step_changes_only_declared_parameters(name, clips):
 
 
 def test_methods_registered():
-    for name in BN_POLICY:
-        assert name in METHODS
+    """Every registered name builds its method (the registry points at real classes with that name),
+    the source-free ones are exactly the driver's, and a bad name or option is refused by name."""
+    from adaptation.sourcefree import SOURCE_FREE
+
+    for name in METHODS:
+        cls = method_class(name)
+        assert cls.name == name and issubclass(cls, Method)
+        assert issubclass(cls, SourceFreeMethod) == (name in SOURCE_FREE and name != "bn")  # bn trains nothing
+        assert issubclass(cls, UDAMethod) == (name in ("davsn", "tps", "i2vda", "uvda"))
+    assert set(BN_POLICY) == set(SOURCE_FREE)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build_method("nope")
+    with pytest.raises(OptionError, match="option 'lr': is not an option of tent"):
+        build_method("tent", lr=0.1)
+    with pytest.raises(OptionError, match="option 'ema_momentum': must be a number in"):
+        build_method("stpl", ema_momentum=2.0)
 
 
 def test_tent_declares_only_bn_affine():

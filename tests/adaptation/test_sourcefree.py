@@ -137,23 +137,43 @@ def test_vss_adapt_user_errors(parent_dir, video, tmp_path):
         run_cli(["--video", str(video), "--checkpoint", str(parent_dir), "-o", str(tmp_path / "o"), "--option", "x"])
 
 
-def test_vss_adapt_labeled_validation(parent_dir, video, clip, tmp_path):
+def _labels_as_the_cli_sees_them(model, video, n, directory):
+    """Write ``model``'s predictions on ``video`` (decoded and flowed as `vss adapt` does) as label PNGs."""
     from PIL import Image
 
-    labels = tmp_path / "labels"
-    labels.mkdir()
-    for t, lab in enumerate(clip.labels):
-        Image.fromarray(lab).save(labels / f"{t:04d}.png")
-    out = tmp_path / "val_adapted"
-    code = run_cli(["--method", "bn", "--video", str(video), "--checkpoint", str(parent_dir), "-o", str(out),
-                    "--steps", "2", "--val-video", str(video), "--val-labels", str(labels), "--quiet"])
-    gate_metrics = None
-    if code == 0:
-        gate_metrics = load_checkpoint(out)[1]["provenance"]["gate"]["metrics"]
-        assert gate_metrics["miou_candidate"] >= gate_metrics["miou_parent"]
-    else:  # rejected on labeled mIoU: nothing written
-        assert code == adapt_command.EXIT_REJECTED and not out.exists()
-    assert np.isfinite(float(code))
+    from adaptation.gate import predict_clip
+    from models.flow import build_flow
+
+    frames = adapt_command.read_video(str(video), n, 1)
+    pred = predict_clip(model, prepare_clip(frames, SIZE, flow_provider=build_flow("dis")))
+    assert (pred >= 0).all()
+    directory.mkdir()
+    for t, lab in enumerate(pred.astype(np.uint8)):
+        Image.fromarray(lab).save(directory / f"{t:04d}.png")
+    return directory
+
+
+def test_vss_adapt_labeled_validation(parent_dir, video, clip, tmp_path):
+    """With labels the gate decides on mIoU alone: labels that are the parent's own predictions reject
+    any change; labels that are the candidate's predictions accept it (the run is deterministic)."""
+    n = len(clip.frames)
+    base = ["--method", "bn", "--video", str(video), "--checkpoint", str(parent_dir), "--steps", "2", "--quiet"]
+    parent, _ = load_checkpoint(parent_dir)
+    parents_view = _labels_as_the_cli_sees_them(parent, video, n, tmp_path / "parent_labels")
+    rejected = tmp_path / "rejected"
+    code = run_cli([*base, "-o", str(rejected), "--val-video", str(video), "--val-labels", str(parents_view)])
+    assert code == adapt_command.EXIT_REJECTED and not rejected.exists()
+
+    unlabeled = tmp_path / "unlabeled"
+    assert run_cli([*base, "-o", str(unlabeled)]) == 0
+    candidate, meta = load_checkpoint(unlabeled)
+    assert "miou_candidate" not in meta["provenance"]["gate"]["metrics"]
+    candidates_view = _labels_as_the_cli_sees_them(candidate, video, n, tmp_path / "candidate_labels")
+    accepted = tmp_path / "accepted"
+    code = run_cli([*base, "-o", str(accepted), "--val-video", str(video), "--val-labels", str(candidates_view)])
+    assert code == 0
+    metrics = load_checkpoint(accepted)[1]["provenance"]["gate"]["metrics"]
+    assert metrics["miou_candidate"] == 100.0 and metrics["miou_parent"] < 100.0
 
 
 def test_config_defaults_crop_parsing_and_budget():

@@ -179,7 +179,7 @@ def test_one_training_step_per_method(case: str, data: dict) -> None:
 def test_davsn_needs_a_regulariser_and_uvda_validates_options() -> None:
     with pytest.raises(ValueError, match="source-only"):
         build_method("davsn", num_classes=7, ctcr=False, itcr=False)
-    with pytest.raises(ValueError, match="refinement"):
+    with pytest.raises(ValueError, match="refine"):
         build_method("uvda", num_classes=7, refine="oracle")
 
 

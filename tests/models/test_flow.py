@@ -89,3 +89,14 @@ def test_resize_flow_np_identity_and_scale() -> None:
     assert resize_flow_np(flow, (8, 8)) is flow
     const = np.ones((8, 16, 2), np.float32)
     np.testing.assert_allclose(resize_flow_np(const, (15, 31))[3, 3], (30 / 15, 14 / 7), rtol=1e-5)
+
+
+def test_encode_davsn_flow_round_trips_through_load(tmp_path: Path) -> None:
+    from models.flow import encode_davsn_flow
+
+    flow = np.stack(np.meshgrid(np.linspace(-3, 3, 64), np.linspace(-2, 2, 32)), -1).astype(np.float32)
+    encoded = encode_davsn_flow(flow)
+    assert encoded.dtype == np.int16 and encoded.shape == (16, 32, 2)
+    np.save(tmp_path / "f.npy", encoded)
+    decoded = load_davsn_flow(tmp_path / "f.npy", size=(32, 64))
+    assert np.abs(decoded - flow).max() < 0.2  # 0.1 px quantisation plus the half-resolution resize
