@@ -53,7 +53,10 @@ def test_busy_port_is_one_line_and_nothing_is_served(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_run_takes_port_and_host() -> None:
     def dry_run(*args: str) -> str:
-        done = subprocess.run(["make", "-n", "run", *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+        # under `make test` the parent make passes -w (directory lines) through MAKEFLAGS
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        done = subprocess.run(["make", "--no-print-directory", "-n", "run", *args], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 
