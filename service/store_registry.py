@@ -43,6 +43,19 @@ from .storage import ObjectNotFound, ObjectStore, PreconditionFailed
 log = logging.getLogger(__name__)
 
 ACTIVE_KEY, MANIFEST, CLAIM = "ACTIVE", "manifest.json", "CLAIM"
+
+
+def pointer_bytes(version: str) -> bytes:
+    """``ACTIVE``'s content: the version, then a nonce, so that every write gets a new ETag (stores derive
+    ETags from the content: re-activating the active version must still move the pointer's stamp, or a
+    racing activation that read the old stamp would also win)."""
+    return f"{version}\n{uuid.uuid4().hex}\n".encode()
+
+
+def pointer_version(data: bytes) -> str:
+    """The version named by ``ACTIVE``'s content (its first line)."""
+    words = data.decode("utf-8", "replace").split()
+    return words[0] if words else ""
 WEIGHTS, META = "model.safetensors", "meta.json"
 ONNX_FILES = ("model.onnx", "fusion.onnx", "onnx.json")
 
@@ -157,7 +170,7 @@ class StoreRegistry(Registry):
             blob = self.store.get(ACTIVE_KEY)
         except ObjectNotFound:
             return None
-        version = validate_version(blob.data.decode("utf-8", "replace").strip())
+        version = validate_version(pointer_version(blob.data))
         self._pointer = (blob.etag, version)
         return self._pointer
 
@@ -216,7 +229,7 @@ class StoreRegistry(Registry):
         if if_stamp is not None and if_stamp != current:
             raise self._conflict(version)
         try:
-            data = f"{version}\n".encode()
+            data = pointer_bytes(version)
             if current is None:
                 etag = self.store.put(ACTIVE_KEY, data, create_only=True)
             else:
@@ -228,7 +241,7 @@ class StoreRegistry(Registry):
 
     def _conflict(self, version: str) -> ActivationConflict:
         try:
-            now = self.store.get(ACTIVE_KEY).data.decode("utf-8", "replace").strip()
+            now = pointer_version(self.store.get(ACTIVE_KEY).data) or "nothing"
         except ObjectNotFound:
             now = "nothing"
         return ActivationConflict(f"ACTIVE in {self.location} was changed by another activation (it now names "
@@ -282,7 +295,7 @@ class StoreRegistry(Registry):
                 return None  # another replica is seeding right now
         try:
             if self.active_stamp() is None:
-                self.store.put(ACTIVE_KEY, f"{version}\n".encode(), create_only=True)
+                self.store.put(ACTIVE_KEY, pointer_bytes(version), create_only=True)
                 return version
         except PreconditionFailed:
             pass  # another replica activated something first
