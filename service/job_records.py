@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .adapt_jobs import pid_alive
 from .atomic import write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,8 @@ def owner_alive(owner: dict[str, Any] | None) -> bool:
         return False
     start = _start_ticks(pid)
     if start is None:
-        return pid == os.getpid() or _pid_exists(pid)
+        return pid == os.getpid() or pid_alive(pid)
     return start == owner.get("start")
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def temp_root_prefix() -> str:
@@ -158,7 +149,7 @@ def recover(parent: Path, ttl_s: float, now: float | None = None) -> dict[str, i
     for path in parent.glob("vss-*"):
         match = ROOT_RE.fullmatch(path.name)
         # recover() runs before this process makes its own root: one named with our pid is a predecessor's
-        dead = bool(match) and match[2] == _host() and (int(match[1]) == os.getpid() or not _pid_exists(int(match[1])))
+        dead = bool(match) and match[2] == _host() and (int(match[1]) == os.getpid() or not pid_alive(int(match[1])))
         try:
             old = path.stat().st_mtime < now - ttl_s
         except OSError:

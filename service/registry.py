@@ -31,6 +31,7 @@ from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, 
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
 from . import crashpoints
+from .adapt_jobs import pid_alive
 from .registry_api import Registry
 
 log = logging.getLogger(__name__)
@@ -258,19 +259,9 @@ def _stale_after(name: str, host: str) -> float | None:
     if not name.lstrip(".").startswith(STAGING_PREFIX.lstrip(".")) or not name.startswith("."):
         return None
     owner = _STAGING_OWNER_RE.match(name)
-    if owner and owner[2] == re.sub(r"[^A-Za-z0-9.-]", "_", host) and not _pid_alive(int(owner[1])):
+    if owner and owner[2] == re.sub(r"[^A-Za-z0-9.-]", "_", host) and not pid_alive(int(owner[1])):
         return -1.0  # its publisher died (kill -9 while publishing)
     return STALE_STAGING_S
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(entry: Path) -> None:
