@@ -32,6 +32,7 @@ from .budget import MAX_JSON_BODY_BYTES, document_limits
 from .deps import ApiError
 from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
 from .drift import DriftCollector, DriftMonitor
+from .routing_metrics import attach_routes
 from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .redact import redact
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.drain = drain = Drain()
     app.state.drift = drift = DriftMonitor()  # service/drift.py: the drift signal of this process
     metrics.registry.register(DriftCollector(drift))
+    app.state.routes = attach_routes(manager, settings, metrics, drift)  # service/routing.py: per-domain versions
     _add_error_handlers(app)
     app.add_middleware(DrainMiddleware, drain=drain, refusal=_draining_response)
     if settings.cors_origins:

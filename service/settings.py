@@ -181,6 +181,15 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(None, description="older switch, wins over log_format when set: true = json, "
                                                     "false = text")
 
+    # --- per-domain versions and routing (service/routing.py; issue 13 item 3) ------------------
+    route_max_versions: int = Field(4, ge=0, description="domain versions (meta.json 'domain', not retired) each "
+                                    "process loads next to the active one, newest first (0: no routing)")
+    route_max_distance: float = Field(2.5, gt=0, description="a stream is served by a domain version only when its "
+                                      "signature is at most this far from the version's (models/signature.py "
+                                      "units) and nearer than the active version's own signature")
+    route_margin: float = Field(0.25, ge=0, description="a stream switches versions only when the new one is "
+                                "nearer by at least this much (each switch is a keyframe)")
+
     @field_validator("demo_model", "val_dir", "raft_weights", "adapt_job_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value: object) -> object:

@@ -36,6 +36,7 @@ from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
 from ..metrics import Metrics
 from ..overlap import segment_frames
 from ..pipeline import FrameResult
+from ..routing import DomainRoutes, route_clip
 from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
@@ -244,7 +245,7 @@ async def segment(
             engine=LockedEngine(engine, plane.engine_lock, plane.batcher), info=info, upload=upload, fmt=fmt,
             stride=stride, cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
             flow=build_flow(settings.flow, str(settings.raft_weights) if settings.raft_weights else None),
-            on_frame=_frame_hook(metrics, sampler), sampler=sampler)
+            on_frame=_frame_hook(metrics, sampler), sampler=sampler, routes=request.app.state.routes)
         if total == 0 or total > settings.job_frame_threshold:
             video.close()  # a queued job must not hold a decoder process: it starts its own
             with disk_errors("queuing the job"):
@@ -283,6 +284,7 @@ class Segmentation:
     limits: decode.DecodeLimits
     on_frame: Callable[[np.ndarray, FrameResult], None]
     sampler: ClipSampler | None = None  # its clips feed the buffer only once the whole input decoded
+    routes: DomainRoutes | None = None  # per-domain versions: the first frames pick the version (service/routing.py)
 
     @property
     def filename(self) -> str:
@@ -296,7 +298,10 @@ class Segmentation:
         if frames is None:
             frames = decode.VideoStream(self.upload.path, max_frames=self.cap, stride=self.stride, limits=self.limits)
         try:
-            summary = segment_frames(self.engine, self.flow, frames, self.info, self.out, self.fmt,
+            raw, routed = route_clip(self.routes, self.engine.inner, frames)
+            engine = self.engine if raw is self.engine.inner else LockedEngine(raw, self.engine.lock,
+                                                                               self.engine.batcher)
+            summary = segment_frames(engine, self.flow, routed, self.info, self.out, self.fmt,
                                      stride=self.stride, input_size=self.input_size, progress=progress,
                                      on_frame=self.on_frame)
             if self.sampler is not None:
