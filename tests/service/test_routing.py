@@ -194,3 +194,17 @@ def test_without_domain_versions_nothing_is_computed(tmp_path: Path, tiny_checkp
         assert app.state.routes.process.frames == 0  # no signature was computed
         active = httpx.get(url.replace("ws://", "http://") + "/v1/models/active").json()
         assert active["routing"]["routes"] == [] and active["drift"]["process"]["signature_distance"] is None
+
+
+def test_a_server_side_source_is_routed_too(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from tests.service.sources_support import create, vss_server, wait_state, write_mp4
+
+    publish_domains(ModelRegistry(tmp_path / "models"), tiny_checkpoint, tmp_path)
+    with vss_server(tmp_path, tiny_checkpoint) as server, server.client() as client:
+        wait_until(lambda: routes_loaded(server.app, 2), 60, "two domain versions loaded")
+        write_mp4(tmp_path / "files" / "night.mp4", list(style_frames("night", 6, 7)))
+        source = create(client, "file:night.mp4")
+        done = wait_state(client, source["id"], {"stopped", "failed"})
+        assert done["state"] == "stopped" and done["frames_segmented"] > 0, done
+        routing = client.get("/v1/models/active").json()["routing"]
+        assert routing["frames_by_version"] == {"v0003": done["frames_segmented"]}, routing
