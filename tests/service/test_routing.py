@@ -208,3 +208,18 @@ def test_a_server_side_source_is_routed_too(tmp_path: Path, tiny_checkpoint: Pat
         assert done["state"] == "stopped" and done["frames_segmented"] > 0, done
         routing = client.get("/v1/models/active").json()["routing"]
         assert routing["frames_by_version"] == {"v0003": done["frames_segmented"]}, routing
+
+
+def test_cli_lists_domains_and_retires(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    from service.cli import main
+
+    registry = ModelRegistry(tmp_path / "models")
+    publish_domains(registry, tiny_checkpoint, tmp_path)
+    assert main(["models", "--model-dir", str(registry.root), "retire", "v0002"]) == 0
+    assert registry.retired() == {"v0002"}
+    assert main(["models", "--model-dir", str(registry.root), "list"]) == 0
+    table = capsys.readouterr().out
+    assert "fog (2 clips) retired" in table and "night (2 clips)" in table
+    assert main(["models", "--model-dir", str(registry.root), "unretire", "v0002"]) == 0
+    assert registry.retired() == set()
+    assert main(["models", "--model-dir", str(registry.root), "retire", "v0042"]) == 2
