@@ -163,8 +163,9 @@ class DomainRoutes:
 
     def __init__(self, registry: Registry, factory: EngineFactory, max_versions: int = 4,
                  max_distance: float = 2.5, margin: float = 0.25, alpha: float = 0.1, warmup: bool = True,
-                 retry_failed_s: float = 30.0, drift: DriftMonitor | None = None) -> None:
+                 retry_failed_s: float = 30.0, drift: DriftMonitor | None = None, sample_every: int = 4) -> None:
         self.registry, self.factory, self.drift = registry, factory, drift
+        self.sample_every = max(1, sample_every)
         self.max_versions, self.max_distance, self.margin, self.alpha = max_versions, max_distance, margin, alpha
         self.warmup, self.retry_failed_s = warmup, retry_failed_s
         self.table = RouteTable()
@@ -280,6 +281,8 @@ class DomainRoutes:
                 return
             state.frames += 1
             state.version = version
+            if choice is None and switched:  # moved to the base between samples (its version was retired)
+                state.domain = state.distance_served = None
             if choice is not None:
                 state.domain = choice.route.domain.name if choice.route is not None else None
                 state.distance_base, state.distance_served = choice.distance_base, choice.distance_served
@@ -326,29 +329,32 @@ class StreamRouter:
     seen: int = 0
 
     def __post_init__(self) -> None:
-        self.ema = sig.SignatureEma(self.routes.alpha)
+        # ``alpha`` is per frame: sampling every k-th frame, each sample weighs what k frames would have
+        self.ema = sig.SignatureEma(1.0 - (1.0 - self.routes.alpha) ** self.routes.sample_every)
 
     def pick(self, base: Engine, frame: np.ndarray) -> Engine:
-        """The engine for this frame of the stream: the base or the route nearest to the stream's domain."""
+        """The engine for this frame of the stream: the base or the route nearest to the stream's domain.
+
+        The signature is computed on every ``sample_every``-th frame (every ``DRIFT_EVERY``-th without
+        domain versions: drift only); between samples the stream stays on its version, unless that one left
+        the table (retired): then the base serves until the next sample."""
         table = self.routes.table
         self.seen += 1
+        held = self.current.version if self.current is not None else None
+        choice: Choice | None = None
         if not table.active:
             self.current = None
-            self.routes.account(self.scope, base.version, None, False)
-            return base
-        if not table.routes and (self.seen - 1) % DRIFT_EVERY:  # drift only: a sample of the frames suffices
-            self.routes.account(self.scope, base.version, None, self.current is not None)
+        elif (self.seen - 1) % (self.routes.sample_every if table.routes else DRIFT_EVERY) == 0:
+            value = self.ema.update(sig.frame_signature(frame))
+            self.routes.observe_process(value)
+            margin = self.routes.margin if self.seen > 1 else 0.0  # the first frame has nothing to hold on to
+            choice = choose(table, value, held, self.routes.max_distance, margin)
+            self.current = choice.route
+        elif not any(r is self.current for r in table.routes):
             self.current = None
-            return base
-        value = self.ema.update(sig.frame_signature(frame))
-        self.routes.observe_process(value)
-        held = self.current.version if self.current is not None else None
-        margin = self.routes.margin if self.seen > 1 else 0.0  # the first frame has nothing to hold on to
-        choice = choose(table, value, held, self.routes.max_distance, margin)
-        switched = (choice.route.version if choice.route is not None else None) != held
-        self.current = choice.route
-        engine = choice.route.engine if choice.route is not None else base
-        self.routes.account(self.scope, engine.version, choice, switched and self.seen > 1)
+        engine = self.current.engine if self.current is not None else base
+        now = self.current.version if self.current is not None else None
+        self.routes.account(self.scope, engine.version, choice, now != held and self.seen > 1)
         return engine
 
     def close(self) -> None:

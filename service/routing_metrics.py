@@ -56,7 +56,8 @@ def attach_routes(manager: EngineManager, settings: Settings, metrics: Metrics,
     """The process's ``DomainRoutes``: polled after each ``ACTIVE`` poll of ``manager``, exported in /metrics."""
     routes = DomainRoutes(manager.registry, manager.factory, max_versions=settings.route_max_versions,
                           max_distance=settings.route_max_distance, margin=settings.route_margin,
-                          warmup=settings.warmup, retry_failed_s=settings.registry_retry_s, drift=drift)
+                          warmup=settings.warmup, retry_failed_s=settings.registry_retry_s, drift=drift,
+                          sample_every=settings.route_sample_every)
     manager.followers.append(routes.sync)
     metrics.registry.register(RouteCollector(routes))
     return routes

@@ -134,7 +134,7 @@ def test_each_style_is_served_by_its_domain_version(routed) -> None:
 
 def test_a_stream_that_changes_domain_switches_at_a_keyframe(routed) -> None:
     url, app = routed
-    frames = np.concatenate([style_frames("fog", 4, 3), style_frames("night", 24, 3)])
+    frames = np.concatenate([style_frames("fog", 4, 3), style_frames("night", 48, 3)])  # a signature every 4th
     http = url.replace("ws://", "http://")
     with open_stream(url, format="rle") as (ws, _):
         replies = []
