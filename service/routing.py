@@ -163,9 +163,10 @@ class DomainRoutes:
 
     def __init__(self, registry: Registry, factory: EngineFactory, max_versions: int = 4,
                  max_distance: float = 2.5, margin: float = 0.25, alpha: float = 0.1, warmup: bool = True,
-                 retry_failed_s: float = 30.0, drift: DriftMonitor | None = None, sample_every: int = 4) -> None:
+                 retry_failed_s: float = 30.0, drift: DriftMonitor | None = None, sample_every: int = 4,
+                 poll_s: float = 5.0) -> None:
         self.registry, self.factory, self.drift = registry, factory, drift
-        self.sample_every = max(1, sample_every)
+        self.sample_every, self.poll_s = max(1, sample_every), poll_s
         self.max_versions, self.max_distance, self.margin, self.alpha = max_versions, max_distance, margin, alpha
         self.warmup, self.retry_failed_s = warmup, retry_failed_s
         self.table = RouteTable()
@@ -174,6 +175,8 @@ class DomainRoutes:
         self._sync_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the stream states and counters below
         self._error: str | None = None
+        self._base_for: str | None = None  # the base version whose signature ``table`` holds
+        self._polled = -float("inf")  # monotonic time of the last listing
         self.retired: set[str] = set()
         self.streams: dict[str, StreamState] = {}
         self.frames: dict[str, int] = {}  # served frames per version (of routed scopes)
@@ -181,11 +184,15 @@ class DomainRoutes:
 
     # --- registry side -------------------------------------------------------------------------
     def _meta(self, version: str) -> dict[str, Any] | None:
+        """The version's meta (None: unreadable). A broken meta.json is remembered, a store that is down
+        (``OSError``) or a version not found yet is asked again at the next poll."""
         if version not in self._metas:
             try:
                 self._metas[version] = self.registry.meta(version)
-            except (CheckpointError, RegistryError):
+            except CheckpointError:
                 self._metas[version] = None
+            except (RegistryError, OSError):
+                return None
         return self._metas[version]
 
     def routable(self, versions: list[str], retired: set[str], base: str | None) -> list[str]:
@@ -203,10 +210,18 @@ class DomainRoutes:
             out.append(v)
         return out[-self.max_versions:] if self.max_versions > 0 else []
 
-    def sync(self, base: Engine | None) -> bool:
+    def sync(self, base: Engine | None, force: bool = False) -> bool:
         """Poll the registry and load/drop route engines; True if the table changed. Never raises for a
-        registry that is down or a version that fails to load (the table stays as it was)."""
+        registry that is down or a version that fails to load (the table stays as it was).
+
+        Called after every ``ACTIVE`` poll; it lists the registry only every ``poll_s`` seconds (two LISTs on
+        an object store), at once when the base changed or when ``force`` (a retirement through this process).
+        """
         with self._sync_lock:
+            same_base = (base.version if base is not None else None) == self.table.base_version
+            if not force and same_base and time.monotonic() - self._polled < self.poll_s:
+                return False
+            self._polled = time.monotonic()
             try:
                 versions, retired = self.registry.versions(), self.registry.retired()
             except (RegistryError, OSError) as e:
@@ -219,10 +234,11 @@ class DomainRoutes:
             base_version = base.version if base is not None else None
             old = self.table
             base_sig = old.base_signature
-            if base_version != old.base_version:
+            if base_version != self._base_for:  # the base changed, or its meta could not be read last time
                 meta = self._meta(base_version) if base_version is not None else None
                 base_sig = None
                 if meta is not None:
+                    self._base_for = base_version
                     try:
                         base_sig = base_signature(meta, self.registry.path(base_version))  # type: ignore[arg-type]
                     except (RegistryError, OSError):

@@ -57,7 +57,7 @@ def attach_routes(manager: EngineManager, settings: Settings, metrics: Metrics,
     routes = DomainRoutes(manager.registry, manager.factory, max_versions=settings.route_max_versions,
                           max_distance=settings.route_max_distance, margin=settings.route_margin,
                           warmup=settings.warmup, retry_failed_s=settings.registry_retry_s, drift=drift,
-                          sample_every=settings.route_sample_every)
+                          sample_every=settings.route_sample_every, poll_s=settings.route_poll_s)
     manager.followers.append(routes.sync)
     metrics.registry.register(RouteCollector(routes))
     return routes

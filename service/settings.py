@@ -189,6 +189,8 @@ class Settings(BaseSettings):
                                       "units) and nearer than the active version's own signature")
     route_margin: float = Field(0.25, ge=0, description="a stream switches versions only when the new one is "
                                 "nearer by at least this much (each switch is a keyframe)")
+    route_poll_s: float = Field(5.0, ge=0, description="how often every process lists the registry for new and "
+                                "retired domain versions (at once when the active version changes)")
     route_sample_every: int = Field(4, ge=1, description="a stream's domain signature is computed on every this "
                                     "many-th frame (~1 ms at 256x512, ~7 ms at 720p on one CPU core)")
 

@@ -213,7 +213,7 @@ def _set_retired(request: Request, registry: Registry, manager: EngineManager, v
     with disk_errors(f"{'retiring' if retired else 'unretiring'} {version}"):
         registry.set_retired(version, retired)
     routes = request.app.state.routes
-    routes.sync(manager.peek())  # this process follows at once, the others within one poll interval
+    routes.sync(manager.peek(), force=True)  # this process follows at once, the others within one poll interval
     return _info(registry, version, _active(registry), manager.version, _route_view(request, registry))
 
 

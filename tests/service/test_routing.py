@@ -52,7 +52,7 @@ def publish_domains(registry: Registry, tiny: Path, tmp: Path) -> None:
 def settings_for(root: Path, model_dir: object, **overrides: object) -> Settings:
     return Settings(_env_file=None, **{
         "model_dir": model_dir, "job_dir": root / "jobs", "cache_dir": root / "cache", "buffer_dir": root / "buffer",
-        "demo_model": None, "registry_poll_ms": 50, "intra_op_threads": 1, "device": "cpu",
+        "demo_model": None, "registry_poll_ms": 50, "route_poll_s": 0.1, "intra_op_threads": 1, "device": "cpu",
         "flow": "dis-ultrafast", "buffer_enabled": False, **overrides})
 
 
@@ -200,7 +200,7 @@ def test_a_server_side_source_is_routed_too(tmp_path: Path, tiny_checkpoint: Pat
     from tests.service.sources_support import create, vss_server, wait_state, write_mp4
 
     publish_domains(ModelRegistry(tmp_path / "models"), tiny_checkpoint, tmp_path)
-    with vss_server(tmp_path, tiny_checkpoint) as server, server.client() as client:
+    with vss_server(tmp_path, tiny_checkpoint, route_poll_s=0.1) as server, server.client() as client:
         wait_until(lambda: routes_loaded(server.app, 2), 60, "two domain versions loaded")
         write_mp4(tmp_path / "files" / "night.mp4", list(style_frames("night", 6, 7)))
         source = create(client, "file:night.mp4")
@@ -223,3 +223,31 @@ def test_cli_lists_domains_and_retires(tmp_path: Path, tiny_checkpoint: Path, ca
     assert main(["models", "--model-dir", str(registry.root), "unretire", "v0002"]) == 0
     assert registry.retired() == set()
     assert main(["models", "--model-dir", str(registry.root), "retire", "v0042"]) == 2
+
+
+def test_a_base_with_its_own_signature_keeps_its_style_and_reports_the_distance(tmp_path: Path,
+                                                                                tiny_checkpoint: Path) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    registry.import_dir(domain_checkpoint(tiny_checkpoint, tmp_path / "base", "source", "source"), activate=True)
+    registry.import_dir(domain_checkpoint(tiny_checkpoint, tmp_path / "recolor", "recolor", "recolor"))
+    # max_distance 3.5: source frames are within it of the recolor version (~3 apart), so only the rule
+    # "nearer than the base's own signature" keeps them on the base
+    app = create_app(settings_for(tmp_path, tmp_path / "models", route_sample_every=1, route_max_distance=3.5))
+    with live_server(app, "ws", ws_max_size=64 * 2**20) as url:
+        wait_until(lambda: routes_loaded(app, 1), 60, "the recolor version loaded")
+        assert app.state.routes.table.base_signature is not None
+        assert [m["model_version"] for m in stream(url, style_frames("recolor", 3, 2))] == ["v0002"] * 3
+        http = url.replace("ws://", "http://")
+        with open_stream(url, format="rle") as (ws, _):
+            for f in style_frames("source", 3, 2):
+                ws.send(raw_frame(f))
+                assert reply(ws)[0]["model_version"] == "v0001"
+            active = httpx.get(f"{http}/v1/models/active").json()
+            (state,) = active["routing"]["streams"].values()
+            assert state["version"] == "v0001" and state["distance_base"] < 2.0 and state["distance_served"] is None
+            (drift,) = active["drift"]["streams"].values()
+            assert drift["signature_distance"] == state["distance_base"]
+            assert active["drift"]["process"]["signature_distance"] is not None
+        listing = httpx.get(f"{http}/v1/models").json()["versions"]
+        assert listing[1]["domain"]["distance_to_base"] > 2.0 and not listing[0]["routable"]
+        assert "vss_domain_distance{" in httpx.get(f"{http}/metrics").text

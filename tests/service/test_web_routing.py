@@ -16,7 +16,7 @@ from tests.waiting import wait_until
 def test_page_shows_domains_and_the_routed_version(browser, tmp_path: Path,  # noqa: F811
                                                    tiny_checkpoint: Path) -> None:
     publish_domains(ModelRegistry(tmp_path / "models"), tiny_checkpoint, tmp_path)
-    app = make_app(tmp_path, tiny_checkpoint, versions=0)
+    app = make_app(tmp_path, tiny_checkpoint, versions=0, route_poll_s=0.1)
     clip = write_mp4(tmp_path / "night.mp4", list(style_frames("night", 20, 8)))
     with live_server(app) as url:
         wait_until(lambda: len(app.state.routes.table.routes) == 2, 60, "two domain versions loaded")
