@@ -213,15 +213,16 @@ def _set_retired(request: Request, registry: Registry, manager: EngineManager, v
     with disk_errors(f"{'retiring' if retired else 'unretiring'} {version}"):
         registry.set_retired(version, retired)
     routes = request.app.state.routes
-    routes.sync(manager.peek(), force=True)  # this process follows at once, the others within one poll interval
+    routes.sync(manager.peek(), force=True)  # this process follows at once, the others within route_poll_s
     return _info(registry, version, _active(registry), manager.version, _route_view(request, registry))
 
 
 @router.post("/{version}/retire", summary="Stop routing to a domain version", dependencies=[RequireApiKey],
              responses=RETIRE_ERRORS)
 def retire_model(request: Request, version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
-    """Record in the registry that no stream or upload is routed to ``version`` any more (every process
-    drops it within one poll interval). The version stays published: it can still be activated or unretired."""
+    """Record in the registry that no stream or upload is routed to ``version`` any more (this process drops
+    it at once, the others within ``route_poll_s``). The version stays published: it can still be activated
+    or unretired."""
     return _set_retired(request, registry, manager, version, True)
 
 
