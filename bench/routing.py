@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.synth.generator import generate_clip  # noqa: E402
 from models.signature import VERSION, clip_signature  # noqa: E402
-from service.routing import Domain, DomainRoutes, Route, RouteTable, StreamRouter  # noqa: E402
+from service.domains import Domain, Route, RouteTable  # noqa: E402
+from service.routing import DomainRoutes, StreamRouter  # noqa: E402
 
 STYLES = ("fog", "night", "noise-blur")
 SIZES = ((64, 128), (256, 512), (720, 1280))

@@ -184,7 +184,7 @@ def _list(registry: Registry, why: str, as_json: bool) -> int:
     from models.checkpoint import CheckpointError
     from service.registry import InvalidVersion
 
-    from service.routing import domain_of
+    from service.domains import domain_of
 
     try:
         active = registry.active()

@@ -15,7 +15,7 @@ from models.signature import distance
 from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
-from ..routing import domain_of
+from ..domains import domain_of
 from ..registry import InvalidVersion, RegistryError, VersionNotFound
 from ..registry_api import Registry
 from ..storage import StoreError

@@ -17,7 +17,7 @@ from models.signature import LENGTH, VERSION, clip_signature
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.registry_api import Registry
-from service.routing import Domain, Route, RouteTable, choose, domain_of
+from service.domains import Domain, Route, RouteTable, choose, domain_of
 from service.settings import Settings
 from service.video import VideoWriter
 from tests.service.live import live_server
