@@ -56,8 +56,10 @@ def base_signature(meta: dict[str, Any], directory: Path | None) -> np.ndarray |
         stats = load_source_stats(directory)
     except (CheckpointError, OSError, ValueError):
         return None
-    vector = None if stats is None else np.asarray(stats.signature, dtype=np.float32)
-    return vector if vector is not None and vector.shape == (sig.LENGTH,) and np.isfinite(vector).all() else None
+    if stats is None or stats.signature_version != sig.VERSION:  # another definition is not comparable
+        return None
+    vector = np.asarray(stats.signature, dtype=np.float32)
+    return vector if vector.shape == (sig.LENGTH,) and np.isfinite(vector).all() else None
 
 
 @dataclass(frozen=True)
