@@ -251,3 +251,21 @@ def test_a_base_with_its_own_signature_keeps_its_style_and_reports_the_distance(
         listing = httpx.get(f"{http}/v1/models").json()["versions"]
         assert listing[1]["domain"]["distance_to_base"] > 2.0 and not listing[0]["routable"]
         assert "vss_domain_distance{" in httpx.get(f"{http}/metrics").text
+
+
+def test_the_base_signature_comes_from_stored_source_statistics(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Issue 13 item 4 stores source statistics (with a signature) beside a checkpoint's weights; a base
+    without a ``domain`` meta takes its signature from them. Runs once that code is in the tree."""
+    pytest.importorskip("models.source_stats", reason="stored source statistics (issue 13 item 4) not merged yet")
+    from adaptation.source_stats import compute_source_stats
+    from models.checkpoint import add_source_stats, load_checkpoint, read_meta
+    from service.domains import base_signature
+
+    ckpt = tmp_path / "with-stats"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    clip = generate_clip("source", frames=4, size=SIZE, seed=0)
+    stats = compute_source_stats(load_checkpoint(ckpt)[0], list(clip.frames), list(clip.labels))
+    add_source_stats(ckpt, stats)
+    vector = base_signature(read_meta(ckpt), ckpt)
+    assert vector is not None and np.allclose(vector, stats.signature)
+    assert base_signature(read_meta(tiny_checkpoint), tiny_checkpoint) is None
