@@ -181,6 +181,10 @@ def test_retire_stops_routing_and_unretire_brings_it_back(tmp_path: Path, tiny_c
         r = httpx.post(f"{http}/v1/models/v0002/unretire")
         assert r.status_code == 200 and r.json()["routable"], r.text
         assert stream(url, fog)[0]["model_version"] == "v0002"
+        from vss_client import Client  # the Python client does the same
+
+        with Client(http, api_key=None) as client:
+            assert client.models.retire("v0003")["retired"] and not client.models.retire("v0003", False)["retired"]
 
 
 def test_without_domain_versions_nothing_is_computed(tmp_path: Path, tiny_checkpoint: Path) -> None:
