@@ -273,6 +273,12 @@ class StreamRouter:
         self.routes.account(self.scope, engine.version, choice, now != held and self.seen > 1)
         return engine
 
+    @property
+    def on_base(self) -> bool:
+        """True when the last frame went to the base (the prediction drift signal of service/drift.py is the
+        base's: frames of a domain version would keep restarting its reference)."""
+        return self.current is None
+
     def close(self) -> None:
         self.routes.close(self.scope)
 

@@ -209,7 +209,8 @@ class StreamSession:
         """Decode, segment and encode one frame (worker thread)."""
         frame = decode_frame(item.data, self.config, self.budget.max_pixels)
         pending = self._segmenter(self.router.pick(self.manager.current(), frame)).advance(frame)
-        self.drift.observe(self.drift_id, pending.model_version, pending.classes, pending.logits)
+        if self.router.on_base:  # the drift signal is the base version's (service/routing.py)
+            self.drift.observe(self.drift_id, pending.model_version, pending.classes, pending.logits)
         result = pending.resolve()
         blob = encode_labels(result.labels, self.config.format)
         if self.sampler is not None:

@@ -307,7 +307,8 @@ class Source:
         frame = apply_rotation(frame, normalize_rotation(item.frame.rotation))
         segmenter = self._engine_segmenter(frame)
         pending = segmenter.advance(frame)
-        self._drift.observe(self._drift_id, pending.model_version, pending.classes, pending.logits)
+        if self._router.on_base:  # the drift signal is the base version's (service/routing.py)
+            self._drift.observe(self._drift_id, pending.model_version, pending.classes, pending.logits)
         result = pending.resolve()
         if self._sampler is not None:
             self._sampler.push(frame)

@@ -147,6 +147,8 @@ def test_a_stream_that_changes_domain_switches_at_a_keyframe(routed) -> None:
                 assert all(s["distance_served"] is not None for s in streams.values())
     versions = [m["model_version"] for m in replies]
     assert versions[:4] == ["v0002"] * 4 and versions[-1] == "v0003", versions
+    reference = httpx.get(f"{http}/v1/models/active").json()["drift"]["reference"]
+    assert reference is None or reference["version"] == "v0001"  # domain-served frames stay out of the base's drift
     for prev, cur in zip(replies, replies[1:]):  # every change of version is a keyframe, and only those are
         assert cur["keyframe"] == (cur["model_version"] != prev["model_version"]), (prev, cur)
 
