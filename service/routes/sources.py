@@ -19,23 +19,20 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import replace
-from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from ..collect import provenance
-from ..deps import AUTH_ERRORS, ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings
-from ..jobs import data_plane
+from ..deps import AUTH_ERRORS, ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings, get_sources
 from ..live import NotReady
 from ..sources.feed import Subscriber
-from ..sources.manager import SourceManager, TooManySources
+from ..sources.manager import TooManySources
 from ..sources.policy import PolicyError
 from ..sources.sinks import HlsSink
 from ..sources.source import Source, SourceSpec
@@ -46,16 +43,7 @@ HLS_FILE = re.compile(r"^(index\.m3u8|seg-\d{6}\.ts)$")
 Side = Annotated[int, Field(ge=1, le=8192)]
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.sources = SourceManager(app, data_plane(app).engine_lock)
-    try:
-        yield
-    finally:
-        await run_in_threadpool(app.state.sources.close)
-
-
-router = APIRouter(tags=["sources"], lifespan=_lifespan)  # the websocket checks the key itself
+router = APIRouter(tags=["sources"])  # the websocket checks the key itself
 _http = APIRouter(tags=["sources"], dependencies=[RequireApiKey], responses=AUTH_ERRORS)
 
 
@@ -82,13 +70,6 @@ class SourceRequest(BaseModel):
         return SourceSpec(self.url, self.name, self.size, self.collect, tuple(dict.fromkeys(self.sinks)),
                           self.segment_s, self.on_end,
                           self.realtime if self.realtime is not None else not live)
-
-
-def get_sources(conn: HTTPConnection) -> SourceManager:
-    manager = getattr(conn.app.state, "sources", None)
-    if manager is None:
-        raise ApiError(503, "unavailable", "sources are not running (the app has not started)")
-    return manager
 
 
 def _source(conn: HTTPConnection, source_id: str) -> Source:
