@@ -9,7 +9,6 @@ app's FIFO engine lock, so concurrent requests, jobs and streams interleave fram
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import shutil
@@ -39,7 +38,6 @@ from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
 from .errors import disk_errors
 
-log = logging.getLogger(__name__)
 Format = Literal["zip", "mp4", "json"]
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override

@@ -29,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from ..collect import provenance
-from ..deps import AUTH_ERRORS, ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings, get_sources
+from ..deps import (AUTH_ERRORS, ApiError, RequireApiKey, SourcesDep, check_api_key, get_engine_manager, get_settings,
+                    get_sources)
 from ..live import NotReady
 from ..sources.feed import Subscriber
 from ..sources.manager import TooManySources
@@ -83,8 +84,7 @@ def _source(conn: HTTPConnection, source_id: str) -> Source:
              responses={403: {"description": "the allow-list refuses the URL (the message says why)"},
                         409: {"description": "VSS_SOURCES_MAX sources exist"},
                         422: {"description": "malformed URL or options"}})
-async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]:
-    manager = get_sources(request)
+async def create_source(body: SourceRequest, request: Request, manager: SourcesDep) -> dict[str, Any]:
     try:
         await run_in_threadpool(manager.policy.check, body.url)  # resolves host names: off the event loop
     except PolicyError as e:
@@ -99,8 +99,7 @@ async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]
 
 
 @_http.get("/v1/sources", summary="List the sources and the allow-list")
-def list_sources(request: Request) -> dict[str, Any]:
-    manager = get_sources(request)
+def list_sources(manager: SourcesDep) -> dict[str, Any]:
     return {"sources": [s.public() for s in manager.list()], "max": manager.settings.sources_max,
             "allowed": manager.policy.describe()}
 
@@ -111,8 +110,8 @@ def get_source(source_id: str, request: Request) -> dict[str, Any]:
 
 
 @_http.delete("/v1/sources/{source_id}", summary="Stop a source and free its resources")
-async def delete_source(source_id: str, request: Request) -> dict[str, Any]:
-    source = await run_in_threadpool(get_sources(request).delete, source_id)
+async def delete_source(source_id: str, manager: SourcesDep) -> dict[str, Any]:
+    source = await run_in_threadpool(manager.delete, source_id)
     if source is None:
         raise ApiError(404, "not_found", f"no source {source_id!r}")
     return source.public()
