@@ -181,7 +181,10 @@ def clip_sampler(settings: Settings, offer: Offer, size: tuple[int, int] | None,
     over (the app's rate limit, then the clip buffer's writer thread), it never trains."""
     if not allows(collect_mode(settings), prov.authenticated):
         return None
-    deliver = lambda clip: offer(clip, source, prov)  # noqa: E731
+
+    def deliver(clip: list[np.ndarray]) -> None:
+        offer(clip, source, prov)
+
     return ClipSampler(deliver, settings.buffer_clip_frames, max(settings.buffer_clip_every,
                                                                  settings.buffer_clip_frames),
                        size, PendingClips(deliver) if hold else None)
