@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,14 +81,14 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def parse_crop(text: str | None) -> tuple[int, int] | None:
-    from adaptation.sourcefree import FULL_FRAME
+def parse_crop(text: str | None) -> tuple[int, int] | Literal["full"] | None:
+    """``HxW`` crops, ``full`` frames, or None: the method's default (``AdaptConfig.crop``)."""
     from service.cli import CLIError
 
     if text is None:
         return None
     if text == "full":
-        return FULL_FRAME
+        return "full"
     h, sep, w = text.lower().partition("x")
     if not sep or not h.isdigit() or not w.isdigit() or int(h) < 8 or int(w) < 8:
         raise CLIError(f"--crop expects HxW (e.g. 128x256, at least 8x8) or 'full', got {text!r}")

@@ -177,15 +177,16 @@ def test_vss_adapt_labeled_validation(parent_dir, video, clip, tmp_path):
 
 
 def test_config_defaults_crop_parsing_and_budget():
-    from adaptation.sourcefree import DEFAULTS, FULL_FRAME, Budget
+    from adaptation.sourcefree import DEFAULTS, Budget
 
     resolved = AdaptConfig(method="stpl", options={"fusion": "concat"}).resolved()
     assert resolved["lr"] == DEFAULTS["stpl"]["lr"] and resolved["options"]["fusion"] == "concat"
     assert resolved["crop"] == DEFAULTS["stpl"]["config"]["crop"]
-    assert AdaptConfig(method="stpl", crop=FULL_FRAME, batch_size=1, lr=0.5).resolved()["batch_size"] == 1
+    full = AdaptConfig(method="stpl", crop="full", batch_size=1, lr=0.5).resolved()
+    assert full["batch_size"] == 1 and full["crop"] is None  # None after resolving: whole frames
     with pytest.raises(ValueError, match="unknown source-free method"):
         AdaptConfig(method="source-only").resolved()
-    assert adapt_command.parse_crop("128x256") == (128, 256) and adapt_command.parse_crop("full") == FULL_FRAME
+    assert adapt_command.parse_crop("128x256") == (128, 256) and adapt_command.parse_crop("full") == "full"
     from service.cli import CLIError
 
     with pytest.raises(CLIError, match="HxW"):

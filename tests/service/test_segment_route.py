@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.jobs import FairLock, JobStore, data_plane
+from service.jobs import FairLock, JobStore
 from service.settings import Settings
 from service.video import read_frames
 
@@ -105,7 +105,7 @@ def test_long_video_runs_as_a_job(make_client, synthetic_video) -> None:
 
 def test_job_result_is_409_until_done(make_client) -> None:
     client = make_client()
-    store = data_plane(client.app).jobs
+    store = client.app.state.data_plane.jobs
     release = threading.Event()
     job = store.submit(store.workdir(), 10, "json", lambda j: release.wait(10))  # ends without a result
     r = client.get(f"/v1/jobs/{job.id}/result")
