@@ -34,6 +34,7 @@ from adaptation.methods.supervised import SourceOnly
 from adaptation.sourcefree import SOURCE_FREE, AdaptConfig, Budget, adapt, until_spent
 from adaptation.trainer import TrainConfig, train
 from models.checkpoint import load_checkpoint
+from models.config import DEMO_MODEL_DIR
 from models.flow import DISFlow
 
 TARGET_STYLES = ("fog", "night", "noise-blur", "recolor")
@@ -174,7 +175,7 @@ def checks(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "service" / "demo_model"))
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR))
     ap.add_argument("--styles", default=",".join(TARGET_STYLES))
     ap.add_argument("--methods", default="oracle," + ",".join(SOURCE_FREE))
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per adaptation run (see --clock)")

@@ -20,7 +20,6 @@ process is gone from this host, is failed by ``reap`` (servers call it when jobs
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -28,12 +27,11 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from .atomic import TEMP_PREFIX, locked, write_atomic
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -81,16 +79,6 @@ class AdaptJobStore:
         self.keep = keep
 
     # --- plumbing ------------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
     def ensure(self) -> None:
         """Create the job directory."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +138,7 @@ class AdaptJobStore:
     # --- transitions ---------------------------------------------------------------------------
     def create(self, request: dict[str, Any], trigger: str = "api") -> dict[str, Any]:
         """Queue a job for ``request`` (method, steps, lr, ...); ``JobConflict`` if one is active."""
-        with self._locked():
+        with locked(self.root):
             active = self.active()
             if active is not None:
                 raise JobConflict(active)
@@ -166,7 +154,7 @@ class AdaptJobStore:
 
     def claim(self, worker: dict[str, Any]) -> dict[str, Any] | None:
         """Give the oldest queued job to ``worker`` ({"pid", "host"}) and mark it running."""
-        with self._locked():
+        with locked(self.root):
             job = next((j for j in self._all() if j["state"] == QUEUED), None)
             if job is None:
                 return None
@@ -176,7 +164,7 @@ class AdaptJobStore:
 
     def update(self, job_id: str, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Apply ``fn(job)`` under the lock and write the result (no-op on a finished job)."""
-        with self._locked():
+        with locked(self.root):
             job = self.get(job_id)
             if job["state"] in FINAL_STATES:
                 return job
@@ -215,7 +203,7 @@ class AdaptJobStore:
 
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued job now; ask the worker to stop a running one (it ends ``cancelled``)."""
-        with self._locked():
+        with locked(self.root):
             job = self.get(job_id)
             if job["state"] == QUEUED:
                 job.update(state=CANCELLED, finished=_now(), cancel_requested=True)
@@ -257,7 +245,7 @@ class AdaptJobStore:
     def sweep(self, max_age_s: float = 60.0) -> int:
         """Remove temp files of writers that died (``service.atomic`` names them ``.tmp-*``); at start."""
         removed, cutoff = 0, time.time() - max_age_s
-        for path in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+        for path in self.root.glob(f"{TEMP_PREFIX}*") if self.root.is_dir() else []:
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

@@ -27,7 +27,6 @@ for compression or disk.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,8 +35,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .atomic import write_through
+from .atomic import TEMP_PREFIX, locked, write_through
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ CLIP_ID_RE = re.compile(r"^\d{20}-[0-9a-f]{8}$")
 FRAMES_SUFFIX, META_SUFFIX = ".npz", ".json"
 ORPHAN_AGE_S = 600.0  # frames without metadata (a writer died between the two renames) are removed after this
 TEMP_AGE_S = 60.0  # temp files of a writer that died (writing one clip takes well under a second)
-TEMP_PREFIX = ".tmp-"  # service.atomic.write_through's temp names
 
 
 class ClipNotFound(LookupError):
@@ -142,7 +139,7 @@ class ClipBuffer:
         stack = resize_frames(frames, size)
         digest = hashlib.sha256(stack.tobytes()).hexdigest()
         prov = {k: v for k, v in (provenance or {}).items() if k in PROVENANCE_FIELDS}
-        with self._locked():
+        with locked(self.root):
             existing = self._find(digest)
             if existing is not None:
                 return existing, False
@@ -160,16 +157,6 @@ class ClipBuffer:
                 raise
         self.evict()
         return info, True
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _find(self, digest: str) -> ClipInfo | None:
         """The buffered clip whose frames have this sha256 (ids end with its first 8 hex digits)."""

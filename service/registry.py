@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from models.accel import AccelSegmenter
-from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, read_meta,
-                               save_checkpoint, write_atomic)
+from models.atomic import TEMP_PREFIX, write_atomic
+from models.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
 from . import crashpoints
@@ -254,7 +254,7 @@ def _staging_name() -> str:
 
 def _stale_after(name: str, host: str) -> float | None:
     """Seconds after which a registry entry called ``name`` is an abandoned temp; None: not a temp name."""
-    if name.startswith(f".{ACTIVE_FILE}."):
+    if name.startswith(f"{TEMP_PREFIX}{ACTIVE_FILE}."):
         return STALE_TEMP_FILE_S
     if not name.lstrip(".").startswith(STAGING_PREFIX.lstrip(".")) or not name.startswith("."):
         return None

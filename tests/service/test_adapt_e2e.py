@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from models.config import DEMO_MODEL_DIR
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -38,7 +39,7 @@ FINAL = ("published", "rejected", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the demo checkpoint whose metadata asks for the smaller input size."""
-    source = Path(os.environ.get("VSS_E2E_MODEL") or REPO / "service" / "demo_model")
+    source = Path(os.environ.get("VSS_E2E_MODEL") or DEMO_MODEL_DIR)
     if not (source / "meta.json").is_file():
         pytest.skip(f"no demo model at {source} (train one: python -m adaptation.make_demo -o DIR)")
     target = tmp_path_factory.mktemp("demo") / "model"
