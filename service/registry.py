@@ -254,7 +254,7 @@ def _staging_name() -> str:
 
 def _stale_after(name: str, host: str) -> float | None:
     """Seconds after which a registry entry called ``name`` is an abandoned temp; None: not a temp name."""
-    if name.startswith(f"{TEMP_PREFIX}{ACTIVE_FILE}."):
+    if name.startswith((f"{TEMP_PREFIX}{ACTIVE_FILE}.", f".{ACTIVE_FILE}.")):  # the second: older writers' name
         return STALE_TEMP_FILE_S
     if not name.lstrip(".").startswith(STAGING_PREFIX.lstrip(".")) or not name.startswith("."):
         return None
