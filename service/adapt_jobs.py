@@ -1,10 +1,10 @@
-"""Adaptation jobs as files, shared by server processes and adaptation workers; and the worker supervisor.
+"""Adaptation jobs as files, shared by server processes and adaptation workers, and the workers' heartbeats.
 
 Layout of the job directory (``Settings.job_root()``, by default ``<buffer_dir>/jobs``)::
 
     <id>.json              one job: request, state, progress, losses, gate report, version, error
     worker-<host>-<pid>.json   a worker's heartbeat (written every ``adapt_heartbeat_s``)
-    .lock                  flock(2) lock held for every read-modify-write of a job
+    .lock                  flock(2) lock held for every read-modify-write of a job (``models.atomic.locked``)
 
 Every job file is replaced atomically (temp file + ``os.replace``), so readers never see half of
 one. Mutations (create, claim, progress, cancel, finish) take the directory lock, so a server

@@ -1,4 +1,4 @@
-"""The on-disk model registry and the manager that owns the live inference engine.
+"""The model registry in a local directory (``ModelRegistry``; ``store_registry`` keeps one on object storage).
 
 Registry layout (one directory, possibly shared by several server processes and the worker)::
 
@@ -9,8 +9,9 @@ Registry layout (one directory, possibly shared by several server processes and 
 Versions are immutable. A publish writes a hidden staging directory and renames it to the next
 free ``vNNNN`` (atomic; two concurrent publishers can never both get the same name). ``ACTIVE``
 is replaced atomically (temp file + ``os.replace``), so a reader sees the old or the new pointer,
-never half of one. Each server process runs an ``EngineManager`` that polls ``ACTIVE`` and swaps
-its engine by a reference flip; that is also how replicas behind a load balancer follow a rollback.
+never half of one. Each server process's ``EngineManager`` (``service.live``, the owner of the live engine)
+polls ``ACTIVE`` and swaps its engine by a reference flip; that is also how replicas behind a load balancer
+follow a rollback.
 """
 
 from __future__ import annotations
