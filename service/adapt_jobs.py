@@ -27,7 +27,8 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ class AdaptJobStore:
         self.keep = keep
 
     # --- plumbing ------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The directory lock around a read-modify-write (a store-backed subclass holds a lease instead)."""
+        with locked(self.root):
+            yield
+
     def ensure(self) -> None:
         """Create the job directory."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,7 @@ class AdaptJobStore:
     # --- transitions ---------------------------------------------------------------------------
     def create(self, request: dict[str, Any], trigger: str = "api") -> dict[str, Any]:
         """Queue a job for ``request`` (method, steps, lr, ...); ``JobConflict`` if one is active."""
-        with locked(self.root):
+        with self._locked():
             active = self.active()
             if active is not None:
                 raise JobConflict(active)
@@ -154,7 +161,7 @@ class AdaptJobStore:
 
     def claim(self, worker: dict[str, Any]) -> dict[str, Any] | None:
         """Give the oldest queued job to ``worker`` ({"pid", "host"}) and mark it running."""
-        with locked(self.root):
+        with self._locked():
             job = next((j for j in self._all() if j["state"] == QUEUED), None)
             if job is None:
                 return None
@@ -164,7 +171,7 @@ class AdaptJobStore:
 
     def update(self, job_id: str, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Apply ``fn(job)`` under the lock and write the result (no-op on a finished job)."""
-        with locked(self.root):
+        with self._locked():
             job = self.get(job_id)
             if job["state"] in FINAL_STATES:
                 return job
@@ -203,7 +210,7 @@ class AdaptJobStore:
 
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued job now; ask the worker to stop a running one (it ends ``cancelled``)."""
-        with locked(self.root):
+        with self._locked():
             job = self.get(job_id)
             if job["state"] == QUEUED:
                 job.update(state=CANCELLED, finished=_now(), cancel_requested=True)

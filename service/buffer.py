@@ -35,7 +35,8 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class ClipBuffer:
         stack = resize_frames(frames, size)
         digest = hashlib.sha256(stack.tobytes()).hexdigest()
         prov = {k: v for k, v in (provenance or {}).items() if k in PROVENANCE_FIELDS}
-        with locked(self.root):
+        with self._locked():
             existing = self._find(digest)
             if existing is not None:
                 return existing, False
@@ -157,6 +158,12 @@ class ClipBuffer:
                 raise
         self.evict()
         return info, True
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The directory lock around a read-modify-write."""
+        with locked(self.root):
+            yield
 
     def _find(self, digest: str) -> ClipInfo | None:
         """The buffered clip whose frames have this sha256 (ids end with its first 8 hex digits)."""
