@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+from models.config import DEMO_MODEL_DIR as BUNDLED_DEMO_MODEL
 
 MIB = 1024 * 1024
 

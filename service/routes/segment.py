@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from models.config import parse_hxw
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
@@ -39,7 +40,6 @@ from ..video import VideoError, VideoInfo
 from .errors import disk_errors
 
 Format = Literal["zip", "mp4", "json"]
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override
 router = APIRouter(tags=["segment"])
 
@@ -63,10 +63,10 @@ def parse_size(text: str | None, settings: Settings) -> tuple[int, int] | None:
     ``max_inference_pixels``)."""
     if text is None:
         return None
-    match = SIZE_RE.fullmatch(text.strip().lower())
-    if not match:
-        raise ApiError(422, "invalid_request", f"size must be HEIGHTxWIDTH, e.g. 256x512; got {text!r}")
-    h, w = int(match[1]), int(match[2])
+    try:
+        h, w = parse_hxw(text, min_side=0)  # the range is checked below, with its own message
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"size must be HEIGHTxWIDTH, e.g. 256x512; got {text!r}") from None
     if h % 8 or w % 8 or not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
         raise ApiError(422, "invalid_request", f"size {h}x{w}: both sides must be multiples of 8 between "
                                                f"{MIN_SIDE} and {MAX_SIDE}")
