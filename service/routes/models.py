@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 from models.signature import distance
 
-from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..deps import AUTH_ERRORS, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey, RoutesDep
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
 from ..domains import domain_of
+from ..routing import DomainRoutes
 from ..registry import InvalidVersion, RegistryError, VersionNotFound
 from ..registry_api import Registry
 from ..storage import StoreError
@@ -132,12 +133,12 @@ class RouteView:
     base_signature: Any = None
 
 
-def _route_view(request: Request, registry: Registry) -> RouteView:
-    table = request.app.state.routes.table
+def _route_view(routes: DomainRoutes, registry: Registry) -> RouteView:
+    table = routes.table
     try:
         retired = frozenset(registry.retired())
-    except (RegistryError, StoreError, OSError):
-        retired = frozenset(request.app.state.routes.retired)  # as of the last poll
+    except (RegistryError, OSError):  # StoreError is an OSError
+        retired = frozenset(routes.retired)  # as of the last poll
     return RouteView(retired, frozenset(r.version for r in table.routes), table.base_signature)
 
 
@@ -174,31 +175,32 @@ def _lookup(registry: Registry, version: str) -> None:
 
 
 @router.get("", summary="List model versions")
-def list_models(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
+def list_models(registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelList:
     """All versions in the registry, oldest first, with the active and the serving one marked, and each
     version's domain and routing state (``domain``, ``retired``, ``routable``, ``routed``)."""
-    active, serving, view = _active(registry), manager.version, _route_view(request, registry)
+    active, serving, view = _active(registry), manager.version, _route_view(routes, registry)
     return ModelList(active=active, serving=serving,
                      versions=[_info(registry, v, active, serving, view) for v in registry.versions()])
 
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep, routes: RoutesDep) -> ServingModel:
     """The serving version, its backend, when it was loaded and the swap counters of this process, and the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
-    against the first frames this process served with the version)."""
+    against the first frames this process served with the version), and the per-domain routing state
+    (``routing``, service/routing.py)."""
     serving = _serving(manager, registry)
-    serving.drift = request.app.state.drift.snapshot()
-    serving.routing = request.app.state.routes.snapshot()
+    serving.drift = drift.snapshot()
+    serving.routing = routes.snapshot()
     return serving
 
 
 @router.get("/{version}", summary="Describe one version",
             responses={404: {"description": "unknown version"}, 422: {"description": "invalid version name"}})
-def get_model(request: Request, version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+def get_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelInfo:
     _lookup(registry, version)
-    return _info(registry, version, _active(registry), manager.version, _route_view(request, registry))
+    return _info(registry, version, _active(registry), manager.version, _route_view(routes, registry))
 
 
 RETIRE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -207,31 +209,30 @@ RETIRE_ERRORS: dict[int | str, dict[str, Any]] = {
     507: {"description": "the registry's disk is full; nothing changed"}}
 
 
-def _set_retired(request: Request, registry: Registry, manager: EngineManager, version: str,
+def _set_retired(routes: DomainRoutes, registry: Registry, manager: EngineManager, version: str,
                  retired: bool) -> ModelInfo:
     _lookup(registry, version)
     with disk_errors(f"{'retiring' if retired else 'unretiring'} {version}"):
         registry.set_retired(version, retired)
-    routes = request.app.state.routes
     routes.sync(manager.peek(), force=True)  # this process follows at once, the others within route_poll_s
-    return _info(registry, version, _active(registry), manager.version, _route_view(request, registry))
+    return _info(registry, version, _active(registry), manager.version, _route_view(routes, registry))
 
 
 @router.post("/{version}/retire", summary="Stop routing to a domain version", dependencies=[RequireApiKey],
              responses=RETIRE_ERRORS)
-def retire_model(request: Request, version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+def retire_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelInfo:
     """Record in the registry that no stream or upload is routed to ``version`` any more (this process drops
     it at once, the others within ``route_poll_s``). The version stays published: it can still be activated
     or unretired."""
-    return _set_retired(request, registry, manager, version, True)
+    return _set_retired(routes, registry, manager, version, True)
 
 
 @router.post("/{version}/unretire", summary="Route to a retired domain version again", dependencies=[RequireApiKey],
              responses=RETIRE_ERRORS)
-def unretire_model(request: Request, version: VERSION, registry: RegistryDep,
-                   manager: EngineManagerDep) -> ModelInfo:
+def unretire_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep,
+                   routes: RoutesDep) -> ModelInfo:
     """Undo ``retire``: the version is routable again if it has a domain."""
-    return _set_retired(request, registry, manager, version, False)
+    return _set_retired(routes, registry, manager, version, False)
 
 
 @router.post("/{version}/activate", summary="Activate a version (deploy or roll back)",

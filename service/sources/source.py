@@ -69,7 +69,7 @@ class _Item:
 
 
 class Source:
-    """A running source; ``ctx`` is the ``SourceManager`` (settings, policy, engine, lock, metrics, app)."""
+    """A running source; ``ctx`` is the ``SourceManager`` (settings, policy, engine, lock, metrics, drift)."""
 
     def __init__(self, spec: SourceSpec, ctx: Any) -> None:
         self.id = uuid.uuid4().hex[:12]
@@ -97,9 +97,9 @@ class Source:
         self._segmenter: StreamSegmenter | None = None
         self._raw_engine: Any = None
         self._sampler = ctx.sampler(spec) if spec.collect else None
-        self._drift = ctx.app.state.drift  # service/drift.py; this source is the stream "source:<id>"
+        self._drift = ctx.drift  # service/drift.py; this source is the stream "source:<id>"
         self._drift_id = self._drift.open_stream(f"source:{self.id}")
-        self._router = ctx.app.state.routes.open(self._drift_id)  # service/routing.py: the version per frame
+        self._router = ctx.routes.open(self._drift_id)  # service/routing.py: the version per frame
         ctx.metrics.sources.labels(state=self.state).inc()
         self._reader = threading.Thread(target=self._read_loop, name=f"vss-source-{self.id}-read", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"vss-source-{self.id}-work", daemon=True)
