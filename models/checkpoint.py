@@ -140,6 +140,32 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def add_source_stats(directory: str | Path, stats: SourceStats) -> dict[str, Any]:
+    """Store ``stats`` with the existing checkpoint in ``directory`` (statistics computed after training,
+    e.g. for an imported model); the weights are not touched. Returns the new meta.
+
+    The statistics file is written first, then ``meta.json`` naming it (each atomically), so a crash in
+    between leaves the old, consistent checkpoint plus an unreferenced file.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if stats.num_classes != len(meta["classes"]):
+        raise CheckpointError(f"statistics of {stats.num_classes} classes for a {len(meta['classes'])}-class "
+                              f"checkpoint {directory}")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATS}.")
+    os.close(fd)
+    try:
+        save_stats(stats, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / STATS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {**meta, "source_stats": {"file": STATS, "sha256": sha256_file(directory / STATS)}}
+    write_atomic(directory / META, json.dumps(meta, indent=2).encode())
+    return meta
+
+
 def checkpoint_files(directory: str | Path) -> list[str]:
     """The files that make up the checkpoint in ``directory`` (what a copy or a manifest must hold)."""
     return [WEIGHTS, META] + ([STATS] if read_meta(directory).get("source_stats") else [])
