@@ -103,3 +103,43 @@ def test_copies_and_registry_versions_carry_the_stats(with_stats: Path, tmp_path
     candidate.source_stats = None
     v3 = reg.publish(candidate, read_meta(reg.path(v2)), parent=v2)
     assert load_source_stats(reg.path(v3)) is None and STATS not in checkpoint_files(reg.path(v3))
+
+
+def test_make_demo_records_stats_and_stats_can_be_added_without_touching_weights(tiny_checkpoint: Path,
+                                                                                  tmp_path: Path) -> None:
+    from adaptation.make_demo import source_stats
+    from models.checkpoint import add_source_stats
+
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    weights = (ckpt / "model.safetensors").read_bytes()
+    model, _ = load_checkpoint(ckpt)
+    stats = source_stats(model, seeds=range(1000, 1001), frames=2)
+    assert stats.provenance["source"] == "adaptation.make_demo" and stats.frames == 2
+    meta = add_source_stats(ckpt, stats)
+    assert (ckpt / "model.safetensors").read_bytes() == weights
+    assert meta["sha256"] == read_meta(tiny_checkpoint)["sha256"] and read_meta(ckpt) == meta
+    loaded = load_source_stats(ckpt)
+    assert loaded is not None and loaded.same_as(stats)
+
+
+def test_the_demo_model_carries_stats() -> None:
+    from models.checkpoint import DEMO_MODEL_DIR
+
+    stats = load_source_stats(DEMO_MODEL_DIR)
+    assert stats is not None and stats.num_classes == 7 and stats.frames == 128
+    assert (DEMO_MODEL_DIR / STATS).stat().st_size < 2_000_000
+
+
+def test_import_davsn_reads_labeled_frames_from_npz_clips_and_specs(tmp_path: Path) -> None:
+    from service.cli import CLIError
+    from service.commands.import_davsn import labeled_source_frames
+
+    clip = synth.generate_clip("source", 3, (32, 64), seed=1)
+    np.savez(tmp_path / "a.npz", frames=clip.frames, labels=clip.labels)
+    frames, labels = labeled_source_frames(str(tmp_path), (64, 128), list(synth.CLASSES), 2)
+    assert len(frames) == 2 and frames[0].shape == (64, 128, 3) and labels[0].shape == (64, 128)
+    frames, labels = labeled_source_frames("synthetic:source", (64, 128), list(synth.CLASSES), 2)
+    assert len(frames) == 2 and frames[0].dtype == np.uint8 and labels[0].max() < 7
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CLIError, match="no \\*.npz"):
+        labeled_source_frames(str(tmp_path / "empty"), (64, 128), list(synth.CLASSES), 2)
