@@ -141,13 +141,13 @@ class SourceStatsMethod(SourceFreeMethod):
         self.confusion = np.eye(k)
 
     def _update_confusion(self, probs: torch.Tensor) -> torch.Tensor:
-        """Add the teacher's predictions to the per-cell counts; re-estimate M (warm start)."""
+        """Add the teacher's predictions to the per-cell counts; re-estimate M on all counts so far."""
         assert self.stats is not None and self.counts is not None and self.confusion is not None
         k, cells = self.stats.num_classes, self.stats.prior.shape[1:]
         onehot = F.one_hot(probs.argmax(1), k).permute(0, 3, 1, 2).double()
         self.counts += F.adaptive_avg_pool2d(onehot, cells).sum(0).reshape(k, -1).T.cpu().numpy()
-        start = None if not self.counts.any() or np.allclose(self.confusion, np.eye(k)) else self.confusion
-        self.confusion = estimate_confusion(self.counts, self.stats.prior.reshape(k, -1).T, start,
+        # from the same start every time: a warm start would keep an optimum found on the first few frames
+        self.confusion = estimate_confusion(self.counts, self.stats.prior.reshape(k, -1).T, None,
                                             self.em_iterations, self.em_diagonal)
         return torch.from_numpy(self.confusion).to(probs.device, probs.dtype)
 
