@@ -20,7 +20,10 @@ Needs a checkpoint with source statistics (``model.source_stats``; ``make_demo``
    alignment (``align_weight``): the L1 distance of the batch's per-region means and variances of the
    summarised backbone layers to the stored source ones, each layer scaled by its source spread.
 
-Options beyond these: the shared safeguards (anchor, restore), ``params``/``bn_train``.
+Optionally (``tent_weight``) TENT's entropy of the student's prediction, with BatchNorm in train mode
+and its affine parameters trained too. Options beyond these: the shared safeguards (anchor,
+restore), ``params``/``bn_train``. Defaults (``adaptation.sourcefree.DEFAULTS``): only the classifier
+heads are trained (a relabelling of what the backbone sees), on full, unflipped frames.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from models.source_stats import SourceStats
 
 from ..contract import SourceFreeMethod
 from ..ema import SafeguardConfig, Safeguards, frozen_copy
-from ..losses import confident_topk, cross_entropy_ignore
+from ..losses import confident_topk, cross_entropy_ignore, tent_loss
 from ..options import PARAMS, SAFEGUARDS, Bool, Float, Int
+from ..params import bn_affine_params, set_bn_mode
 from ..source_stats import capture, region_moments
 from ..trainer import LossOutput
 
@@ -103,6 +107,7 @@ class SourceStatsMethod(SourceFreeMethod):
     name = "srcstats"
 
     OPTIONS = {"pl_weight": Float(0.0, 100.0), "align_weight": Float(0.0, 100.0), "prior_weight": Float(0.0, 10.0),
+               "tent_weight": Float(0.0, 100.0),
                "confusion": Bool(), "em_diagonal": Float(0.0, 1000.0), "em_iterations": Int(1, 1000),
                "proportion": Float(0.01, 1.0), "params": PARAMS, "bn_train": Bool(), **SAFEGUARDS}
     SAFEGUARD_DEFAULTS = SafeguardConfig()
@@ -110,13 +115,13 @@ class SourceStatsMethod(SourceFreeMethod):
     def __init__(self, guard: Safeguards | None = None, pl_weight: float = 1.0, align_weight: float = 0.0,
                  prior_weight: float = 1.0, confusion: bool = True, em_diagonal: float = 1.0,
                  em_iterations: int = 50, proportion: float = 0.7, params: str = "all", bn_train: bool = False,
-                 seed: int = 0) -> None:
-        if pl_weight <= 0 and align_weight <= 0:
-            raise ValueError("srcstats needs pl_weight > 0 or align_weight > 0 (nothing to train otherwise)")
+                 tent_weight: float = 0.0, seed: int = 0) -> None:
+        if pl_weight <= 0 and align_weight <= 0 and tent_weight <= 0:
+            raise ValueError("srcstats needs pl_weight, align_weight or tent_weight > 0 (nothing to train otherwise)")
         super().__init__(guard, params, bn_train, seed)
         self.pl_weight, self.align_weight, self.prior_weight = pl_weight, align_weight, prior_weight
         self.use_confusion, self.em_diagonal, self.em_iterations = confusion, em_diagonal, em_iterations
-        self.proportion = proportion
+        self.proportion, self.tent_weight = proportion, tent_weight
         self.teacher: nn.Module | None = None
         self.stats: SourceStats | None = None
         self.counts: np.ndarray | None = None  # (cells, K) predicted-class counts of the teacher
@@ -139,6 +144,17 @@ class SourceStatsMethod(SourceFreeMethod):
         k = stats.num_classes
         self.counts = np.zeros((int(np.prod(stats.prior.shape[1:])), k))
         self.confusion = np.eye(k)
+
+    def trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The ``params`` policy, plus the BatchNorm affine parameters when the TENT term is on."""
+        named = super().trainable(model)
+        if self.tent_weight > 0:
+            have = {n for n, _ in named}
+            named += [(n, p) for n, p in bn_affine_params(model) if n not in have]
+        return named
+
+    def train_mode(self, model: nn.Module) -> None:
+        set_bn_mode(model, self.bn_train or self.tent_weight > 0)  # TENT: target batch statistics
 
     def _update_confusion(self, probs: torch.Tensor) -> torch.Tensor:
         """Add the teacher's predictions to the per-cell counts; re-estimate M on all counts so far."""
@@ -176,6 +192,10 @@ class SourceStatsMethod(SourceFreeMethod):
             loss = loss + self.pl_weight * ce
             logs["ce"] = float(ce.detach())
             logs["pl_kept"] = float((labels != IGNORE_INDEX).float().mean())
+        if self.tent_weight > 0:
+            ent = tent_loss(out["main"])
+            loss = loss + self.tent_weight * ent
+            logs["entropy"] = float(ent.detach())
         if self.align_weight > 0:
             align = alignment_loss(dict(feats), self._mean, self._var, self.stats.grid)
             loss = loss + self.align_weight * align

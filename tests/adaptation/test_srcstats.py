@@ -97,7 +97,7 @@ def test_alignment_moves_features_toward_the_stored_statistics(source_model: tor
 
     model = copy.deepcopy(source_model)
     dark = toy_clip([(c[0] // 3, c[1] // 3, c[2] // 3) for c in SOURCE], seed=9)  # a photometric shift
-    method = build_method("srcstats", pl_weight=0.0, align_weight=1.0)
+    method = build_method("srcstats", pl_weight=0.0, align_weight=1.0, params="all")
     result = train(model, method, PairSampler([dark], 2, seed=0), TrainConfig(steps=15, lr=1e-3, log_every=1))
     first, last = result.history[0]["align"], np.mean([h["align"] for h in result.history[-3:]])
     assert last < 0.7 * first, (first, last)
