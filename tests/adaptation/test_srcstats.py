@@ -138,3 +138,23 @@ def test_labeled_frame_selection() -> None:
         labeled_frames(clips, 5)
     with pytest.raises(ValueError, match="hold 0"):
         labeled_frames([TargetClip(clips[0].frames, clips[0].flows)], 2)
+
+
+def test_the_driver_trains_on_labeled_frames_when_asked(source_model: torch.nn.Module) -> None:
+    from adaptation.sourcefree import AdaptConfig, adapt
+    from models.checkpoint import make_meta
+    from models.classes import palette_for
+
+    names = ["a", "b", "c"]
+    meta = make_meta(get_config("mini-os8", num_classes=3), names, palette_for(names), SIZE)
+    clips = [toy_clip(PERMUTED, frames=6, seed=s) for s in (3, 4)]
+    unlabeled = [TargetClip(c.frames, c.flows) for c in clips]
+    labeled = [toy_clip(PERMUTED, frames=6, seed=8)]
+    cfg = AdaptConfig(method="tent", options={"params": "all"}, steps=30, lr=3e-3, labeled_frames=4)
+    result = adapt(source_model, meta, unlabeled[:1], cfg, heldout=unlabeled[1:], labeled=labeled)
+    assert result.meta["provenance"]["hyperparameters"]["labeled_frames"] == 4
+    assert accuracy(result.model, clips[1]) > 0.9
+    with pytest.raises(ValueError, match="hold 0"):
+        adapt(source_model, meta, unlabeled[:1], cfg, heldout=unlabeled[1:])
+    with pytest.raises(ValueError, match="need a method that trains"):
+        AdaptConfig(method="bn", labeled_frames=2).resolved()
