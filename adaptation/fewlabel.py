@@ -34,7 +34,7 @@ def labeled_frames(clips: Sequence[TargetClip], k: int) -> tuple[np.ndarray, np.
         raise ValueError(f"{k} labeled frames asked for, the labeled clips hold {len(pool)}")
     idx = np.linspace(0, len(pool) - 1, k).round().astype(int)
     frames = np.stack([pool[i][0].frames[pool[i][1]] for i in idx])
-    labels = np.stack([pool[i][0].labels[pool[i][1]] for i in idx])  # type: ignore[index]
+    labels = np.stack([pool[i][0].labels[pool[i][1]] for i in idx])
     return frames, labels
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ PRIOR_SMOOTHING = 1.0  # pseudo-count per class and cell (in frames)
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
     """Backbone layers summarised by default: a ResNet's four stages, else the whole-backbone outputs' modules."""
-    backbone = model.net.backbone  # type: ignore[union-attr]
+    backbone = cast(Any, model.net.backbone)  # type: ignore[union-attr]
     names = dict(backbone.named_children())
     stages = tuple(n for n in ("layer1", "layer2", "layer3", "layer4") if n in names)
     if stages:
@@ -49,7 +50,7 @@ def region_moments(x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, ``outputs[layer]`` is the latest output of each named backbone module."""
-    backbone = model.net.backbone  # type: ignore[union-attr]
+    backbone = cast(nn.Module, model.net.backbone)  # type: ignore[union-attr]
     modules = dict(backbone.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:

@@ -121,7 +121,7 @@ def load_stats(path: str | Path) -> SourceStats:
         layers = tuple(json.loads(header["layers"]))
         arr = {k: v.numpy() for k, v in tensors.items()}
         stats = SourceStats(
-            layers=layers, grid=tuple(json.loads(header["grid"])),  # type: ignore[arg-type]
+            layers=layers, grid=tuple(json.loads(header["grid"])),
             feat_mean={n: arr[f"mean/{n}"] for n in layers}, feat_var={n: arr[f"var/{n}"] for n in layers},
             prior=arr["prior"], class_freq=arr["class_freq"], prototypes=arr["prototypes"],
             prototype_count=arr["prototype_count"], entropy=float(header["entropy"]),

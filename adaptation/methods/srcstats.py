@@ -28,7 +28,7 @@ heads are trained (a relabelling of what the backbone sees), on full, unflipped 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ class SourceStatsMethod(SourceFreeMethod):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        stats = model.source_stats  # type: ignore[union-attr]
+        stats = cast("SourceStats | None", model.source_stats)  # AccelSegmenter.source_stats
         if stats is None:
             raise MissingSourceStats("method srcstats needs source statistics stored with the model "
                                      "(models.source_stats; see make_demo, vss train, vss import-davsn --stats-from)")
