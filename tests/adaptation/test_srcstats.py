@@ -153,8 +153,21 @@ def test_the_driver_trains_on_labeled_frames_when_asked(source_model: torch.nn.M
     cfg = AdaptConfig(method="tent", options={"params": "all"}, steps=30, lr=3e-3, labeled_frames=4)
     result = adapt(source_model, meta, unlabeled[:1], cfg, heldout=unlabeled[1:], labeled=labeled)
     assert result.meta["provenance"]["hyperparameters"]["labeled_frames"] == 4
+    inherited = result.model.source_stats  # the candidate carries its parent's statistics (publish stores them)
+    assert inherited is not None and inherited.same_as(source_model.source_stats)
     assert accuracy(result.model, clips[1]) > 0.9
     with pytest.raises(ValueError, match="hold 0"):
         adapt(source_model, meta, unlabeled[:1], cfg, heldout=unlabeled[1:])
     with pytest.raises(ValueError, match="need a method that trains"):
         AdaptConfig(method="bn", labeled_frames=2).resolved()
+
+
+def test_cli_refuses_labeled_frames_without_a_labeled_clip(tmp_path, capsys) -> None:
+    from service.cli import main
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    assert main(["adapt", "--video", str(video), "--labeled-frames", "2", "-o", str(tmp_path / "o")]) == 2
+    assert "--labeled-frames needs the labeled clip" in capsys.readouterr().err
+    assert main(["adapt", "--video", str(video), "--labeled-frames", "5", "-o", str(tmp_path / "o")]) == 2
+    assert "between 0 and 4" in capsys.readouterr().err
