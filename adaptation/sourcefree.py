@@ -14,7 +14,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,7 +50,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "srcstats": {"lr": 1e-3, "options": {"params": "heads"},
                  "config": {"batch_size": 2, "crop": None, "flip": False}},
 }
-FULL_FRAME = (1 << 30, 1 << 30)  # a crop larger than any frame: train on full frames
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -69,7 +68,8 @@ class AdaptConfig:
     budget_clock: str = "wall"  # "wall", or "cpu": CPU seconds of this process (load-independent)
     seed: int = 0
     batch_size: int | None = None  # (t-1, t) pairs per step; None: the method's default
-    crop: tuple[int, int] | None = None  # random (h, w) crops; None: the method's default; FULL_FRAME: none
+    # random (h, w) crops, or "full" frames (resolved to None: no crop); None: the method's default
+    crop: tuple[int, int] | Literal["full"] | None = None
     flip: bool | None = None  # random horizontal flips; None: the method's default (all but srcstats)
     sampling: str = "class-balanced"  # or "random"
     heldout_fraction: float = 0.25
@@ -94,6 +94,8 @@ class AdaptConfig:
         for key, value in DEFAULTS[self.method]["config"].items():
             if d[key] is None:
                 d[key] = value
+        if d["crop"] == "full":
+            d["crop"] = None  # resolved: None is no crop (whole frames)
         return d
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .accel import AccelSegmenter, build_model
+from .atomic import FILE_MODE, replacing, replacing_dir, write_atomic
 from .config import ModelConfig
 from .source_stats import STATS, SourceStats, SourceStatsError, load_stats, save_stats
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 FORMAT = "vss-checkpoint/1"
-# The bundled demo checkpoint (``python -m adaptation.make_demo -o service/demo_model``): the one place
-# that names it for the service settings, the CLI and the benchmarks.
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "service" / "demo_model"
 
 
 class CheckpointError(ValueError):
@@ -75,21 +71,6 @@ def make_meta(cfg: ModelConfig, classes: list[str], palette: list[list[int]], in
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file via a temp file in the same directory and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str, Any]) -> Path:
     """Write weights + meta (+ ``model.source_stats`` when set) into a temp sibling directory, then
     rename it to ``directory``.
@@ -100,8 +81,7 @@ def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"refusing to overwrite non-empty checkpoint directory {directory}")
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    try:
+    with replacing_dir(directory) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         meta = {k: v for k, v in meta.items() if k != "source_stats"}
@@ -113,16 +93,8 @@ def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str
             meta["source_stats"] = {"file": STATS, "sha256": sha256_file(tmp / STATS)}
             files.append(STATS)
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        # mkdtemp/safetensors create private files; checkpoints are meant to be shared (containers, replicas).
-        os.chmod(tmp, 0o755)
-        for f in files:
-            os.chmod(tmp / f, 0o644)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for f in files:  # safetensors creates private files; checkpoints are meant to be shared
+            os.chmod(tmp / f, FILE_MODE)
     return directory
 
 
@@ -152,15 +124,8 @@ def add_source_stats(directory: str | Path, stats: SourceStats) -> dict[str, Any
     if stats.num_classes != len(meta["classes"]):
         raise CheckpointError(f"statistics of {stats.num_classes} classes for a {len(meta['classes'])}-class "
                               f"checkpoint {directory}")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATS}.")
-    os.close(fd)
-    try:
+    with replacing(directory / STATS) as tmp:
         save_stats(stats, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / STATS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {**meta, "source_stats": {"file": STATS, "sha256": sha256_file(directory / STATS)}}
     write_atomic(directory / META, json.dumps(meta, indent=2).encode())
     return meta
