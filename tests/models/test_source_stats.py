@@ -123,7 +123,7 @@ def test_make_demo_records_stats_and_stats_can_be_added_without_touching_weights
 
 
 def test_the_demo_model_carries_stats() -> None:
-    from models.checkpoint import DEMO_MODEL_DIR
+    from models.config import DEMO_MODEL_DIR
 
     stats = load_source_stats(DEMO_MODEL_DIR)
     assert stats is not None and stats.num_classes == 7 and stats.frames == 128
