@@ -94,6 +94,8 @@ class AdaptConfig:
         for key, value in DEFAULTS[self.method]["config"].items():
             if d[key] is None:
                 d[key] = value
+        if d["flip"] is None:
+            d["flip"] = True  # a method whose defaults do not say: flipped pairs, as before
         if d["crop"] == "full":
             d["crop"] = None  # resolved: None is no crop (whole frames)
         return d
