@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .deeplab import DeepLabV2
 from .warp import warp
+
+if TYPE_CHECKING:
+    from .source_stats import SourceStats
 
 
 class ScoreFusion(nn.Module):
@@ -39,6 +44,9 @@ class AccelSegmenter(nn.Module):
         self.net = net
         self.fusion = ScoreFusion(num_classes)
         self.num_classes = num_classes
+        # Statistics of the source domain (``models.source_stats``): loaded with the checkpoint, carried
+        # by copies (adapted candidates inherit them) and written by ``save_checkpoint``.
+        self.source_stats: SourceStats | None = None
 
     def frame(self, x: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         """Per-frame network only: ``{"main", "aux"?, "feat"?}`` logits at 1/output_stride."""
