@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from models import signature as sig
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, load_source_stats
 
 from .engine import Engine
 
@@ -48,13 +48,9 @@ def base_signature(meta: dict[str, Any], directory: Path | None) -> np.ndarray |
         return own.signature
     if directory is None:
         return None
-    try:  # issue 13 item 4 adds stored source statistics; older trees have no such function
-        from models.checkpoint import load_source_stats  # type: ignore[attr-defined]
-    except ImportError:
-        return None
     try:
         stats = load_source_stats(directory)
-    except (CheckpointError, OSError, ValueError):
+    except (CheckpointError, OSError):  # unreadable or corrupt statistics: the base signature is unknown
         return None
     if stats is None or stats.signature_version != sig.VERSION:  # another definition is not comparable
         return None

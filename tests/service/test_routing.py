@@ -261,8 +261,7 @@ def test_a_base_with_its_own_signature_keeps_its_style_and_reports_the_distance(
 
 def test_the_base_signature_comes_from_stored_source_statistics(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """Issue 13 item 4 stores source statistics (with a signature) beside a checkpoint's weights; a base
-    without a ``domain`` meta takes its signature from them. Runs once that code is in the tree."""
-    pytest.importorskip("models.source_stats", reason="stored source statistics (issue 13 item 4) not merged yet")
+    without a ``domain`` meta takes its signature from them."""
     from adaptation.source_stats import compute_source_stats
     from models.checkpoint import add_source_stats, load_checkpoint, read_meta
     from service.domains import base_signature
