@@ -1,4 +1,7 @@
-"""ACCEL-style video segmentation: one shared per-frame net on t and t-1, flow warp, 1x1 score fusion."""
+"""ACCEL-style video segmentation: one shared per-frame net on t and t-1, flow warp, 1x1 score fusion.
+
+Streaming (one forward per frame, cached t-1 logits) is ``models.stream.stream_step`` over ``frame`` and ``fuse``.
+"""
 
 from __future__ import annotations
 
@@ -77,20 +80,6 @@ class AccelSegmenter(nn.Module):
             out[f"prev_{head}" if head != "main" else "prev"] = prev[head]
         out["valid"] = valid
         return out
-
-    def stream_step(self, current: torch.Tensor, previous_logits: torch.Tensor | None,
-                    flow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streaming entry point: one network forward per frame, reusing the cached t-1 logits.
-
-        Returns (fused logits, current logits); the caller caches the second for the next frame.
-        With no previous logits (a keyframe) the current logits stand in for the previous ones.
-        """
-        cur = self.net(current)["main"]
-        if previous_logits is None:
-            fused, _ = self.fuse(cur, cur, None)
-        else:
-            fused, _ = self.fuse(cur, previous_logits, flow)
-        return fused, cur
 
 
 def build_model(cfg: ModelConfig) -> AccelSegmenter:
