@@ -213,3 +213,18 @@ class Settings(BaseSettings):
             return None
         key = self.api_key.get_secret_value()
         return key or None
+
+    # --- automatic rounds (issue 13; service/auto_policy.py, service/auto_rounds.py; README "Automatic rounds") ---
+    adapt_auto: bool = Field(False, description="the worker starts rounds by itself when drift persists "
+                             "(off: only the older adapt_auto_clips trigger, if set)")
+    adapt_auto_interval_s: float = Field(60.0, ge=0, description="least seconds between two automatic rounds")
+    adapt_auto_min_clips: int = Field(4, ge=1, description="drifted clips that must arrive since the last round "
+                                      "(in one cluster) to start one")
+    adapt_auto_distance: float = Field(2.5, gt=0, description="a buffered clip whose signature is farther than "
+                                       "this (within-domain standard deviations) from every served version is drifted")
+    adapt_domains: bool = Field(True, description="automatic rounds publish per-domain versions (ACTIVE stays); "
+                                "false: a single chain, a passing candidate is activated")
+    adapt_gate: Literal["stat", "off"] = Field("stat", description="automatic rounds publish only what passes the "
+                                               "statistical gate; off: always publish (a baseline)")
+    adapt_reset_every: int = Field(0, ge=0, description="every K-th automatic round starts from the base version "
+                                   "(periodic reset); 0: never")

@@ -5,7 +5,8 @@ process), gates the candidate, and publishes + activates it only if the gate pas
 sharing the model directory then hot-swaps it in. One job runs at a time. ``AdaptationPlane`` holds
 what these routes, the clip routes and the collect hook share: the buffer, its background writer,
 the job store and, with ``VSS_WORKER=spawn``, the supervisor of the worker child process (started
-with the first job, or at startup when the auto policy is on or a job is waiting).
+with the first job, or at startup when the auto policy is on or a job is waiting). Jobs the worker's
+auto policy queues (``service.auto_rounds``) carry ``trigger: auto``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
+from ..auto_rounds import AutoCollector, auto_enabled
 from ..buffer import ClipBuffer, ClipCollector
 from ..budget import BudgetExceeded, budget
 from ..collect import Provenance, RateLimiter
@@ -65,7 +67,7 @@ class AdaptationPlane:
         except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
             log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
             pending = True
-        if self.settings.adapt_auto_clips > 0 or pending:
+        if auto_enabled(self.settings) or pending:
             self.ensure_worker()
 
     def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
@@ -116,6 +118,8 @@ def build_plane(app: Any) -> AdaptationPlane:
         on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
         refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
     jobs = job_store(settings)
+    if metrics is not None:
+        metrics.registry.register(AutoCollector(jobs, settings))
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,

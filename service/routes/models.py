@@ -71,6 +71,9 @@ class ServingModel(BaseModel):
     drift: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the drift signal of this "
                                          "process and its open streams against the version's reference "
                                          "(service/drift.py)")
+    auto: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the worker's auto policy "
+                                        "(VSS_ADAPT_AUTO): its last decision, drifted clips, clusters, next eligible "
+                                        "time and rounds started/published/rejected (service/auto_rounds.py)")
 
 
 def _redacted(value: Any) -> Any:
@@ -140,12 +143,21 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
 def active_model(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
-    """The serving version, its backend, when it was loaded and the swap counters of this process, and the
+    """The serving version, its backend, when it was loaded and the swap counters of this process, the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
-    against the first frames this process served with the version)."""
+    against the first frames this process served with the version), and the worker's auto policy (``auto``)."""
     serving = _serving(manager, registry)
     serving.drift = request.app.state.drift.snapshot()
+    serving.auto = _auto(request)
     return serving
+
+
+def _auto(request: Request) -> dict[str, Any]:
+    from ..auto_rounds import auto_state
+    from .adapt import adaptation_plane
+
+    plane = adaptation_plane(request.app)
+    return _redacted(auto_state(plane.jobs, plane.settings))
 
 
 @router.get("/{version}", summary="Describe one version",
