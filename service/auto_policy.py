@@ -43,6 +43,7 @@ class AutoConfig:
     steps: int = 100
     max_clips: int = 32  # newest clips of the cluster one round uses
     min_train: int = 2  # training clips a round needs
+    min_heldout: int = 1  # held-out clips of the cluster a round needs (drift mode: the gate scores the cluster)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "min_clips": self.min_clips, "interval_s": self.interval_s,
@@ -190,8 +191,9 @@ def plan_round(clips: Sequence[ClipSig], served: Mapping[str, Sequence[float] | 
         return decision
     train = [c.id for c in members if not c.heldout]
     heldout = [c.id for c in members if c.heldout]
-    if len(train) < cfg.min_train:
-        decision.reason = f"the drifted cluster holds {len(train)} training clip(s); {cfg.min_train} needed"
+    if len(train) < cfg.min_train or len(heldout) < cfg.min_heldout:
+        decision.reason = (f"the drifted cluster holds {len(train)} training and {len(heldout)} held-out clip(s); "
+                           f"{cfg.min_train} and {cfg.min_heldout} needed")
         return decision
     number = rounds_started + 1
     reset = cfg.reset_every > 0 and number % cfg.reset_every == 0

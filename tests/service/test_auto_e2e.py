@@ -48,7 +48,7 @@ def test_a_shifted_style_starts_an_automatic_round(tmp_path: Path, tiny_checkpoi
                         device="cpu", intra_op_threads=1, registry_poll_ms=100, flow="dis-ultrafast",
                         worker="spawn", adapt_threads=1, adapt_min_clips=2, adapt_poll_s=0.1,
                         buffer_heldout_fraction=0.3, adapt_auto=True, adapt_auto_min_clips=3,
-                        adapt_auto_interval_s=0.0, adapt_auto_method="bn", adapt_auto_steps=2)
+                        adapt_auto_interval_s=3600.0, adapt_auto_method="bn", adapt_auto_steps=2)
     app = create_app(settings)
     with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
         for seed in range(3):

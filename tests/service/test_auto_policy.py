@@ -71,6 +71,8 @@ def test_the_round_trains_on_the_cluster_with_the_new_drifted_clips() -> None:
     assert out["decision"].clusters[0]["new"] == 5 and out["decision"].clusters[1]["size"] == 2
     spread = clips(style(6.0), 2, 100.0, "f") + clips(style(6.0, 1), 2, 102.0, "n")
     assert plan(spread)["request"] is None  # 4 drifted clips, but no cluster holds 4
+    no_heldout = [ClipSig(c.id, c.created, False, c.signature) for c in fog]
+    assert "0 held-out" in plan(no_heldout)["decision"].reason  # the gate needs a held-out clip of the cluster
 
 
 def test_periodic_reset_and_the_parent_of_a_round() -> None:
