@@ -12,12 +12,13 @@ There is one worker per fleet and the buffer is shared by every replica, so the 
 by construction: clips sampled by any server count.
 
 Served references: a version's own signature is ``meta.domain.signature`` (a domain version) or
-``meta.auto.signature`` (a chain-mode round). The base version carries none yet (the source statistics
-of issue 13 item 4 will give one); until then the policy takes the signature of the *earliest* buffered
-clips (the first clip and the following ones within the drift distance of it) as the base's reference,
-once, and keeps it in ``auto.json`` (``base_reference``), so a worker restart does not move it. This
-assumes the service first sees the domain its base model was trained for; a deployment that starts on
-a shifted camera should clear the buffer or set the reference by streaming source-like video first.
+``meta.auto.signature`` (a chain-mode round). The base version's is the signature in its stored source
+statistics (issue 13 item 4, ``models.checkpoint.load_source_stats``) when it has them; otherwise the
+policy takes the signature of the *earliest* buffered clips (the first clip and the following ones
+within the drift distance of it) as the base's reference, once, and keeps it in ``auto.json``
+(``base_reference``), so a worker restart does not move it. That fallback assumes the service first
+sees the domain its base model was trained for; a deployment that starts on a shifted camera should
+clear the buffer or stream source-like video first.
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ def routable(meta: dict[str, Any]) -> bool:
     return isinstance(entry, dict) and not entry.get("retired") and version_signature(meta) is not None
 
 
+def stored_signature(registry: Any, version: str) -> list[float] | None:
+    """The source-statistics signature stored with ``version``'s checkpoint, or None (none stored, another
+    signature definition, or a tree without stored statistics: ``models.checkpoint.load_source_stats`` comes
+    with issue 13 item 4)."""
+    from models.signature import LENGTH, VERSION
+
+    try:
+        from models.checkpoint import load_source_stats  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        stats = load_source_stats(registry.path(version))
+    except (ValueError, LookupError, OSError) as e:  # CheckpointError is a ValueError
+        log.warning("auto policy: cannot read the source statistics of %s: %s", version, e)
+        return None
+    if stats is None or stats.signature_version != VERSION or len(stats.signature) != LENGTH:
+        return None
+    return [round(float(v), 6) for v in stats.signature]
+
+
 class AutoRounds:
     """Signatures of buffered clips, the served references, and the decision of each poll."""
 
@@ -85,6 +106,7 @@ class AutoRounds:
         self.jobs, self.buffer, self._registry = jobs, buffer, registry
         self.signatures: dict[str, np.ndarray] = {}
         self._metas: dict[str, dict[str, Any] | None] = {}  # versions never change: read each meta once
+        self._stored: dict[str, list[float] | None] = {}
         self._written: dict[str, Any] | None = None
         previous = (jobs.read_auto_state() or {}) if self.config is not None else {}
         self.rounds = {k: int((previous.get("rounds") or {}).get(k, 0)) for k in ("started",) + OUTCOMES}
@@ -127,7 +149,10 @@ class AutoRounds:
         active = registry.active()
         if self.base is None:
             self.base = active
-        if self.base_reference is None and clips:
+        stored = self._source_signature(registry, self.base) if self.base else None
+        if stored is not None:
+            self.base_reference = {"signature": stored, "from": f"source statistics of {self.base}"}
+        elif self.base_reference is None and clips:
             first = consistent_prefix(clips, cfg.distance, limit=max(cfg.min_clips, 2))
             self.base_reference = {"signature": mean_signature(first), "clips": [c.id for c in first],
                                    "from": "earliest buffered clips"}
@@ -176,6 +201,12 @@ class AutoRounds:
                 log.warning("auto policy: cannot read the metadata of %s: %s", version, e)
                 return None
         return self._metas[version]
+
+    def _source_signature(self, registry: Any, version: str) -> list[float] | None:
+        """The signature in the source statistics stored with ``version`` (issue 13 item 4), once per version."""
+        if version not in self._stored:
+            self._stored[version] = stored_signature(registry, version)
+        return self._stored[version]
 
     def _queue(self, decision: Decision, now: float) -> dict[str, Any] | None:
         assert decision.request is not None

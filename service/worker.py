@@ -92,6 +92,7 @@ class Worker(JobRunner):
         self.device: str | None = None
         self._last_cancel_check = (0.0, False)
         self._store_error: str | None = None
+        self._auto_error: str | None = None
         self.auto = AutoRounds(settings, self.jobs, self.buffer, lambda: self.registry)
 
     @property
@@ -109,6 +110,8 @@ class Worker(JobRunner):
         beat.start()
         log.info("adaptation worker pid %d: jobs in %s, buffer %s, models %s", os.getpid(), self.jobs.root,
                  self.buffer.root, self.settings.model_dir)
+        if self.auto.config is not None:
+            log.info("auto policy on: %s", self.auto.config.to_dict())
         try:
             self._poll(lambda: bool(self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)))  # a dead predecessor
             self._poll(lambda: bool(self.jobs.sweep() + self.buffer.sweep()))  # and its temp files
@@ -176,7 +179,17 @@ class Worker(JobRunner):
 
     def _auto_job(self) -> dict[str, Any] | None:
         """Queue a round when the auto policy (``service.auto_rounds``) says drift persists."""
-        return self.auto.poll() if self.auto.enabled else None
+        if not self.auto.enabled:
+            return None
+        try:
+            return self.auto.poll()
+        except StoreError:
+            raise  # waited out by _poll
+        except Exception as e:  # noqa: BLE001 - a policy error must not stop the worker: API jobs still run
+            if str(e) != self._auto_error:
+                log.exception("auto policy: the poll failed (logged once per distinct error)")
+            self._auto_error = str(e)
+            return None
 
 
 def serve_worker(settings: Settings, parent_pid: int | None = None, once: bool = False) -> int:
