@@ -108,14 +108,30 @@ class AutoRounds:
         self._metas: dict[str, dict[str, Any] | None] = {}  # versions never change: read each meta once
         self._stored: dict[str, list[float] | None] = {}
         self._written: dict[str, Any] | None = None
-        previous = (jobs.read_auto_state() or {}) if self.config is not None else {}
-        self.rounds = {k: int((previous.get("rounds") or {}).get(k, 0)) for k in ("started",) + OUTCOMES}
-        self.base_reference: dict[str, Any] | None = previous.get("base_reference")
-        self.base: str | None = previous.get("base")
-        self.last_round: dict[str, Any] | None = previous.get("last_round")
-        self.last_outcome: dict[str, Any] | None = previous.get("last_outcome")
+        self.rounds = dict.fromkeys(("started",) + OUTCOMES, 0)
+        self.base_reference: dict[str, Any] | None = None
+        self.base: str | None = None
+        self.last_round: dict[str, Any] | None = None
+        self.last_outcome: dict[str, Any] | None = None
         self.decision: dict[str, Any] = {}
         self.references: dict[str, str] = {}
+        self.started = False
+
+    def start(self) -> bool:
+        """Continue from the state a previous worker wrote (counters, base reference); with the policy off,
+        mark a state left by an earlier run as off (servers show the file). Called by the worker's first poll."""
+        previous = self.jobs.read_auto_state() or {}
+        self.started = True
+        if self.config is None:
+            if previous.get("enabled"):
+                self.jobs.write_auto_state({"enabled": False, "rounds": previous.get("rounds"),
+                                            "updated": round(time.time(), 3)})
+            return False
+        self.rounds.update({k: int(v) for k, v in (previous.get("rounds") or {}).items() if k in self.rounds})
+        self.base_reference = previous.get("base_reference")
+        self.base = previous.get("base")
+        self.last_round, self.last_outcome = previous.get("last_round"), previous.get("last_outcome")
+        return False
 
     @property
     def enabled(self) -> bool:
@@ -126,6 +142,8 @@ class AutoRounds:
         """Decide, publish the state, and queue a round when one is due; returns the queued job."""
         if self.config is None:
             return None
+        if not self.started:
+            self.start()
         now = time.time() if now is None else now
         last = self.jobs.last_created()
         if self.config.mode == COUNT:
@@ -228,6 +246,8 @@ class AutoRounds:
         """Count the final state of an automatic round the worker ran."""
         if self.config is None or job.get("trigger") != "auto" or job.get("state") not in OUTCOMES:
             return
+        if not self.started:
+            self.start()
         self.rounds[job["state"]] += 1
         gate = job.get("gate") or {}
         self.last_outcome = {"job": job["id"], "state": job["state"], "version": job.get("version"),
@@ -254,29 +274,28 @@ class AutoRounds:
         self._written = stable
 
 
-def auto_state(jobs: AdaptJobStore, settings: Settings) -> dict[str, Any]:
-    """What servers answer about the auto policy (``GET /v1/models/active`` → ``auto``): the worker's last
-    written state, or ``{"enabled": false}``; ``error`` when the job store cannot be read."""
-    if not auto_enabled(settings):
-        return {"enabled": False}
+def auto_state(jobs: AdaptJobStore) -> dict[str, Any]:
+    """What servers answer about the auto policy (``GET /v1/models/active`` → ``auto``): the state the worker
+    wrote last (the worker's settings decide, not the server's: with ``VSS_WORKER=external`` only the worker
+    may have ``VSS_ADAPT_AUTO``), ``{"enabled": false}`` when none; ``error`` when the store cannot be read."""
     try:
         state = jobs.read_auto_state()
     except OSError as e:  # the object store is down (StoreError) or the directory unreadable
-        return {"enabled": True, "error": f"cannot read the auto policy's state: {e}"}
-    return state if state is not None else {"enabled": True, "decision": None, "note": "no worker poll yet"}
+        return {"enabled": None, "error": f"cannot read the auto policy's state: {e}"}
+    return state if state is not None else {"enabled": False}
 
 
 class AutoCollector:
     """``vss_auto_rounds_total{outcome}``, ``vss_drifted_clips`` and ``vss_drifted_clips_new`` at scrape time,
     from the state the worker wrote (so every replica exports the fleet's numbers)."""
 
-    def __init__(self, jobs: AdaptJobStore, settings: Settings) -> None:
-        self.jobs, self.settings = jobs, settings
+    def __init__(self, jobs: AdaptJobStore) -> None:
+        self.jobs = jobs
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        state = auto_state(self.jobs, self.settings)
+        state = auto_state(self.jobs)
         rounds = CounterMetricFamily("vss_auto_rounds", "Automatic adaptation rounds of the worker's auto policy: "
                                      "started, and by outcome", labels=["outcome"])
         for outcome in ("started",) + OUTCOMES:

@@ -115,6 +115,7 @@ class Worker(JobRunner):
         try:
             self._poll(lambda: bool(self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)))  # a dead predecessor
             self._poll(lambda: bool(self.jobs.sweep() + self.buffer.sweep()))  # and its temp files
+            self._poll(self.auto.start)  # the auto policy's counters and base reference, if it ran before
             while not self.stop_event.is_set():
                 worked = self._poll(self.poll_once)
                 if once:

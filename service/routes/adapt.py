@@ -119,7 +119,7 @@ def build_plane(app: Any) -> AdaptationPlane:
         refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
     jobs = job_store(settings)
     if metrics is not None:
-        metrics.registry.register(AutoCollector(jobs, settings))
+        metrics.registry.register(AutoCollector(jobs))
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,

@@ -156,8 +156,7 @@ def _auto(request: Request) -> dict[str, Any]:
     from ..auto_rounds import auto_state
     from .adapt import adaptation_plane
 
-    plane = adaptation_plane(request.app)
-    return _redacted(auto_state(plane.jobs, plane.settings))
+    return _redacted(auto_state(adaptation_plane(request.app).jobs))
 
 
 @router.get("/{version}", summary="Describe one version",

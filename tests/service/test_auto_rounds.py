@@ -115,3 +115,19 @@ def test_chain_mode_with_the_gate_off_activates_and_resets(env: dict[str, Any]) 
     second = env["jobs"].list()[0]
     assert (second["state"], second["parent"], second["request"]["auto"]["reset"]) == ("published", "v0001", True)
     assert env["registry"].active() == "v0003"
+
+
+def test_the_state_survives_a_restart_and_says_when_the_policy_is_off(env: dict[str, Any]) -> None:
+    w = worker(env, STRICT, adapt_auto=True)
+    add(env["buffer"], "night", 3, 1)
+    assert w.poll_once()
+    before = env["jobs"].read_auto_state()
+    again = worker(env, STRICT, adapt_auto=True)
+    assert not again.poll_once()  # the night clips are not new any more
+    after = env["jobs"].read_auto_state()
+    assert after["rounds"] == before["rounds"] and after["base_reference"] == before["base_reference"]
+    assert after["decision"]["drifted"] >= 4 and after["decision"]["drifted_new"] == 0
+    off = worker(env)
+    off.auto.start()
+    assert env["jobs"].read_auto_state()["enabled"] is False
+    assert env["jobs"].read_auto_state()["rounds"]["rejected"] == 1
