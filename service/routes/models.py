@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 
-from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..auto_rounds import auto_state
+from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
 from ..registry import InvalidVersion, VersionNotFound
@@ -142,21 +143,15 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep,
+                 adaptation: AdaptationDep) -> ServingModel:
     """The serving version, its backend, when it was loaded and the swap counters of this process, the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
     against the first frames this process served with the version), and the worker's auto policy (``auto``)."""
     serving = _serving(manager, registry)
-    serving.drift = request.app.state.drift.snapshot()
-    serving.auto = _auto(request)
+    serving.drift = drift.snapshot()
+    serving.auto = _redacted(auto_state(adaptation.jobs))
     return serving
-
-
-def _auto(request: Request) -> dict[str, Any]:
-    from ..auto_rounds import auto_state
-    from .adapt import adaptation_plane
-
-    return _redacted(auto_state(adaptation_plane(request.app).jobs))
 
 
 @router.get("/{version}", summary="Describe one version",
