@@ -46,13 +46,13 @@ OUTCOMES = (PUBLISHED, REJECTED, FAILED, CANCELLED)
 def auto_config(settings: Settings) -> AutoConfig | None:
     """The policy the settings ask for: drift (``adapt_auto``), the older count trigger, or none."""
     s = settings
-    common = {"method": s.adapt_auto_method, "steps": s.adapt_auto_steps, "max_clips": s.adapt_max_clips,
-              "min_train": s.adapt_min_clips}
     if s.adapt_auto:
         return AutoConfig(DRIFT, s.adapt_auto_min_clips, s.adapt_auto_interval_s, s.adapt_auto_distance,
-                          s.adapt_domains, s.adapt_gate, s.adapt_reset_every, **common)
+                          s.adapt_domains, s.adapt_gate, s.adapt_reset_every, s.adapt_auto_method,
+                          s.adapt_auto_steps, s.adapt_max_clips, s.adapt_min_clips)
     if s.adapt_auto_clips > 0:
-        return AutoConfig(COUNT, s.adapt_auto_clips, 0.0, domains=False, gate="stat", **common)
+        return AutoConfig(COUNT, s.adapt_auto_clips, 0.0, domains=False, gate="stat", method=s.adapt_auto_method,
+                          steps=s.adapt_auto_steps, max_clips=s.adapt_max_clips, min_train=s.adapt_min_clips)
     return None
 
 

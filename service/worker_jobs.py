@@ -236,9 +236,11 @@ class JobRunner:
         elif activate:
             log.warning("ACTIVE moved away from %s during job %s; published %s without activating it",
                         active, job_id, version)
+        fields: dict[str, Any] = {"version": version, "activated": activated, "gate": report}
         domain = result.meta.get("domain")
-        return self.jobs.finish(job_id, PUBLISHED, version=version, activated=activated, gate=report,
-                                **({"domain": {k: domain.get(k) for k in ("name", "clips")}} if domain else {}))
+        if domain:
+            fields["domain"] = {"name": domain.get("name"), "clips": domain.get("clips")}
+        return self.jobs.finish(job_id, PUBLISHED, **fields)
 
     def _load_clips(self, size: tuple[int, int], authenticated_only: bool = False,
                     clip_ids: dict[str, list[str]] | None = None) -> tuple[list[Any], list[Any], dict[str, Any]]:
