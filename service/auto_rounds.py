@@ -36,6 +36,7 @@ from .auto_policy import COUNT, DRIFT, AutoConfig, ClipSig, Decision, consistent
 from .auto_policy import plan_count_round, plan_round
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
 from .settings import Settings
+from .storage import StoreError
 
 log = logging.getLogger("vss.worker.auto")
 
@@ -89,6 +90,8 @@ def stored_signature(registry: Any, version: str) -> list[float] | None:
         return None
     try:
         stats = load_source_stats(registry.path(version))
+    except StoreError:
+        raise  # waited out by the worker; read again afterwards
     except (ValueError, LookupError, OSError) as e:  # CheckpointError is a ValueError
         log.warning("auto policy: cannot read the source statistics of %s: %s", version, e)
         return None
@@ -215,9 +218,11 @@ class AutoRounds:
         if version not in self._metas:
             try:
                 self._metas[version] = registry.meta(version)
-            except (ValueError, LookupError, OSError) as e:  # a damaged version or a store that is down
+            except StoreError:
+                raise  # the store is down: the worker waits it out, then this version is read again
+            except (ValueError, LookupError, OSError) as e:  # a damaged or removed version: not a reference
                 log.warning("auto policy: cannot read the metadata of %s: %s", version, e)
-                return None
+                self._metas[version] = None
         return self._metas[version]
 
     def _source_signature(self, registry: Any, version: str) -> list[float] | None:
