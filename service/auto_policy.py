@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 DRIFT, COUNT = "drift", "count"
+MAX_CLUSTERS_SHOWN = 8  # clusters a decision lists (most new drifted clips first)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def plan_round(clips: Sequence[ClipSig], served: Mapping[str, Sequence[float] | 
     new_ids = {c.id for c in new}
     clusters = sorted(greedy_clusters(drifted, cfg.distance), key=lambda k: -sum(c.id in new_ids for c in k.clips))
     summaries = [_summary(k, new_ids, served) for k in clusters]
-    decision = Decision("", len(drifted), len(new), summaries)
+    decision = Decision("", len(drifted), len(new), summaries[:MAX_CLUSTERS_SHOWN])
     eligible = None if last_round_at is None else last_round_at + cfg.interval_s
     decision.next_eligible = eligible
     if len(new) < cfg.min_clips:
