@@ -131,3 +131,23 @@ def test_the_state_survives_a_restart_and_says_when_the_policy_is_off(env: dict[
     off.auto.start()
     assert env["jobs"].read_auto_state()["enabled"] is False
     assert env["jobs"].read_auto_state()["rounds"]["rejected"] == 1
+
+
+def test_vss_worker_auto_starts_a_round_by_itself(env: dict[str, Any], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    add(env["buffer"], "fog", 3, 1)
+    cmd = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
+           "worker", "--model-dir", str(tmp_path / "models"), "--buffer-dir", str(tmp_path / "buffer"), "--auto",
+           "--once", "--log-level", "warning"]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VSS_")}
+    environ.update(PYTHONPATH=str(repo), VSS_FLOW="dis-ultrafast", VSS_ADAPT_NICE="0", OMP_NUM_THREADS="1",
+                   VSS_ADAPT_AUTO_METHOD="bn", VSS_ADAPT_AUTO_STEPS="1", VSS_ADAPT_AUTO_MIN_CLIPS="3")
+    done = subprocess.run(cmd, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [job] = env["jobs"].list()
+    assert job["trigger"] == "auto" and job["state"] in ("published", "rejected"), job["error"]
+    assert env["jobs"].read_auto_state()["rounds"]["started"] == 1
