@@ -79,15 +79,11 @@ def routable(meta: dict[str, Any]) -> bool:
 
 
 def stored_signature(registry: Any, version: str) -> list[float] | None:
-    """The source-statistics signature stored with ``version``'s checkpoint, or None (none stored, another
-    signature definition, or a tree without stored statistics: ``models.checkpoint.load_source_stats`` comes
-    with issue 13 item 4)."""
+    """The source-statistics signature stored with ``version``'s checkpoint (issue 13 item 4), or None (none
+    stored, or one of another signature definition)."""
+    from models.checkpoint import load_source_stats
     from models.signature import LENGTH, VERSION
 
-    try:
-        from models.checkpoint import load_source_stats  # type: ignore[attr-defined]
-    except ImportError:
-        return None
     try:
         stats = load_source_stats(registry.path(version))
     except StoreError:

@@ -187,7 +187,8 @@ class JobRunner:
                           steps=int(request["steps"]), lr=request.get("lr"),
                           time_budget_s=min(float(request.get("time_budget_s") or math.inf),
                                             self.settings.adapt_max_time_s),
-                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")))
+                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")),
+                          labeled_frames=int(request.get("labeled_frames") or 0))
 
         def on_progress(stage: str, info: dict[str, Any]) -> None:
             if stage == "gate":
@@ -199,7 +200,7 @@ class JobRunner:
         result = adapt(model, meta, train, cfg, parent_ref=parent, val=val, heldout=heldout or None,
                        on_log=lambda step, logs: self.jobs.log_losses(job_id, step, logs),
                        should_stop=lambda: self._should_stop(job_id), on_progress=on_progress,
-                       provenance=provenance, **kwargs)
+                       provenance=provenance, labeled=val, **kwargs)
         if self._should_stop(job_id):
             raise Cancelled("cancelled while gating")
         report = _jsonable(result.report.to_dict())

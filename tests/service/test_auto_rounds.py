@@ -151,3 +151,30 @@ def test_vss_worker_auto_starts_a_round_by_itself(env: dict[str, Any], tmp_path:
     [job] = env["jobs"].list()
     assert job["trigger"] == "auto" and job["state"] in ("published", "rejected"), job["error"]
     assert env["jobs"].read_auto_state()["rounds"]["started"] == 1
+
+
+def test_the_base_reference_is_the_stored_source_signature(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import shutil
+
+    from adaptation.source_stats import compute_source_stats
+    from adaptation.synth import generate_clip
+    from models.checkpoint import add_source_stats, load_checkpoint
+
+    checkpoint = tmp_path / "with-stats"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    clip = generate_clip("source", frames=4, size=SIZE, seed=0)
+    add_source_stats(checkpoint, compute_source_stats(load_checkpoint(checkpoint)[0], clip.frames, clip.labels))
+    registry = ModelRegistry(tmp_path / "models")
+    registry.import_dir(checkpoint, activate=True)
+    settings = Settings(_env_file=None, model_dir=tmp_path / "models", buffer_dir=tmp_path / "buffer",
+                        demo_model=None, flow="dis-ultrafast", worker="off", adapt_min_clips=2,
+                        buffer_heldout_fraction=0.3, adapt_auto=True, adapt_auto_method="bn", adapt_auto_steps=1,
+                        adapt_auto_min_clips=3)
+    buffer = clip_buffer(settings)
+    add(buffer, "fog", 3, 1)  # only shifted clips: the earliest-clips fallback would take fog as the base
+    env = {"registry": registry, "settings": settings, "buffer": buffer, "jobs": AdaptJobStore(settings.job_root())}
+    w = worker(env, adapt_auto=True)
+    assert w.poll_once()
+    state = env["jobs"].read_auto_state()
+    assert state["base_reference"]["from"] == "source statistics of v0001"
+    assert env["jobs"].list()[0]["trigger"] == "auto"
