@@ -12,7 +12,9 @@ from pydantic import BaseModel, Field
 from models.checkpoint import CheckpointError
 from models.signature import distance
 
-from ..deps import AUTH_ERRORS, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey, RoutesDep
+from ..auto_rounds import auto_state
+from ..deps import (AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey,
+                    RoutesDep)
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
 from ..domains import domain_of
@@ -91,6 +93,9 @@ class ServingModel(BaseModel):
     routing: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the domain versions this "
                                            "process routes to and, per open stream, the version serving it and its "
                                            "signature distances to the base and to that version (service/routing.py)")
+    auto: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the worker's auto policy "
+                                        "(VSS_ADAPT_AUTO): its last decision, drifted clips, clusters, next eligible "
+                                        "time and rounds started/published/rejected (service/auto_rounds.py)")
 
 
 def _redacted(value: Any) -> Any:
@@ -185,13 +190,15 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep, routes: Routes
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep, routes: RoutesDep) -> ServingModel:
-    """The serving version, its backend, when it was loaded and the swap counters of this process, and the
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep, adaptation: AdaptationDep,
+                 routes: RoutesDep) -> ServingModel:
+    """The serving version, its backend, when it was loaded and the swap counters of this process, the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
-    against the first frames this process served with the version), and the per-domain routing state
-    (``routing``, service/routing.py)."""
+    against the first frames this process served with the version), the worker's auto policy (``auto``) and
+    the per-domain routing state (``routing``, service/routing.py)."""
     serving = _serving(manager, registry)
     serving.drift = drift.snapshot()
+    serving.auto = _redacted(auto_state(adaptation.jobs))
     serving.routing = routes.snapshot()
     return serving
 
