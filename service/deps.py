@@ -23,8 +23,8 @@ from .components import AdaptationPlane
 from .drain import Drain
 from .drift import DriftMonitor
 from .engine import Engine
-from .jobs import DataPlane
-from .live import EngineManager, NotReady
+from .segment_jobs import DataPlane
+from .engine_manager import EngineManager, NotReady
 from .metrics import Metrics
 from .registry_api import Registry
 from .routing import DomainRoutes

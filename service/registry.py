@@ -10,7 +10,7 @@ Registry layout (one directory, possibly shared by several server processes and 
 Versions are immutable. A publish writes a hidden staging directory and renames it to the next
 free ``vNNNN`` (atomic; two concurrent publishers can never both get the same name). ``ACTIVE``
 is replaced atomically (temp file + ``os.replace``), so a reader sees the old or the new pointer,
-never half of one. Each server process's ``EngineManager`` (``service.live``, the owner of the live engine)
+never half of one. Each server process's ``EngineManager`` (``service.engine_manager``, the owner of the live engine)
 polls ``ACTIVE`` and swaps its engine by a reference flip; that is also how replicas behind a load balancer
 follow a rollback.
 """

@@ -36,7 +36,7 @@ from models.checkpoint import CheckpointError
 from .domains import Choice, Route, RouteTable, base_signature, choose, domain_of
 from .drift import DriftMonitor
 from .engine import Engine
-from .live import EngineFactory, warm_up
+from .engine_manager import EngineFactory, warm_up
 from .registry import RegistryError
 from .registry_api import Registry
 

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .drift import DriftMonitor
-from .live import EngineManager
+from .engine_manager import EngineManager
 from .metrics import Metrics
 from .routing import DomainRoutes
 from .settings import Settings

@@ -144,7 +144,7 @@ class LimitSettings(BaseModel):
 
 
 class UploadJobSettings(BaseModel):
-    """Long uploads run as background jobs (``service/jobs.py``)."""
+    """Long uploads run as background jobs (``service/segment_jobs.py``)."""
 
     job_frame_threshold: int = Field(300, ge=1, description="uploads with more frames run as background jobs")
     job_dir: Path = Field(Path("var/jobs"), description="results of upload jobs")

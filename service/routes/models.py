@@ -15,7 +15,7 @@ from models.signature import distance
 from ..auto_rounds import auto_state
 from ..deps import (AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey,
                     RoutesDep)
-from ..live import EngineLoadError, EngineManager
+from ..engine_manager import EngineLoadError, EngineManager
 from ..redact import redact
 from ..domains import domain_of
 from ..routing import DomainRoutes

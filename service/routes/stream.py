@@ -73,9 +73,9 @@ from ..budget import BudgetExceeded, budget
 from ..collect import provenance
 from ..deps import (ApiError, get_adaptation, get_data_plane, get_drain, get_drift, get_engine_manager, get_metrics,
                     get_routes, get_settings)
-from ..jobs import LockedEngine
-from ..live import NotReady
-from ..pipeline import StreamSegmenter
+from ..segment_jobs import LockedEngine
+from ..engine_manager import NotReady
+from ..stream_segmenter import StreamSegmenter
 from ..stream_codec import (CLOSE_INTERNAL, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
                             StreamError, close_reason, decode_frame, encode_labels, parse_config,
                             precheck_frame)

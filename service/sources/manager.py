@@ -16,8 +16,8 @@ from models.flow import FlowProvider, build_flow
 
 from ..collect import ClipSampler, Provenance
 from ..drift import DriftMonitor
-from ..jobs import FairLock
-from ..live import EngineManager
+from ..segment_jobs import FairLock
+from ..engine_manager import EngineManager
 from ..routing import DomainRoutes
 from ..metrics import Metrics
 from ..settings import Settings

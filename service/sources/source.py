@@ -26,11 +26,11 @@ from typing import Any
 import av.error
 import numpy as np
 
-from ..jobs import LockedEngine
-from ..live import NotReady
-from ..pipeline import StreamSegmenter, overlay
+from ..segment_jobs import LockedEngine
+from ..engine_manager import NotReady
+from ..stream_segmenter import StreamSegmenter, overlay
 from ..stream_codec import encode_labels
-from ..video import apply_rotation, normalize_rotation
+from ..video_io import apply_rotation, normalize_rotation
 from .feed import FrameQueue, Subscriber
 from .fetch import SourceError, classify, open_container
 from .policy import PolicyError, Unresolvable, redact

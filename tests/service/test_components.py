@@ -14,8 +14,8 @@ from service.app import create_app
 from service.components import AdaptationPlane, Components
 from service.drain import Drain
 from service.drift import DriftMonitor
-from service.jobs import DataPlane
-from service.live import EngineManager
+from service.segment_jobs import DataPlane
+from service.engine_manager import EngineManager
 from service.metrics import Metrics
 from service.registry_api import Registry
 from service.routing import DomainRoutes
