@@ -11,7 +11,7 @@ from service.app import create_app
 from service.registry import ModelRegistry, VersionNotFound
 from service.storage import ObjectStore, S3Store
 from service.store_registry import StoreRegistry
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.service.test_routing import domain_checkpoint, settings_for, stream, style_frames
 from tests.waiting import wait_until
 

@@ -26,7 +26,7 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 from service.stream_codec import decode_labels
 from service.video_io import VideoWriter
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.waiting import wait_until
 
 FRAME_KEYS = {"type", "frame", "model_version", "latency_ms", "compute_ms", "dropped", "class_fractions",

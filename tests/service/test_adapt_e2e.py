@@ -22,7 +22,7 @@ from models.config import DEMO_MODEL_DIR
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.waiting import wait_until
 from service.stream_codec import raw_frame
 

@@ -14,7 +14,7 @@ import pytest
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

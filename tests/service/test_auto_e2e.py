@@ -16,7 +16,7 @@ import httpx
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.waiting import wait_until
 
 API_KEY = "auto-key"

@@ -15,7 +15,7 @@ from service import sandboxed_decode
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

@@ -23,7 +23,7 @@ from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
 from service.video_io import VideoWriter
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.waiting import wait_until
 
 FILLER = "filler.bin"

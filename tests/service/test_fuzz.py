@@ -28,7 +28,7 @@ from websockets.sync.client import connect
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 
 API_KEY = "fuzz-key"
 HTTP_EXAMPLES = int(os.environ.get("VSS_FUZZ_EXAMPLES", "12"))

@@ -20,7 +20,7 @@ from service.registry_api import Registry
 from service.domains import Domain, Route, RouteTable, choose, domain_of
 from service.settings import Settings
 from service.video_io import VideoWriter
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.service.test_stream import open_stream, reply
 from tests.waiting import wait_until
 

@@ -19,7 +19,7 @@ from websockets.sync.client import ClientConnection, connect
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from service.stream_codec import decode_labels, decode_rle, encode_rle, raw_frame
 from tests.waiting import wait_until
 

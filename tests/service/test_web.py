@@ -20,7 +20,7 @@ from service.app import create_app
 from service.registry import ModelRegistry
 from service.routes.web import STATIC_FILES
 from service.settings import Settings
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from service.registry import ModelRegistry
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.service.test_web import browser, make_app, open_page, shot, text, write_video  # noqa: F401
 
 API_KEY = "page-test-key"

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from tests.service.test_auto_e2e import API_KEY, post_clip
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.service.test_web import browser, make_app, open_page, shot, text  # noqa: F401
 from tests.waiting import wait_until
 

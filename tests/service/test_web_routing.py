@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.registry import ModelRegistry
-from tests.service.engine_manager import live_server
+from tests.service.live import live_server
 from tests.service.sources_support import write_mp4
 from tests.service.test_routing import publish_domains, style_frames
 from tests.service.test_web import browser, make_app, open_page, shot, text  # noqa: F401
