@@ -75,7 +75,6 @@ class AdaptConfig:
     heldout_fraction: float = 0.25
     chunk: int = 16  # frames per piece when splitting held-out clips
     bn_prepass: bool = True  # re-estimate BN statistics on target frames before training
-    bn_postpass: bool = False  # ... and again after training (measured: no better on the benchmark)
     prepass_frames: int = 32  # at most this many frames (evenly spaced) in the pre-pass
     labeled_frames: int = 0  # K <= 4 labeled target frames (from ``adapt(labeled=...)``) as extra supervision
     label_weight: float = 1.0  # weight of their cross-entropy (``adaptation.fewlabel``)
@@ -205,16 +204,9 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     num_classes = int(candidate.num_classes)
     frames = _spaced([f for c in train_clips for f in c.frames], cfg.prepass_frames)
 
-    def bn_pass() -> float:
-        start = budget.spent()
-        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])).to(dev) for i in range(0, len(frames), 4)))
-        return budget.spent() - start
-
-    reserve = 0.0
     if cfg.bn_prepass and cfg.method != "bn":
         progress("bn_prepass", {"frames": len(frames)})
-        spent = bn_pass()
-        reserve = spent if cfg.bn_postpass else 0.0  # keep as much time for the post-pass
+        recalibrate_bn(candidate, (frames_tensor(np.stack(frames[i:i + 4])).to(dev) for i in range(0, len(frames), 4)))
     weights = None
     if cfg.sampling == "class-balanced":
         weights = class_balanced_weights(_predicted_histograms(candidate, train_clips, num_classes))
@@ -229,7 +221,7 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     batches: Iterator[dict[str, Any]] = iter(sampler) if dev.type == "cpu" else _on_device(iter(sampler), dev)
     wall_left = None
     if cfg.time_budget_s is not None:
-        budget.seconds = max(0.0, cfg.time_budget_s - reserve)
+        budget.seconds = max(0.0, cfg.time_budget_s)
         if cfg.budget_clock == "cpu":
             batches = until_spent(batches, budget)
         else:
@@ -244,9 +236,6 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
     except NonFiniteLoss as e:
         failure = f"training diverged: {e}"
     method.finish(candidate)
-    if failure is None and cfg.bn_postpass and cfg.method != "bn":
-        progress("bn_postpass", {"frames": len(frames)})
-        bn_pass()
     candidate.eval()
     progress("gate", {"heldout_clips": len(heldout)})
     if failure is not None:

@@ -43,15 +43,14 @@ def test_adapt_api_records_meta_and_leaves_parent_untouched(parent_dir, clip):
     assert m["provenance"]["data"]["heldout_frames"] == 5
 
 
-def test_bn_post_pass_runs_after_training_within_the_budget(parent_dir, clip):
+def test_bn_prepass_runs_before_training_within_the_budget(parent_dir, clip):
     parent, meta = load_checkpoint(parent_dir)
     clips = [prepare_clip(clip.frames, SIZE, flows=clip.flow)]
     events = []
-    cfg = AdaptConfig(method="tent", steps=10**6, time_budget_s=3.0, budget_clock="cpu", bn_postpass=True, chunk=5)
+    cfg = AdaptConfig(method="tent", steps=10**6, time_budget_s=3.0, budget_clock="cpu", chunk=5)
     result = adapt(parent, meta, clips, cfg, on_progress=lambda stage, info: events.append(stage))
-    assert events.index("bn_prepass") < events.index("train") < events.index("bn_postpass") < events.index("gate")
+    assert events.index("bn_prepass") < events.index("train") < events.index("gate")
     assert result.train is not None and result.train.steps >= 1
-    assert result.meta["provenance"]["hyperparameters"]["bn_postpass"] is True
 
 
 def test_adapt_cancelled(parent_dir, clip):
