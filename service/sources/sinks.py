@@ -12,14 +12,19 @@ own clock in milliseconds, so dropped frames make a variable frame rate, not a f
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.error
 import numpy as np
 
 from ..atomic import publish, temp_beside, write_atomic
+
+log = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, 1000)
 
@@ -195,3 +200,44 @@ class HlsSink(_SegmentedSink):
         super().close()
         if len(self.segments) == had and self.segments:  # nothing new was published: still mark the end
             self._write_playlist()
+
+
+class SinkSet:
+    """The sinks one source writes to (``kinds``: "disk", "hls"), opened at the first frame, when the
+    source's frame rate is known. A failing sink is logged and reported, never raised: subscribers
+    keep getting frames."""
+
+    def __init__(self, kinds: tuple[str, ...], output: Path, segment_s: float, keep: int, hls_list_size: int,
+                 name: str) -> None:
+        self.kinds, self.output, self.segment_s = kinds, output, segment_s
+        self.keep, self.hls_list_size, self.name = keep, hls_list_size, name
+        self.sinks: dict[str, _SegmentedSink] = {}
+
+    def write(self, picture: np.ndarray, t_ms: int, fps: float) -> str | None:
+        """Write one overlay picture to every sink; the error message if one failed."""
+        try:
+            if not self.sinks:
+                for kind in self.kinds:
+                    self.sinks[kind] = (DiskSink(self.output / "disk", self.segment_s, fps, self.keep)
+                                        if kind == "disk" else
+                                        HlsSink(self.output / "hls", self.segment_s, fps, self.hls_list_size))
+            for sink in self.sinks.values():
+                sink.write(picture, t_ms)
+        except (OSError, av.error.FFmpegError, ValueError) as e:
+            log.warning("source %s: a sink failed: %s", self.name, e)
+            return f"sink: {e}"
+        return None
+
+    def cut(self) -> None:
+        """Start new segments (a reconnect: a discontinuity)."""
+        self._each("cutting a segment", lambda sink: sink.cut(discontinuity=True))
+
+    def close(self) -> None:
+        self._each("closing a sink", lambda sink: sink.close())
+
+    def _each(self, what: str, action: Callable[[_SegmentedSink], None]) -> None:
+        for sink in self.sinks.values():
+            try:
+                action(sink)
+            except (OSError, av.error.FFmpegError, ValueError) as e:
+                log.warning("source %s: %s failed: %s", self.name, what, e)

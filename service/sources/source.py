@@ -34,7 +34,7 @@ from ..video_io import apply_rotation, normalize_rotation
 from .feed import FrameQueue, Subscriber
 from .fetch import SourceError, classify, open_container
 from .policy import PolicyError, Unresolvable, redact
-from .sinks import DiskSink, HlsSink
+from .sinks import SinkSet
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class Source:
         self._times: deque[float] = deque(maxlen=32)  # when recent frames were segmented (fps)
         self._t0 = time.monotonic()
         self.output = Path(settings.sources_output_dir) / self.id
-        self.sinks: dict[str, Any] = {}
+        self.sinks = SinkSet(spec.sinks, self.output, spec.segment_s, settings.sources_segment_keep,
+                             settings.sources_hls_list_size, self.id)
         self._segmenter: StreamSegmenter | None = None
         self._raw_engine: Any = None
         self._sampler = ctx.sampler(spec) if spec.collect else None
@@ -268,7 +269,7 @@ class Source:
                 try:
                     if item.epoch != epoch:
                         if epoch:
-                            self._cut_sinks()
+                            self.sinks.cut()
                         epoch = item.epoch
                         if self._segmenter is not None:
                             self._segmenter.reset()  # no warp across a reconnect: the next frame is a keyframe
@@ -282,7 +283,7 @@ class Source:
             self._drift.close_stream(self._drift_id)
             self._router.close()
             self.queue.clear()
-            self._close_sinks()
+            self.sinks.close()
             self._reader.join()  # it never waits for the worker
             self._set_state(*self._final)  # only now: every frame was delivered, every sink file published
             with self._lock:
@@ -319,7 +320,10 @@ class Source:
         self.model_version = result.model_version
         self._times.append(time.monotonic())
         if self.spec.sinks:
-            self._write_sinks(frame, result.labels, item.t_ms, segmenter.engine.meta["palette"])
+            picture = overlay(frame, result.labels, np.asarray(segmenter.engine.meta["palette"], dtype=np.uint8))
+            error = self.sinks.write(picture, item.t_ms, self.source_fps or DEFAULT_FPS)
+            if error is not None:
+                self.error = error
         self._publish(item, result)
 
     def _publish(self, item: _Item, result: Any) -> None:
@@ -338,38 +342,6 @@ class Source:
                 blobs[subscriber.format] = encode_labels(result.labels, subscriber.format)
             subscriber.offer(("frame", {**meta, "format": subscriber.format}, blobs[subscriber.format]))
 
-    # --- sinks -----------------------------------------------------------------------------------------
-    def _write_sinks(self, frame: np.ndarray, labels: np.ndarray, t_ms: int, palette: Any) -> None:
-        settings = self.ctx.settings
-        try:
-            if not self.sinks:
-                fps = self.source_fps or DEFAULT_FPS
-                for kind in self.spec.sinks:
-                    self.sinks[kind] = (
-                        DiskSink(self.output / "disk", self.spec.segment_s, fps, settings.sources_segment_keep)
-                        if kind == "disk" else
-                        HlsSink(self.output / "hls", self.spec.segment_s, fps, settings.sources_hls_list_size))
-            picture = overlay(frame, labels, np.asarray(palette, dtype=np.uint8))
-            for sink in self.sinks.values():
-                sink.write(picture, t_ms)
-        except (OSError, av.error.FFmpegError, ValueError) as e:
-            self.error = f"sink: {e}"
-            log.warning("source %s: a sink failed: %s", self.id, e)
-
-    def _cut_sinks(self) -> None:
-        for sink in self.sinks.values():
-            try:
-                sink.cut(discontinuity=True)
-            except (OSError, av.error.FFmpegError, ValueError) as e:
-                log.warning("source %s: cutting a segment failed: %s", self.id, e)
-
-    def _close_sinks(self) -> None:
-        for sink in self.sinks.values():
-            try:
-                sink.close()
-            except (OSError, av.error.FFmpegError, ValueError) as e:
-                log.warning("source %s: closing a sink failed: %s", self.id, e)
-
     # --- reports ---------------------------------------------------------------------------------------
     def fps(self) -> float:
         """Frames segmented per second over the recent frames (0 when idle for a second)."""
@@ -385,10 +357,10 @@ class Source:
             subscribers = len(self._subscribers)
         sinks: dict[str, Any] = {}
         if "disk" in spec.sinks:
-            disk = self.sinks.get("disk")
+            disk = self.sinks.sinks.get("disk")
             sinks["disk"] = {"dir": str(self.output / "disk"), "segments": len(disk.segments) if disk else 0}
         if "hls" in spec.sinks:
-            hls = self.sinks.get("hls")
+            hls = self.sinks.sinks.get("hls")
             sinks["hls"] = {"playlist": f"/v1/sources/{self.id}/hls/index.m3u8",
                             "segments": len(hls.segments) if hls else 0}
         retry = None if self.retry_at is None or self.state != RECONNECTING else max(self.retry_at - time.time(), 0)
