@@ -24,7 +24,7 @@ Pure numpy + OpenCV, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -82,7 +82,7 @@ def distance(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
 
 
 def nearest(query: Sequence[float] | np.ndarray,
-            candidates: dict[str, Sequence[float] | np.ndarray]) -> tuple[str, float] | None:
+            candidates: Mapping[str, Sequence[float] | np.ndarray]) -> tuple[str, float] | None:
     """The key of the candidate signature closest to ``query`` and its distance (None without candidates)."""
     best: tuple[str, float] | None = None
     for key, sig in candidates.items():

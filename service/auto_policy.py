@@ -97,29 +97,27 @@ class Decision:
                 "next_eligible": self.next_eligible}
 
 
+Signatures = Mapping[str, Sequence[float] | np.ndarray]
+
+
 def distance(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """``models.signature.distance`` (imported here: ``models`` loads torch, which an idle worker must not)."""
+    """``models.signature.distance`` (imported when called: ``models.signature`` loads OpenCV, which an idle
+    worker and ``vss --help`` do not need)."""
     from models.signature import distance as scaled
 
     return scaled(a, b)
 
 
-Signatures = Mapping[str, Sequence[float] | np.ndarray]
+def nearest(sig: np.ndarray, references: Signatures) -> tuple[str, float] | None:
+    """``models.signature.nearest``: (name, distance) of the closest reference; None without references."""
+    from models.signature import nearest as closest
+
+    return closest(sig, references)
 
 
-def nearest_reference(sig: np.ndarray, references: Signatures) -> tuple[str, float] | None:
-    """(name, distance) of the reference closest to ``sig``; None without references."""
-    best: tuple[str, float] | None = None
-    for name, ref in references.items():
-        d = distance(sig, ref)
-        if best is None or d < best[1]:
-            best = (name, d)
-    return best
-
-
-def is_drifted(sig: np.ndarray, references: Mapping[str, Sequence[float] | np.ndarray], threshold: float) -> bool:
+def is_drifted(sig: np.ndarray, references: Signatures, threshold: float) -> bool:
     """Farther than ``threshold`` from every reference (no reference at all: drifted)."""
-    near = nearest_reference(sig, references)
+    near = nearest(sig, references)
     return near is None or near[1] > threshold
 
 
@@ -155,7 +153,7 @@ def mean_signature(clips: Sequence[ClipSig]) -> list[float]:
 
 
 def _summary(cluster: Cluster, new_ids: set[str], references: Mapping[str, Any]) -> dict[str, Any]:
-    near = nearest_reference(cluster.centroid, references)
+    near = nearest(cluster.centroid, references)
     return {"size": len(cluster.clips), "new": sum(c.id in new_ids for c in cluster.clips),
             "train": sum(not c.heldout for c in cluster.clips), "heldout": sum(c.heldout for c in cluster.clips),
             "nearest": near[0] if near else None, "distance": round(near[1], 2) if near else None}
@@ -205,7 +203,7 @@ def plan_round(clips: Sequence[ClipSig], served: Mapping[str, Sequence[float] | 
     if reset and base is not None:
         parent = base
     elif cfg.domains:
-        near = nearest_reference(np.asarray(signature), domain_versions)
+        near = nearest(np.asarray(signature), domain_versions)
         if near is not None and near[1] <= cfg.distance:
             parent = near[0]
     decision.request = {
