@@ -25,7 +25,7 @@ LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 # adaptation.sourcefree.SOURCE_FREE, spelled out so that building the parser does not import torch
 # (tests/test_cli.py checks that the two agree).
-METHODS = ("bn", "tent", "itcr", "stpl", "selftrain")
+METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "cotta")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

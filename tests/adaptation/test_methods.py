@@ -19,7 +19,7 @@ from models.config import get_config
 
 SIZE = (64, 128)
 # method -> does it change BN running statistics?
-BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False}
+BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False, "cotta": False}
 
 
 def make_clip(seed: int, frames: int = 4, labels: bool = False) -> TargetClip:
