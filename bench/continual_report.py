@@ -137,15 +137,22 @@ def rounds(jobs: list[dict[str, Any]], timeline: list[tuple[float, float]], plan
 
 
 def gate_errors(scored: list[dict[str, Any]]) -> dict[str, Any]:
-    """False publishes from rounds scored on held-out labeled clips: each item has ``state``, ``parent_miou``
-    and ``candidate_miou`` (None when the candidate was not kept)."""
-    published = [r for r in scored if r["state"] == "published"]
-    rejected = [r for r in scored if r["state"] == "rejected" and r.get("candidate_miou") is not None]
-    worse = [r for r in published if r["candidate_miou"] < r["parent_miou"]]
-    better = [r for r in rejected if r["candidate_miou"] > r["parent_miou"]]
-    return {"published_scored": len(published), "published_worse": len(worse),
+    """The gate's errors, from rounds whose parent and candidate were scored on held-out labeled clips.
+
+    Each item has ``state``, ``gate_passed`` (what the gate said; with the gate off the round was published
+    anyway) and ``parent_miou``/``candidate_miou`` (None when the candidate was not kept: a rejected round
+    of a gated configuration). A false publish: the gate passed a candidate that is worse than its parent;
+    a false rejection: it failed one that is better.
+    """
+    have = [r for r in scored if r.get("candidate_miou") is not None and r.get("parent_miou") is not None]
+    passed = [r for r in have if r.get("gate_passed")]
+    failed = [r for r in have if r.get("gate_passed") is False]
+    worse = [r for r in passed if r["candidate_miou"] < r["parent_miou"]]
+    better = [r for r in failed if r["candidate_miou"] > r["parent_miou"]]
+    return {"published_scored": len(passed), "published_worse": len(worse),
             "published_worse_by": [round(r["candidate_miou"] - r["parent_miou"], 2) for r in worse],
-            "rejected_scored": len(rejected), "rejected_better": len(better),
+            "rejected_scored": len(failed), "rejected_better": len(better),
+            "rejected_better_by": [round(r["candidate_miou"] - r["parent_miou"], 2) for r in better],
             "rejected_unscored": sum(r["state"] == "rejected" and r.get("candidate_miou") is None for r in scored)}
 
 

@@ -83,12 +83,14 @@ def test_rounds_on_the_stream_clock_and_gate_errors():
     assert (r["started"], r["published"], r["rejected"], r["unfinished"]) == (3, 1, 1, 1)
     assert r["list"][0]["created_s"] == 10.0 and r["list"][0]["style"] == "source" and r["list"][0]["method"] == "tent"
     assert r["list"][1]["segment"] == 1 and r["list"][1]["ended_s"] == 90.0 and r["list"][2]["ended_s"] is None
-    scored = [{"state": "published", "parent_miou": 50.0, "candidate_miou": 49.0},
-              {"state": "published", "parent_miou": 50.0, "candidate_miou": 60.0},
-              {"state": "rejected", "parent_miou": 50.0, "candidate_miou": 55.0},
-              {"state": "rejected", "parent_miou": None, "candidate_miou": None}]
+    scored = [{"state": "published", "gate_passed": True, "parent_miou": 50.0, "candidate_miou": 49.0},
+              {"state": "published", "gate_passed": True, "parent_miou": 50.0, "candidate_miou": 60.0},
+              {"state": "published", "gate_passed": False, "parent_miou": 50.0, "candidate_miou": 55.0},  # gate off
+              {"state": "published", "gate_passed": False, "parent_miou": 50.0, "candidate_miou": 45.0},
+              {"state": "rejected", "gate_passed": False, "parent_miou": None, "candidate_miou": None}]
     assert gate_errors(scored) == {"published_scored": 2, "published_worse": 1, "published_worse_by": [-1.0],
-                                   "rejected_scored": 1, "rejected_better": 1, "rejected_unscored": 1}
+                                   "rejected_scored": 2, "rejected_better": 1, "rejected_better_by": [5.0],
+                                   "rejected_unscored": 1}
 
 
 def test_plot_marks_gate_decisions(tmp_path):
