@@ -70,8 +70,7 @@ def base_env(work: Path, args: argparse.Namespace) -> dict[str, str]:
             "VSS_JOB_DIR": str(work / "jobs"), "VSS_CACHE_DIR": str(work / "cache"), "VSS_API_KEY": KEY,
             "VSS_DEVICE": "cpu", "VSS_ADAPT_DEVICE": "cpu", "VSS_FLOW": "dis-ultrafast",
             "VSS_REGISTRY_POLL_MS": "200", "VSS_WORKER_THREADS": "1", "VSS_INTRA_OP_THREADS": str(args.threads),
-            "VSS_BUFFER_CLIP_FRAMES": str(max(2, args.clip_frames // 2)),
-            "VSS_BUFFER_CLIP_EVERY": str(args.clip_frames),
+            "VSS_BUFFER_CLIP_FRAMES": str(args.buffer_frames), "VSS_BUFFER_CLIP_EVERY": str(args.buffer_every),
             "VSS_ADAPT_MIN_CLIPS": "2", "VSS_ADAPT_MAX_CLIPS": str(args.max_clips),
             "VSS_ADAPT_MAX_TIME_S": str(args.budget),  # rounds give no time budget: this limit is theirs
             "VSS_ADAPT_THREADS": str(args.threads), "VSS_WORKER": "spawn", "VSS_COLLECT_RATE_CLIPS": "100000"}
@@ -210,6 +209,7 @@ def run_config(name: str, args: argparse.Namespace, plan: Plan, paths: list[Path
     extra = {k: v for k, v in final["adapt"].items() if k != "jobs"}
     return {"env": config_env(name, args), "wall_s": round(wall, 1), "served": score.summary(), "rounds": summary,
             "gate_rounds": scored, "gate_errors": gate_errors(scored), "adapt_status": extra,
+            "auto_rounds": (final["active"].get("auto") or {}).get("rounds"),  # the worker's own counters
             "active": final["active"], "frames_out_of_order": final["frames_out_of_order"]}
 
 
@@ -221,15 +221,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="wall seconds per segment (replay pacing; 0: as fast as the server answers)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--method", default="tent", help="round method of always, reset and full")
-    ap.add_argument("--budget", type=float, default=25.0, help="wall seconds of training per round")
+    ap.add_argument("--budget", type=float, default=20.0, help="wall seconds of training per round")
     ap.add_argument("--interval", type=float, default=20.0, help="least seconds between rounds")
-    ap.add_argument("--min-clips", type=int, default=3, help="new clips before a round")
+    ap.add_argument("--min-clips", type=int, default=2, help="new drifted clips before a round")
     ap.add_argument("--max-clips", type=int, default=6, help="newest buffered clips a round uses")
     ap.add_argument("--distance", type=float, default=None, help="VSS_ADAPT_AUTO_DISTANCE (default: the server's)")
-    ap.add_argument("--reset-every", type=int, default=4, help="VSS_ADAPT_RESET_EVERY of the reset configuration")
+    ap.add_argument("--reset-every", type=int, default=3, help="VSS_ADAPT_RESET_EVERY of the reset configuration")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     ap.add_argument("--size", default="256x512", help="frame size HxW")
     ap.add_argument("--clip-frames", type=int, default=16, help="frames per generated clip (a plot window)")
+    ap.add_argument("--buffer-frames", type=int, default=8, help="frames per buffered clip (VSS_BUFFER_CLIP_FRAMES)")
+    ap.add_argument("--buffer-every", type=int, default=8, help="a buffered clip every this many frames "
+                    "(VSS_BUFFER_CLIP_EVERY)")
     ap.add_argument("--heldout-clips", type=int, default=3, help="held-out clips per style for scoring rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the worker")
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
