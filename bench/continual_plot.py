@@ -2,7 +2,8 @@
 
 One point per clip window (``ServedScore.summary()["windows"]``), segments shaded and named along the
 top, and each round's end marked on its configuration's line: a filled triangle for a published
-round, a cross for a rejected one (failed and cancelled rounds are not marked).
+round, a cross for a rejected one, a hollow triangle for one published although the gate said no (the
+gate-off baselines); failed and cancelled rounds are not marked.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"none": (90, 90, 90), "always": (214, 39, 40), "reset": (255, 127, 14), "cotta": (148, 103, 189),
+COLORS = {"none": (150, 150, 150), "always": (214, 39, 40), "reset": (255, 127, 14), "cotta": (148, 103, 189),
           "full": (31, 119, 180)}
 EXTRA = [(44, 160, 44), (140, 86, 75), (227, 119, 194), (23, 190, 207)]
 SHADES = [(245, 245, 245), (228, 232, 240)]
@@ -67,7 +68,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, size: tuple[int, int] =
         pts = [(xy((w["start_s"] + w["end_s"]) / 120, w["miou"]), w) for w in res["served"]["windows"]
                if w["miou"] is not None]
         if len(pts) > 1:
-            d.line([p for p, _ in pts], fill=c, width=2)
+            d.line([p for p, _ in pts], fill=c, width=6 if name == "none" else 2)  # the base shows under the rest
         for r in (res.get("rounds") or {}).get("list", []):
             if r["ended_s"] is None or r["state"] not in ("published", "rejected"):
                 continue
@@ -76,7 +77,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path, size: tuple[int, int] =
                 continue
             x, _ = xy(r["ended_s"] / 60, lo)
             y = near[0][1]
-            if r["state"] == "published":
+            if r["state"] == "published" and r.get("gate_passed") is False:  # gate off: published anyway
+                d.polygon([(x, y - 7), (x - 5, y + 2), (x + 5, y + 2)], fill="white", outline=c, width=2)
+            elif r["state"] == "published":
                 d.polygon([(x, y - 7), (x - 5, y + 2), (x + 5, y + 2)], fill=c, outline="black")
             else:
                 d.line([x - 5, y - 5, x + 5, y + 5], fill=c, width=3)
@@ -92,6 +95,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path, size: tuple[int, int] =
     d.line([width - right + 19, ly - 5, width - right + 29, ly + 5], fill="black", width=3)
     d.line([width - right + 19, ly + 5, width - right + 29, ly - 5], fill="black", width=3)
     d.text((width - right + 42, ly), "rejected", fill="black", font=small, anchor="lm")
+    ly += 18
+    d.polygon([(width - right + 24, ly - 6), (width - right + 19, ly + 3), (width - right + 29, ly + 3)],
+              fill="white", outline="black", width=2)
+    d.text((width - right + 42, ly), "published,", fill="black", font=small, anchor="lm")
+    d.text((width - right + 42, ly + 13), "gate said no", fill="black", font=small, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
     return path
