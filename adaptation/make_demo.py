@@ -20,7 +20,7 @@ import torch
 
 from models.accel import build_model
 from models.checkpoint import make_meta, save_checkpoint
-from models.config import get_config
+from models.config import get_config, parse_hxw
 
 from . import synth
 from .clip_eval import evaluate_clips
@@ -63,14 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=12.0)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--crop", default="96x192")
+    ap.add_argument("--crop", type=parse_hxw, default=(96, 192), metavar="HxW")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    crop = tuple(int(v) for v in args.crop.split("x"))
     t0 = time.time()
     clips = [synth.generate_clip("source", 8, INPUT_SIZE, seed=s) for s in TRAIN_SEEDS]
     print(f"generated {len(clips)} training clips in {time.time() - t0:.1f}s", flush=True)
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg)
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, optimizer="adam", poly_power=0.9, weight_decay=1e-4,
                        time_budget_s=args.minutes * 60, log_every=100)
-    result = train(model, SourceOnly(head_lr_mult=1.0), crop_batches(clips, args.batch, crop, args.seed), tcfg,
+    result = train(model, SourceOnly(head_lr_mult=1.0), crop_batches(clips, args.batch, args.crop, args.seed), tcfg,
                    on_log=lambda s, logs: print(f"step {s} loss {logs['loss']:.3f}", flush=True))
     model.eval()
     scores = {}

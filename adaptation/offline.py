@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.accel import build_model
-from models.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_atomic
+from models.atomic import replacing, write_atomic
+from models.checkpoint import load_checkpoint, make_meta, save_checkpoint
 from models.classes import palette_for
 from models.config import ModelConfig, get_config
 
@@ -202,9 +203,8 @@ class OfflineRun:
                  "aux_optimizer": self.aux_opt.state_dict() if self.aux_opt is not None else None,
                  "method": self.method.state_dict(),
                  "modules": {k: m.state_dict() for k, m in self.method.modules().items()}}
-        tmp = ckpts / f".{name}.state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, ckpts / f"{name}.state.pt")
+        with replacing(ckpts / f"{name}.state.pt") as tmp:
+            torch.save(state, tmp)
         write_atomic(self.run_dir / "state.json",
                      json.dumps({"last": f"checkpoints/{name}", "step": step, "best": self.best}, indent=2).encode())
         for old in sorted(p for p in ckpts.glob("step_*") if p.is_dir())[:-max(1, self.cfg.keep)]:

@@ -14,7 +14,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # up-to-6 augmented forwards per step affordable on a CPU
     "cotta": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": (128, 256)}},
 }
-FULL_FRAME = (1 << 30, 1 << 30)  # a crop larger than any frame: train on full frames
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -65,7 +64,8 @@ class AdaptConfig:
     budget_clock: str = "wall"  # "wall", or "cpu": CPU seconds of this process (load-independent)
     seed: int = 0
     batch_size: int | None = None  # (t-1, t) pairs per step; None: the method's default
-    crop: tuple[int, int] | None = None  # random (h, w) crops; None: the method's default; FULL_FRAME: none
+    # random (h, w) crops, or "full" frames (resolved to None: no crop); None: the method's default
+    crop: tuple[int, int] | Literal["full"] | None = None
     flip: bool = True
     sampling: str = "class-balanced"  # or "random"
     heldout_fraction: float = 0.25
@@ -84,6 +84,8 @@ class AdaptConfig:
         for key, value in DEFAULTS[self.method]["config"].items():
             if d[key] is None:
                 d[key] = value
+        if d["crop"] == "full":
+            d["crop"] = None  # resolved: None is no crop (whole frames)
         return d
 
 

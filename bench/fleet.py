@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.config import parse_hxw  # noqa: E402
 from service.storage import S3Store  # noqa: E402
 from service.store_registry import StoreRegistry  # noqa: E402
 from tests.fleet.cluster import Replica, demo_checkpoint  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> int:
     p.add_argument("--swaps", type=int, default=10)
     p.add_argument("--poll-ms", type=int, default=100, help="VSS_REGISTRY_POLL_MS of the replicas")
     p.add_argument("--outage-s", type=float, default=5.0)
-    p.add_argument("--size", default="128x256", help="model input size HxW")
+    p.add_argument("--size", type=parse_hxw, default=(128, 256), metavar="HxW", help="model input size")
     args = p.parse_args()
     binary = weed_binary()
     if binary is None:
@@ -85,7 +86,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    size = tuple(int(v) for v in args.size.split("x"))
+    size = args.size
     with tempfile.TemporaryDirectory(prefix="vss-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         server = SeaweedServer(tmp / "s3", binary).start()

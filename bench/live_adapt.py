@@ -32,7 +32,7 @@ from adaptation.synth import CLASSES, generate_clip
 from bench.service import server_process
 from models.checkpoint import load_checkpoint
 from service.registry import ModelRegistry
-from service.settings import BUNDLED_DEMO_MODEL
+from models.config import DEMO_MODEL_DIR
 from service.stream_codec import raw_frame
 
 SIZE = (256, 512)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-live-"))
     registry = ModelRegistry(tmp / "models")
-    registry.import_dir(BUNDLED_DEMO_MODEL, activate=True)
+    registry.import_dir(DEMO_MODEL_DIR, activate=True)
     env = {"VSS_MODEL_DIR": str(tmp / "models"), "VSS_BUFFER_DIR": str(tmp / "buffer"),
            "VSS_JOB_DIR": str(tmp / "jobs"), "VSS_CACHE_DIR": str(tmp / "cache"), "VSS_API_KEY": KEY,
            "VSS_DEVICE": "cpu", "VSS_FLOW": "dis-ultrafast", "VSS_REGISTRY_POLL_MS": "200",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"job still {job['state']} after {args.budget + 600:.0f} s")
             for _ in range(3):
                 replies.append(send(ws, live[len(replies) % len(live)]))
-    parent, meta = load_checkpoint(BUNDLED_DEMO_MODEL)
+    parent, meta = load_checkpoint(DEMO_MODEL_DIR)
     test = [generate_clip(args.style, 12, SIZE, seed=s) for s in range(TEST_SEEDS, TEST_SEEDS + 4)]
     before = evaluate_clips(parent, test, CLASSES)["miou"]
     after = None

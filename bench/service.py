@@ -56,7 +56,8 @@ from models.flow import build_flow  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
 from service.pipeline import StreamSegmenter  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
-from service.settings import BUNDLED_DEMO_MODEL, Settings  # noqa: E402
+from models.config import DEMO_MODEL_DIR  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.stream_codec import raw_frame  # noqa: E402
 from service.video import VideoWriter  # noqa: E402
 
@@ -105,8 +106,8 @@ def server_process(env: dict[str, str], threads: int) -> Iterator[tuple[int, int
 
 
 def checkpoint(tmp: Path) -> tuple[Path, str]:
-    if (BUNDLED_DEMO_MODEL / "meta.json").is_file():
-        return BUNDLED_DEMO_MODEL, "bundled demo model"
+    if (DEMO_MODEL_DIR / "meta.json").is_file():
+        return DEMO_MODEL_DIR, "bundled demo model"
     cfg = get_config("mini-os8")
     names = list(CLASS_SETS["synthetic"])
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ from websockets.sync.client import connect
 from adaptation.synth import generate_clip
 from bench.service import server_process
 from service.registry import ModelRegistry
-from service.settings import BUNDLED_DEMO_MODEL
+from models.config import DEMO_MODEL_DIR
 from service.stream_codec import raw_frame
 from service.video import VideoWriter
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     registry = ModelRegistry(tmp / "models")
-    registry.import_dir(BUNDLED_DEMO_MODEL, activate=True)
+    registry.import_dir(DEMO_MODEL_DIR, activate=True)
     shutil.copytree(registry.path("v0001"), registry.root / "v0002")
     clip = generate_clip("fog", 24, SIZE, seed=7)
     frames = [raw_frame(f) for f in clip.frames]

@@ -37,11 +37,10 @@ from adaptation.metrics import warp_labels_np  # noqa: E402
 from adaptation.synth import generate_clip  # noqa: E402
 from models.accel import build_model  # noqa: E402
 from models.checkpoint import load_checkpoint, make_meta  # noqa: E402
-from models.classes import CLASS_SETS, palette_for  # noqa: E402
-from models.config import get_config  # noqa: E402
+from models.classes import CLASS_SETS, label_png, palette_for  # noqa: E402
+from models.config import DEMO_MODEL_DIR, get_config  # noqa: E402
 from models.flow import DISFlow  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
-from service.outputs import label_png  # noqa: E402
 from service.pipeline import (  # noqa: E402
     NaiveSegmenter,
     StreamSegmenter,
@@ -53,7 +52,6 @@ from service.pipeline import (  # noqa: E402
 from service.video import VideoWriter, read_frames  # noqa: E402
 
 THREADS = 2
-DEMO_DIR = Path(__file__).resolve().parent.parent / "service" / "demo_model"
 
 
 class Timed:
@@ -84,8 +82,8 @@ class TimedEngine:
 
 
 def demo_engine() -> tuple[TorchEngine, str]:
-    if (DEMO_DIR / "meta.json").is_file():
-        model, meta = load_checkpoint(DEMO_DIR)
+    if (DEMO_MODEL_DIR / "meta.json").is_file():
+        model, meta = load_checkpoint(DEMO_MODEL_DIR)
         return TorchEngine(model, meta, "demo"), "bundled demo weights"
     return random_engine("mini-os8", (256, 512), CLASS_SETS["synthetic"]), "random init (no demo model yet)"
 

@@ -41,6 +41,7 @@ from adaptation.methods import build_method  # noqa: E402
 from adaptation.offline import OfflineConfig, run_offline  # noqa: E402
 from adaptation.trainer import TrainConfig, train  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+from models.config import parse_hxw  # noqa: E402
 
 TARGETS = ("fog", "night", "noise-blur", "recolor")
 # Row -> (method, options). Paper settings unless noted; what was tuned (on fog and recolor, 40 CPU-s
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--methods", default=",".join(ROWS))
     ap.add_argument("--budget", type=float, default=40.0, help="CPU seconds of training per run")
-    ap.add_argument("--size", default="128x256", help="input size HxW")
+    ap.add_argument("--size", type=parse_hxw, default=(128, 256), metavar="HxW", help="input size")
     ap.add_argument("--lr", type=float, default=1e-3, help="SGD base LR (heads x10), poly 0.9")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pretrain-steps", type=int, default=600, help="source-only pre-training steps (batch 4)")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="runs per cell (seeds seed..seed+K-1), averaged")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    size = tuple(int(v) for v in args.size.split("x"))
+    size = args.size
     rows = [r for r in args.methods.split(",") if r]
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ok in checks.items():
             print(f"{'PASS' if ok else 'FAIL'}  {name} (mean {mean[name.split(' ')[0]]:.1f} vs {base:.1f})")
     print(f"total {time.time() - t_start:.0f}s wall; init {init}; budget {args.budget} CPU-s per run; "
-          f"size {args.size}; {args.seeds} seed(s) per cell")
+          f"size {size[0]}x{size[1]}; {args.seeds} seed(s) per cell")
     if args.json:
         Path(args.json).write_text(json.dumps({"init": str(init), "budget_cpu_s": args.budget, "size": size,
                                                "seeds": args.seeds, "per_step_cpu_s": per_step, "results": results,

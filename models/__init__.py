@@ -1,8 +1,5 @@
-"""Pure models: DeepLabV2 backbones, the ACCEL wrapper, flow warping, flow providers, checkpoint I/O."""
+"""Pure models: DeepLabV2 backbones, the ACCEL wrapper, flow warping, flow providers, checkpoint I/O.
 
-from .accel import AccelSegmenter, ScoreFusion, build_model
-from .config import CONFIGS, ModelConfig, Normalization, get_config
-from .warp import resize_flow, warp
-
-__all__ = ["CONFIGS", "AccelSegmenter", "ModelConfig", "Normalization", "ScoreFusion", "build_model",
-           "get_config", "resize_flow", "warp"]
+The package imports nothing itself, so its torch-free modules (``config``, ``classes``, ``atomic``)
+can be used by the service's torch-free processes and by the CLI's argument parsers.
+"""

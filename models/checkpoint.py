@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .accel import AccelSegmenter, build_model
+from .atomic import FILE_MODE, replacing_dir
 from .config import ModelConfig
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 FORMAT = "vss-checkpoint/1"
-# The bundled demo checkpoint (``python -m adaptation.make_demo -o service/demo_model``): the one place
-# that names it for the service settings, the CLI and the benchmarks.
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "service" / "demo_model"
 
 
 class CheckpointError(ValueError):
@@ -71,21 +67,6 @@ def make_meta(cfg: ModelConfig, classes: list[str], palette: list[list[int]], in
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file via a temp file in the same directory and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str, Any]) -> Path:
     """Write weights + meta into a temp sibling directory, then rename it to ``directory``.
 
@@ -95,22 +76,13 @@ def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"refusing to overwrite non-empty checkpoint directory {directory}")
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    try:
+    with replacing_dir(directory) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         meta = {**meta, "sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        # mkdtemp/safetensors create private files; checkpoints are meant to be shared (containers, replicas).
-        os.chmod(tmp, 0o755)
-        for f in (WEIGHTS, META):
-            os.chmod(tmp / f, 0o644)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for f in (WEIGHTS, META):  # safetensors creates private files; checkpoints are meant to be shared
+            os.chmod(tmp / f, FILE_MODE)
     return directory
 
 

@@ -1,6 +1,12 @@
-"""Class sets and Cityscapes-style palettes for the label spaces vss knows."""
+"""Class sets and Cityscapes-style palettes for the label spaces vss knows, and label maps as palette PNGs."""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 IGNORE_INDEX = 255  # label value of pixels without a class (void, dropped pseudo-labels); never a class id
 
@@ -32,3 +38,23 @@ def palette_for(classes: tuple[str, ...] | list[str]) -> list[list[int]]:
         colour = CITYSCAPES_COLOURS.get(name)
         out.append(list(colour) if colour else [(37 * i + 50) % 256, (91 * i + 120) % 256, (53 * i + 200) % 256])
     return out
+
+
+def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an (H, W) uint8 label map as a palette-mode PNG (pixel value = class index)."""
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = palette
+    image.putpalette(flat.ravel().tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a label map PNG: palette mode (indices) or greyscale (values are class indices)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: label PNGs must be palette or greyscale images, got mode {image.mode}")
+        return np.asarray(image).astype(np.uint8)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
+
+# The bundled demo checkpoint (``python -m adaptation.make_demo -o service/demo_model``, config ``mini-os8``):
+# the one place that names it for the service settings, the CLI, the benchmarks and the tests. Here, not in
+# ``checkpoint``, so that torch-free code (settings, argument parsers) can name it.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "service" / "demo_model"
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
@@ -93,12 +99,9 @@ def parse_hxw(text: str, min_side: int = 1, max_side: int | None = None) -> tupl
     The one parser of HxW sizes; CLI flags and query parameters wrap it in their own error type.
     """
     h, sep, w = text.strip().lower().partition("x")
-    try:
-        if not sep:
-            raise ValueError
-        size = (int(h), int(w))
-    except ValueError:
-        raise ValueError(f"expected HxW such as 256x512, got {text!r}") from None
+    if not (sep and all(side.isascii() and side.isdigit() and len(side) <= 6 for side in (h, w))):
+        raise ValueError(f"expected HxW such as 256x512, got {text!r}")
+    size = (int(h), int(w))
     if min(size) < min_side or (max_side is not None and max(size) > max_side):
         bounds = f"{min_side}..{max_side}" if max_side is not None else f">= {min_side}"
         raise ValueError(f"size {size[0]}x{size[1]} out of range ({bounds} per side)")

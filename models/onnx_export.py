@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accel import AccelSegmenter, ScoreFusion
-from .checkpoint import load_checkpoint, write_atomic
+from .atomic import replacing, write_atomic
+from .checkpoint import load_checkpoint
 
 FRAME_FILE = "model.onnx"
 FUSION_FILE = "fusion.onnx"
@@ -102,10 +101,8 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names
     ``dims`` names the dynamic axes of every input and output, e.g. ``{"frames": {0: "N", 2: "H"}}``.
     """
     input_names, output_names = names
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        with warnings.catch_warnings():
+        with replacing(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter warns that it is deprecated
             if exporter == "dynamo":
                 torch.onnx.export(module, args, tmp, input_names=input_names, output_names=output_names,
@@ -114,13 +111,8 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names
             else:
                 torch.onnx.export(module, args, tmp, input_names=input_names, output_names=output_names,
                                   dynamic_axes=dims, opset_version=min(opset, LEGACY_MAX_OPSET), dynamo=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except Exception as e:
         raise ExportError(f"ONNX export ({exporter}) to {path} failed: {type(e).__name__}: {e}") from e
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _dynamo_shapes(input_names: list[str], dims: dict[str, dict[int, str]]) -> dict[str, dict[int, Any]]:

@@ -1,10 +1,10 @@
-"""Adaptation jobs as files, shared by server processes and adaptation workers; and the worker supervisor.
+"""Adaptation jobs as files, shared by server processes and adaptation workers, and the workers' heartbeats.
 
 Layout of the job directory (``Settings.job_root()``, by default ``<buffer_dir>/jobs``)::
 
     <id>.json              one job: request, state, progress, losses, gate report, version, error
     worker-<host>-<pid>.json   a worker's heartbeat (written every ``adapt_heartbeat_s``)
-    .lock                  flock(2) lock held for every read-modify-write of a job
+    .lock                  flock(2) lock held for every read-modify-write of a job (``models.atomic.locked``)
 
 Every job file is replaced atomically (temp file + ``os.replace``), so readers never see half of
 one. Mutations (create, claim, progress, cancel, finish) take the directory lock, so a server
@@ -20,7 +20,6 @@ process is gone from this host, is failed by ``reap`` (servers call it when jobs
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from .atomic import TEMP_PREFIX, locked, write_atomic
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -83,13 +82,9 @@ class AdaptJobStore:
     # --- plumbing ------------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """The directory lock around a read-modify-write (a store-backed subclass holds a lease instead)."""
+        with locked(self.root):
+            yield
 
     def ensure(self) -> None:
         """Create the job directory."""
@@ -257,7 +252,7 @@ class AdaptJobStore:
     def sweep(self, max_age_s: float = 60.0) -> int:
         """Remove temp files of writers that died (``service.atomic`` names them ``.tmp-*``); at start."""
         removed, cutoff = 0, time.time() - max_age_s
-        for path in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+        for path in self.root.glob(f"{TEMP_PREFIX}*") if self.root.is_dir() else []:
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

@@ -1,9 +1,12 @@
 """The FastAPI application factory. Everything is built inside ``create_app``; nothing at import.
 
-``app.state`` carries ``settings``, ``registry`` (on-disk versions), ``engine_manager`` (the only
-owner of the live engine), ``metrics`` and ``drain`` (``service.drain``: set by ``vss serve`` on
-SIGTERM); routes reach them through ``service.deps``.
-Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
+``create_app`` builds every part of the app eagerly (``service.components.build_components``) and puts
+each on ``app.state``: ``settings``, ``metrics``, ``registry`` (model versions), ``engine_manager`` (the
+only owner of the live engine), ``drain`` (``service.drain``: begun by ``vss serve`` on SIGTERM),
+``drift`` (the drift signal), ``data_plane`` (upload jobs, the engine lock, the batcher), ``adaptation``
+(clip buffer, collection, adaptation jobs, the worker supervisor) and ``sources``. Routes reach them
+through ``service.deps``. The app has one lifespan, ``Components.running``, which starts them in order
+and stops them in reverse. Run it with ``vss serve`` or ``uvicorn --factory service.app:create_app``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import fields
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,22 +22,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.checkpoint import CheckpointError
-
 from . import routes
 from .budget import MAX_JSON_BODY_BYTES, document_limits
+from .components import build_components
 from .deps import ApiError
-from .drain import RETRY_AFTER_S, Drain, DrainMiddleware
-from .drift import DriftCollector, DriftMonitor
-from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
+from .drain import RETRY_AFTER_S, DrainMiddleware
+from .live import EngineFactory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .redact import redact
-from .registry_api import Registry, open_registry
 from .routes import sources as sources_routes
 from .storage import StoreError
 from .settings import Settings
@@ -83,46 +81,26 @@ def error_body(status: int, code: str | None, message: str, details: Any = None)
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """Build the app. ``engine_factory`` replaces the torch/ONNX factory (tests inject fakes)."""
     settings = settings if settings is not None else Settings()
-    metrics = Metrics()
-    registry = open_registry(settings.model_dir, settings.cache_dir)
-    options = EngineOptions(settings.engine, settings.device, settings.half, settings.intra_op_threads,
-                            settings.onnx_exporter, settings.onnx_tensorrt, settings.cache_dir)
-    manager = EngineManager(registry, engine_factory or make_engine_factory(options),
-                            poll_interval_s=settings.registry_poll_ms / 1000.0,
-                            retry_failed_s=settings.registry_retry_s, warmup=settings.warmup)
-    metrics.watch_engine(manager)
+    parts = build_components(settings, engine_factory)
     if settings.intra_op_threads and settings.engine == "torch":
         import torch
 
         # Process-wide: threads that have not run torch ops yet (the inference threads) inherit it.
         torch.set_num_threads(settings.intra_op_threads)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_prepare, settings, registry)
-        manager.start()  # loads the active version in the background; /readyz says when it is done
-        try:
-            yield
-        finally:
-            await run_in_threadpool(manager.stop)
-
     app = FastAPI(title="vss", summary="Video semantic segmentation that adapts itself to your videos",
-                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS, lifespan=lifespan,
+                  description=DESCRIPTION, version=_version(), openapi_tags=OPENAPI_TAGS,
+                  lifespan=lambda _app: parts.running(),  # the one lifespan: start in order, stop in reverse
                   docs_url=None, redoc_url=None)  # routes/docs.py serves both without a CDN
-    app.state.settings = settings
-    app.state.registry = registry
-    app.state.engine_manager = manager
-    app.state.metrics = metrics
-    app.state.drain = drain = Drain()
-    app.state.drift = drift = DriftMonitor()  # service/drift.py: the drift signal of this process
-    metrics.registry.register(DriftCollector(drift))
+    for part in fields(parts):  # app.state.settings, .metrics, ..., .sources: what service.deps reads
+        setattr(app.state, part.name, getattr(parts, part.name))
     _add_error_handlers(app)
-    app.add_middleware(DrainMiddleware, drain=drain, refusal=_draining_response)
+    app.add_middleware(DrainMiddleware, drain=parts.drain, refusal=_draining_response)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
     app.add_middleware(BodyBudgetMiddleware, max_bytes=MAX_JSON_BODY_BYTES)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=parts.metrics)
     for router in routes.routers():
         app.include_router(router)
     app.include_router(sources_routes.router)  # server-side sources (README "Server-side sources")
@@ -140,25 +118,6 @@ def _draining_response() -> JSONResponse:
     message = "this server is shutting down; retry: the load balancer sends you to another replica"
     return JSONResponse(error_body(503, "draining", message), 503,
                         {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
-
-
-def _prepare(settings: Settings, registry: Registry) -> None:
-    """Startup work before serving: registry directory and first-start seeding."""
-    registry.ensure()
-    try:
-        seeded = registry.seed(settings.demo_model)
-        empty = not seeded and not registry.versions()
-    except CheckpointError as e:
-        log.error("cannot seed the registry from %s: %s", settings.demo_model, e)
-        return
-    except StoreError as e:  # the watcher keeps polling; the replica becomes ready once the store answers
-        log.error("model registry %s is unreachable at startup: %s", registry.location, e)
-        return
-    if seeded:
-        log.info("initialised model registry %s with %s from %s", registry.location, seeded, settings.demo_model)
-    elif empty:
-        log.warning("model registry %s is empty and no demo model is configured; "
-                    "import one with `vss models import PATH`", registry.location)
 
 
 def _version() -> str:

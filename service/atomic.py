@@ -1,40 +1,16 @@
-"""Atomic file writes for the service's own files (job records, buffered clips), without importing torch;
-and what a full or read-only disk means for a client (``storage_problem``).
-
-``models.checkpoint.write_atomic`` does the same for checkpoints, but importing ``models`` loads torch,
-which the idle worker process and the job store avoid.
+"""What a full or read-only disk means for a client (``storage_problem``); and, re-exported for the service,
+the atomic writers and the directory lock of ``models.atomic`` (the one implementation, torch-free, which
+``models`` and ``adaptation`` use too).
 """
 
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, BinaryIO
 
+from models.atomic import TEMP_PREFIX, locked, publish, replacing, temp_beside, write_atomic, write_through
 
-def write_through(path: Path, write: Callable[[BinaryIO], Any]) -> int:
-    """Write through ``write(file)`` into a temp file next to ``path``, fsync, rename; returns the size."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (readers see the old or the new file, never half)."""
-    write_through(path, lambda f: f.write(data))
-
+__all__ = ["TEMP_PREFIX", "locked", "publish", "replacing", "storage_problem", "temp_beside", "write_atomic",
+           "write_through"]
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)

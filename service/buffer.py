@@ -27,7 +27,6 @@ for compression or disk.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .atomic import write_through
+from .atomic import TEMP_PREFIX, locked, write_through
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ CLIP_ID_RE = re.compile(r"^\d{20}-[0-9a-f]{8}$")
 FRAMES_SUFFIX, META_SUFFIX = ".npz", ".json"
 ORPHAN_AGE_S = 600.0  # frames without metadata (a writer died between the two renames) are removed after this
 TEMP_AGE_S = 60.0  # temp files of a writer that died (writing one clip takes well under a second)
-TEMP_PREFIX = ".tmp-"  # service.atomic.write_through's temp names
 
 
 class ClipNotFound(LookupError):
@@ -163,13 +161,9 @@ class ClipBuffer:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """The directory lock around a read-modify-write."""
+        with locked(self.root):
+            yield
 
     def _find(self, digest: str) -> ClipInfo | None:
         """The buffered clip whose frames have this sha256 (ids end with its first 8 hex digits)."""

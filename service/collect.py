@@ -1,5 +1,8 @@
 """Who may feed the adaptation clip buffer, and how much: the policy, the provenance of a clip, per-client
-rate limits, and the pending clips of one input (handed over only once that input decoded completely).
+rate limits, the pending clips of one input (handed over only once that input decoded completely), and the
+clip-collection hook: ``clip_sampler`` gives an upload, a stream or a source the ``ClipSampler`` that cuts
+its frames into clips and hands them over (``AdaptationPlane.sampler`` in ``service.components`` binds it
+to the app's rate limiter and clip buffer; routes and sources only call that).
 
 ``VSS_COLLECT`` (``Settings.collect``) decides whose traffic may become training data:
 
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 from starlette.requests import HTTPConnection
 
+from .buffer import resize_frames
 from .settings import Settings
 
 MAX_PENDING_CLIPS = 4  # clips one upload may hold (at the model input size) until it decoded completely
@@ -136,3 +140,51 @@ class PendingClips:
 
     def discard(self) -> None:
         self._clips = []
+
+
+class ClipSampler:
+    """Cuts runs of ``clip_frames`` consecutive frames, one every ``every``, resized to ``size`` (the model
+    input) as they come, and hands them to ``deliver``; or, with ``pending``, holds them until ``commit``
+    (an upload's clips wait until it decoded completely)."""
+
+    def __init__(self, deliver: Callable[[list[np.ndarray]], None], clip_frames: int, every: int,
+                 size: tuple[int, int] | None = None, pending: PendingClips | None = None) -> None:
+        self.deliver = pending.add if pending is not None else deliver
+        self.pending, self.clip_frames, self.every, self.size = pending, clip_frames, every, size
+        self._seen = 0
+        self._clip: list[np.ndarray] = []
+
+    def push(self, frame: np.ndarray) -> None:
+        if self._seen % self.every < self.clip_frames:
+            self._clip.append(frame if self.size is None else resize_frames([frame], self.size)[0])
+            if len(self._clip) == self.clip_frames:
+                clip, self._clip = self._clip, []
+                self.deliver(clip)
+        self._seen += 1
+
+    def commit(self) -> None:
+        """The input decoded completely: hand the held clips over."""
+        if self.pending is not None:
+            self.pending.commit()
+
+
+Offer = Callable[[list[np.ndarray], str, Provenance], bool]
+
+
+def clip_sampler(settings: Settings, offer: Offer, size: tuple[int, int] | None, source: str, prov: Provenance,
+                 hold: bool = False) -> ClipSampler | None:
+    """The hook of one input: a sampler with the ``buffer_clip_frames`` / ``buffer_clip_every`` settings whose
+    clips go to ``offer(frames, source, prov)``, or None when the collect policy does not let this client feed
+    the buffer. ``source`` is "upload", "stream" or "source"; ``hold``: keep clips until ``commit`` (uploads).
+
+    ``offer`` runs on the caller's thread (a worker thread), so it must return quickly: it hands the clip
+    over (the app's rate limit, then the clip buffer's writer thread), it never trains."""
+    if not allows(collect_mode(settings), prov.authenticated):
+        return None
+
+    def deliver(clip: list[np.ndarray]) -> None:
+        offer(clip, source, prov)
+
+    return ClipSampler(deliver, settings.buffer_clip_frames, max(settings.buffer_clip_every,
+                                                                 settings.buffer_clip_frames),
+                       size, PendingClips(deliver) if hold else None)

@@ -1,6 +1,8 @@
 """Dependencies shared by all routes: app state accessors, the API-key guard and the error type.
 
-Routes never import app singletons; they declare what they need::
+``app.state`` holds the parts ``service.components.build_components`` built (``create_app`` sets them all
+before the app serves; there is nothing lazy to probe for). Routes never import app singletons; they
+declare what they need::
 
     @router.post("/v1/thing", dependencies=[RequireApiKey])
     def thing(engine: EngineDep, settings: SettingsDep, metrics: MetricsDep) -> ...
@@ -17,11 +19,16 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
+from .components import AdaptationPlane
+from .drain import Drain
+from .drift import DriftMonitor
 from .engine import Engine
+from .jobs import DataPlane
 from .live import EngineManager, NotReady
 from .metrics import Metrics
 from .registry_api import Registry
 from .settings import Settings
+from .sources.manager import SourceManager
 
 
 class ApiError(Exception):
@@ -47,6 +54,26 @@ def get_engine_manager(conn: HTTPConnection) -> EngineManager:
 
 def get_metrics(conn: HTTPConnection) -> Metrics:
     return conn.app.state.metrics
+
+
+def get_drain(conn: HTTPConnection) -> Drain:
+    return conn.app.state.drain
+
+
+def get_drift(conn: HTTPConnection) -> DriftMonitor:
+    return conn.app.state.drift
+
+
+def get_data_plane(conn: HTTPConnection) -> DataPlane:
+    return conn.app.state.data_plane
+
+
+def get_adaptation(conn: HTTPConnection) -> AdaptationPlane:
+    return conn.app.state.adaptation
+
+
+def get_sources(conn: HTTPConnection) -> SourceManager:
+    return conn.app.state.sources
 
 
 def get_engine(conn: HTTPConnection) -> Engine:
@@ -89,4 +116,8 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 EngineManagerDep = Annotated[EngineManager, Depends(get_engine_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+DriftDep = Annotated[DriftMonitor, Depends(get_drift)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
+AdaptationDep = Annotated[AdaptationPlane, Depends(get_adaptation)]
+SourcesDep = Annotated[SourceManager, Depends(get_sources)]
 RequireApiKey = Depends(require_api_key)

@@ -20,13 +20,11 @@ Until the reference is complete, the signal is ``None``. The signal only reports
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 DEFAULT_REFERENCE_FRAMES = 50
 DEFAULT_ALPHA = 0.05
@@ -162,29 +160,3 @@ class DriftMonitor:
             return {"reference": reference, "alpha": self.alpha, "process": compare(self._process, ref),
                     "streams": {sid: compare(ema, ref) for sid, ema in self._streams.items()}}
 
-
-class DriftCollector(Collector):
-    """Exports the monitor at scrape time: ``vss_drift_*{scope="process"|"stream", stream=""|"s3"}``."""
-
-    def __init__(self, monitor: DriftMonitor) -> None:
-        self.monitor = monitor
-
-    def collect(self) -> Iterator[Any]:
-        snap = self.monitor.snapshot()
-        ref = snap["reference"]
-        yield GaugeMetricFamily("vss_drift_reference_frames", "Frames in the active version's drift reference so far",
-                                value=float(ref["frames"]) if ref else 0.0)
-        families = {
-            "entropy": GaugeMetricFamily("vss_drift_entropy", "EMA of the mean normalised prediction entropy",
-                                         labels=["scope", "stream"]),
-            "entropy_delta": GaugeMetricFamily("vss_drift_entropy_delta", "EMA entropy minus the reference entropy",
-                                               labels=["scope", "stream"]),
-            "class_tv": GaugeMetricFamily("vss_drift_class_tv", "Total variation between the EMA class distribution "
-                                          "and the reference one", labels=["scope", "stream"]),
-        }
-        scopes = [("process", "", snap["process"])] + [("stream", sid, s) for sid, s in snap["streams"].items()]
-        for scope, sid, values in scopes:
-            for key, family in families.items():
-                if values[key] is not None:
-                    family.add_metric([scope, sid], float(values[key]))
-        yield from families.values()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapt_jobs import pid_alive
-from .atomic import write_atomic
+from .atomic import TEMP_PREFIX, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def recover(parent: Path, ttl_s: float, now: float | None = None) -> dict[str, i
             path.unlink(missing_ok=True)
             known.discard(job_id)
             done["expired"] += 1
-    for path in records.glob(".tmp-*") if records.is_dir() else []:
+    for path in records.glob(f"{TEMP_PREFIX}*") if records.is_dir() else []:
         done["temp"] += _remove_if_older(path, now - TEMP_AGE_S)
     work = parent / WORK
     for path in work.iterdir() if work.is_dir() else []:

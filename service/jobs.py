@@ -345,7 +345,8 @@ def _from_record(record: dict[str, Any], parent: Path) -> Job:
 
 @dataclass
 class DataPlane:
-    """What the upload and stream routes share in one app: the job store, the engine lock and the batcher."""
+    """What the upload and stream routes share in one app: the job store, the engine lock and the batcher
+    (built by ``service.components.build_components``)."""
 
     jobs: JobStore
     engine_lock: FairLock
@@ -353,18 +354,3 @@ class DataPlane:
 
     def close(self) -> None:
         self.jobs.close()
-
-
-def data_plane(app: Any) -> DataPlane:
-    """The app's ``DataPlane``, created on first use from ``app.state.settings``.
-
-    Called from async route code only (the event-loop thread), so creation needs no lock.
-    """
-    plane = getattr(app.state, "data_plane", None)
-    if plane is None:
-        settings = app.state.settings
-        lock = FairLock()
-        batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000.0, lock)
-        plane = DataPlane(JobStore(settings.job_dir, settings.job_ttl_s), lock, batcher)
-        app.state.data_plane = plane
-    return plane

@@ -1,6 +1,7 @@
 """Observability: Prometheus metrics (one ``CollectorRegistry`` per app), request ids, JSON-lines logs.
 
-Other modules record through the ``Metrics`` object on ``app.state.metrics`` (``service.deps.get_metrics``):
+Every metric of the service is defined here. Other modules record through the ``Metrics`` object on
+``app.state.metrics`` (``service.deps.get_metrics``):
 ``metrics.frames_segmented.labels(source="upload").inc(n)``, ``metrics.frames_dropped.labels(
 reason="stale").inc()``, ``metrics.inference_seconds.labels(stage="frame").observe(dt)``.
 """
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from .storage import STORE_ERRORS, STORE_OPS
 
 if TYPE_CHECKING:
+    from .drift import DriftMonitor
     from .live import EngineManager
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("vss_request_id", default=None)
@@ -57,6 +59,10 @@ class Metrics:
         self.sources = Gauge("vss_sources", "Server-side sources (POST /v1/sources) by state", ["state"], registry=r)
         self.source_reconnects = Counter("vss_source_reconnects_total", "Reconnects of server-side sources "
                                          "after a drop or a failed connect", registry=r)
+        self.buffer_clips_added = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip "
+                                          "buffer", ["source"], registry=r)
+        self.buffer_clips_refused = Counter("vss_buffer_clips_refused_total", "Sampled clips not added to the clip "
+                                            "buffer", ["reason"], registry=r)
         self.frames_segmented.labels(source="source")
         self.frames_dropped.labels(reason="source_stale")
         for source in ("upload", "stream"):  # export the series at 0 before the first frame
@@ -66,6 +72,10 @@ class Metrics:
     def watch_engine(self, manager: EngineManager) -> None:
         """Export the manager's active version, swap and failure counters at scrape time."""
         self.registry.register(_EngineCollector(manager))
+
+    def watch_drift(self, monitor: DriftMonitor) -> None:
+        """Export the drift signal (``service/drift.py``) at scrape time."""
+        self.registry.register(_DriftCollector(monitor))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -107,6 +117,33 @@ class _EngineCollector(Collector):
         for op, count in sorted({**dict.fromkeys(STORE_OPS, 0), **STORE_ERRORS.snapshot()}.items()):
             errors.add_metric([op], count)
         yield errors
+
+
+class _DriftCollector(Collector):
+    """Exports the monitor at scrape time: ``vss_drift_*{scope="process"|"stream", stream=""|"s3"}``."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.monitor.snapshot()
+        ref = snap["reference"]
+        yield GaugeMetricFamily("vss_drift_reference_frames", "Frames in the active version's drift reference so far",
+                                value=float(ref["frames"]) if ref else 0.0)
+        families = {
+            "entropy": GaugeMetricFamily("vss_drift_entropy", "EMA of the mean normalised prediction entropy",
+                                         labels=["scope", "stream"]),
+            "entropy_delta": GaugeMetricFamily("vss_drift_entropy_delta", "EMA entropy minus the reference entropy",
+                                               labels=["scope", "stream"]),
+            "class_tv": GaugeMetricFamily("vss_drift_class_tv", "Total variation between the EMA class distribution "
+                                          "and the reference one", labels=["scope", "stream"]),
+        }
+        scopes = [("process", "", snap["process"])] + [("stream", sid, s) for sid, s in snap["streams"].items()]
+        for scope, sid, values in scopes:
+            for key, family in families.items():
+                if values[key] is not None:
+                    family.add_metric([scope, sid], float(values[key]))
+        yield from families.values()
 
 
 def _safe_active(manager: EngineManager) -> str | None:

@@ -9,47 +9,26 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from models.classes import label_png
 
 from . import crashpoints
+from .atomic import publish, temp_beside, write_atomic
 from .pipeline import FrameResult, overlay
-from .video import FILE_MODE, VideoWriter
+from .video import VideoWriter
 
 FORMATS = ("zip", "mp4", "json")
 # x264 "veryfast" keeps ~30 MiB per 4K frame in flight (lookahead, B-frames, frame threads): 623 MiB for a
 # 3840x2160 overlay, measured; "ultrafast" holds 185 MiB there. Frames over 1080p use it, so one upload's
 # overlay fits the request budget (service/budget.py); 1080p "veryfast" holds 174 MiB.
 FAST_PRESET_PIXELS = 1920 * 1088
-
-
-def label_png(labels: np.ndarray, palette: np.ndarray, compress_level: int = 1) -> bytes:
-    """Encode an (H, W) uint8 label map as a palette-mode PNG (pixel value = class index)."""
-    labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
-    flat = np.zeros((256, 3), dtype=np.uint8)
-    flat[: len(palette)] = palette
-    image.putpalette(flat.ravel().tolist())
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def read_label_png(path: str | Path) -> np.ndarray:
-    """Read a label map PNG: palette mode (indices) or greyscale (values are class indices)."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: label PNGs must be palette or greyscale images, got mode {image.mode}")
-        return np.asarray(image).astype(np.uint8)
 
 
 def legend(classes: list[str], palette: np.ndarray, height: int) -> np.ndarray:
@@ -74,19 +53,12 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
-def _temp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    os.chmod(tmp, FILE_MODE)
-    return Path(tmp)
-
-
 class ZipSink:
     """Palette PNGs + manifest.json in a zip (PNGs are stored, not deflated again)."""
 
     def __init__(self, path: Path, classes: list[str], palette: np.ndarray) -> None:
         self.path, self.palette, self.classes = path, palette, classes
-        self.tmp = _temp_beside(path)
+        self.tmp = temp_beside(path, ".part")
         self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
         self.frames: list[dict[str, Any]] = []
 
@@ -102,7 +74,7 @@ class ZipSink:
         self.zip.writestr("manifest.json", json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
         self.zip.close()
         crashpoints.reached("result_write")
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def abort(self) -> None:
         """Remove the partial file; never raises (closing a zip on a full disk fails writing its directory)."""
@@ -159,13 +131,7 @@ class JsonSink:
             entry["source_index"] = entry["index"] * int(summary.get("stride", 1))
         doc = {"summary": {**summary, "classes": self.classes, "palette": self.palette.tolist()},
                "frames": self.frames}
-        tmp = _temp_beside(self.path)
-        try:
-            tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
 
     def abort(self) -> None:
         pass  # nothing is on disk before finish()

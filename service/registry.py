@@ -1,4 +1,4 @@
-"""The on-disk model registry and the manager that owns the live inference engine.
+"""The model registry in a local directory (``ModelRegistry``; ``store_registry`` keeps one on object storage).
 
 Registry layout (one directory, possibly shared by several server processes and the worker)::
 
@@ -9,8 +9,9 @@ Registry layout (one directory, possibly shared by several server processes and 
 Versions are immutable. A publish writes a hidden staging directory and renames it to the next
 free ``vNNNN`` (atomic; two concurrent publishers can never both get the same name). ``ACTIVE``
 is replaced atomically (temp file + ``os.replace``), so a reader sees the old or the new pointer,
-never half of one. Each server process runs an ``EngineManager`` that polls ``ACTIVE`` and swaps
-its engine by a reference flip; that is also how replicas behind a load balancer follow a rollback.
+never half of one. Each server process's ``EngineManager`` (``service.live``, the owner of the live engine)
+polls ``ACTIVE`` and swaps its engine by a reference flip; that is also how replicas behind a load balancer
+follow a rollback.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from models.accel import AccelSegmenter
-from models.checkpoint import (META, WEIGHTS, CheckpointError, load_checkpoint, read_meta,
-                               save_checkpoint, write_atomic)
+from models.atomic import TEMP_PREFIX, write_atomic
+from models.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
 from . import crashpoints
@@ -254,7 +255,7 @@ def _staging_name() -> str:
 
 def _stale_after(name: str, host: str) -> float | None:
     """Seconds after which a registry entry called ``name`` is an abandoned temp; None: not a temp name."""
-    if name.startswith(f".{ACTIVE_FILE}."):
+    if name.startswith((f"{TEMP_PREFIX}{ACTIVE_FILE}.", f".{ACTIVE_FILE}.")):  # the second: older writers' name
         return STALE_TEMP_FILE_S
     if not name.lstrip(".").startswith(STAGING_PREFIX.lstrip(".")) or not name.startswith("."):
         return None

@@ -1,5 +1,14 @@
 """Service settings, read from ``VSS_*`` environment variables (and an optional ``.env`` file).
 
+``Settings`` is composed of small groups, one class per concern (server, logging, registry and store,
+inference, optical flow, request limits, upload jobs, clip buffer, collection, adaptation worker,
+server-side sources). A field keeps its flat name (``Settings().buffer_max_clips``,
+``Settings(buffer_max_clips=...)``, ``VSS_BUFFER_MAX_CLIPS``); the groups only say where it belongs
+and what a spawned adaptation worker inherits (``WORKER_GROUPS``). A new field goes into the group of
+its concern; a new concern gets its own group, listed in ``Settings``' bases (and in
+``WORKER_GROUPS`` when the worker reads it). Validator names must be unique across the groups: the
+composed class keeps one validator per name.
+
 Nothing here runs at import: ``Settings()`` is built inside ``service.app.create_app`` (or by the
 CLI, which passes its flags as keyword overrides; keyword arguments beat the environment).
 """
@@ -10,10 +19,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+from models.config import DEMO_MODEL_DIR as BUNDLED_DEMO_MODEL
 
 MIB = 1024 * 1024
 
@@ -21,13 +30,54 @@ MIB = 1024 * 1024
 StoreLocation = Annotated[str, StringConstraints(pattern=r"^s3://")] | Path
 
 
-class Settings(BaseSettings):
-    """Every knob of a ``vss`` server process; ``VSS_<FIELD>`` in the environment sets a field."""
+def _none_if_off(value: object) -> object:
+    """An empty/``none``/``off`` string in the environment unsets an optional path."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
 
-    model_config = SettingsConfigDict(env_prefix="VSS_", env_file=".env", extra="ignore",
-                                      protected_namespaces=("settings_",))
 
-    # --- storage -------------------------------------------------------------------------------
+class ServerSettings(BaseModel):
+    """Network and security of the HTTP server."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="bearer token required by mutating routes")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight uploads may take to "
+                                   "finish before the server stops anyway (streams are closed at once, with 1012)")
+
+    def api_key_value(self) -> str | None:
+        """The API key as a plain string, or None when auth is off."""
+        if self.api_key is None:
+            return None
+        key = self.api_key.get_secret_value()
+        return key or None
+
+
+class LoggingSettings(BaseModel):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="log lines: json (one object per line, for collectors), text (for people), auto: "
+                            "text when stderr is a terminal, else json")
+    log_json: bool | None = Field(None, description="older switch, wins over log_format when set: true = json, "
+                                                    "false = text")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def json_logs(self, terminal: bool) -> bool:
+        """Whether logs are JSON lines, for a process whose stderr is (or is not) a terminal."""
+        if self.log_json is not None:
+            return self.log_json
+        return self.log_format == "json" or (self.log_format == "auto" and not terminal)
+
+
+class StoreSettings(BaseModel):
+    """Where models, clips and caches live, and how the model registry is watched."""
+
+    model_config = ConfigDict(protected_namespaces=("settings_",))  # model_dir is a field, not pydantic's
+
     model_dir: StoreLocation = Field(Path("var/models"), description="model registry: a directory or "
                                      "s3://bucket/prefix (v0001/, ..., ACTIVE)")
     buffer_dir: StoreLocation = Field(Path("var/buffer"), description="clip buffer of target videos: a directory "
@@ -37,60 +87,73 @@ class Settings(BaseSettings):
                             "verified copies of versions from an s3:// registry")
     demo_model: Path | None = Field(BUNDLED_DEMO_MODEL,
                                     description="checkpoint that seeds an empty registry (empty/none: do not seed)")
+    registry_poll_ms: int = Field(1000, ge=10, description="how often every process checks the ACTIVE pointer")
+    registry_retry_s: float = Field(30.0, ge=0, description="wait before retrying a version that failed to load")
 
-    # --- network and security ------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="bearer token required by mutating routes")
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight uploads may take to "
-                                   "finish before the server stops anyway (streams are closed at once, with 1012)")
+    @field_validator("demo_model", "val_dir", mode="before")
+    @classmethod
+    def _store_path_off(cls, value: object) -> object:
+        return _none_if_off(value)
 
-    # --- inference -----------------------------------------------------------------------------
+
+class InferenceSettings(BaseModel):
+    """The serving engine, and batching across streams (``service/batcher.py``)."""
+
     engine: Literal["torch", "onnx"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="fp16 inference on CUDA (torch engine; TensorRT fp16 for onnx)")
-    flow: str = Field("dis", description="optical flow provider: dis[-preset], none, raft[-small|-large]")
-    raft_weights: Path | None = None
     intra_op_threads: int = Field(0, ge=0, description="threads per inference call (0: backend default)")
-    worker_threads: int = Field(2, ge=1, description="threads that run inference for requests and streams")
     onnx_exporter: Literal["legacy", "dynamo"] = Field("legacy", description="torch exporter for on-demand exports")
     onnx_tensorrt: bool = Field(True, description="try the TensorRT provider first when onnxruntime-gpu has it")
     warmup: bool = Field(True, description="run one inference before a model version starts serving")
-
-    # --- batching across streams (service/batcher.py) ---------------------------------------------
     batch_max: int = Field(1, ge=1, le=256, description="most frames of concurrent streams and uploads in one "
                            "network call (1: no batching)")
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a frame may wait for others to join "
                                  "its batch")
 
-    # --- model registry ------------------------------------------------------------------------
-    registry_poll_ms: int = Field(1000, ge=10, description="how often every process checks the ACTIVE pointer")
-    registry_retry_s: float = Field(30.0, ge=0, description="wait before retrying a version that failed to load")
 
-    # --- uploads and streams -------------------------------------------------------------------
+class FlowSettings(BaseModel):
+    """Optical flow, for serving and for adaptation."""
+
+    flow: str = Field("dis", description="optical flow provider: dis[-preset], none, raft[-small|-large]")
+    raft_weights: Path | None = None
+
+    @field_validator("raft_weights", mode="before")
+    @classmethod
+    def _raft_weights_off(cls, value: object) -> object:
+        return _none_if_off(value)
+
+
+class LimitSettings(BaseModel):
+    """The request budget (``service/budget.py``) of uploads and streams; adaptation jobs' limits are
+    ``AdaptationSettings.adapt_max_steps`` / ``adapt_max_time_s``."""
+
     max_upload_bytes: int = Field(512 * MIB, ge=1)
     max_frames: int = Field(9000, ge=1)
     max_width: int = Field(3840, ge=16)
     max_height: int = Field(2160, ge=16)
     max_duration_s: float = Field(600.0, gt=0)
-    job_frame_threshold: int = Field(300, ge=1, description="uploads with more frames run as background jobs")
-    job_dir: Path = Field(Path("var/jobs"), description="results of upload jobs")
-    job_ttl_s: float = Field(3600.0, gt=0, description="how long finished job results are kept")
+    max_pixels: int = Field(3840 * 2160, ge=64 * 64, description="largest image one request decodes or produces: an "
+                            "input frame, an uploaded image, a label map of any requested size, an overlay frame")
+    max_inference_pixels: int = Field(2048 * 1024, ge=64 * 64, description="largest network input of one frame "
+                                      "(the upload `size` override)")
     decode_timeout_s: float = Field(20.0, gt=0, description="limit for probing an upload and for any one frame")
     decode_memory_mb: int = Field(1024, ge=64, description="address-space limit of the isolated decoder process")
     ws_queue_size: int = Field(4, ge=1, description="frames queued per websocket before stale ones are dropped")
     ws_max_message_bytes: int = Field(16 * MIB, ge=1024)
 
-    # --- request budget (service/budget.py; the limits above belong to it too) ----------------
-    max_pixels: int = Field(3840 * 2160, ge=64 * 64, description="largest image one request decodes or produces: an "
-                            "input frame, an uploaded image, a label map of any requested size, an overlay frame")
-    max_inference_pixels: int = Field(2048 * 1024, ge=64 * 64, description="largest network input of one frame "
-                                      "(the upload `size` override)")
-    adapt_max_time_s: float = Field(3600.0, gt=0, description="largest `time_budget_s` of an adaptation job, and "
-                                    "the time limit of jobs that give none")
 
-    # --- clip buffer and adaptation ------------------------------------------------------------
+class UploadJobSettings(BaseModel):
+    """Long uploads run as background jobs (``service/jobs.py``)."""
+
+    job_frame_threshold: int = Field(300, ge=1, description="uploads with more frames run as background jobs")
+    job_dir: Path = Field(Path("var/jobs"), description="results of upload jobs")
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long finished job results are kept")
+
+
+class BufferSettings(BaseModel):
+    """The clip buffer of target videos and how served frames are sampled into it."""
+
     buffer_enabled: bool = Field(True, description="sample served frames into the clip buffer")
     buffer_max_bytes: int = Field(2048 * MIB, ge=0)
     buffer_max_clips: int = Field(500, ge=1, description="clips kept in the buffer (oldest evicted first)")
@@ -98,6 +161,22 @@ class Settings(BaseSettings):
     buffer_clip_every: int = Field(240, ge=2, description="a sampled clip starts every this many served frames")
     buffer_heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of clips kept for the publish "
                                            "gate only (chosen by a hash of the clip's frames)")
+
+
+class CollectSettings(BaseModel):
+    """Who may feed the clip buffer, and how much (``service/collect.py``)."""
+
+    collect: Literal["auto", "all", "authenticated", "off"] = Field(
+        "auto", description="whose uploads and streams may become training clips: all, authenticated (requests "
+        "that carry the API key), off; auto: authenticated when api_key is set, else all")
+    collect_rate_clips: int = Field(60, ge=1, description="clips one client (API key, else address) may add to "
+                                    "the buffer per window")
+    collect_rate_window_s: float = Field(600.0, gt=0, description="the window of collect_rate_clips, in seconds")
+
+
+class AdaptationSettings(BaseModel):
+    """The adaptation worker, its jobs and their limits."""
+
     worker: Literal["spawn", "external", "off"] = Field(
         "spawn", description="adaptation worker: spawn a child process, rely on `vss worker`, or none")
     adapt_job_dir: StoreLocation | None = Field(None, description="adaptation job files, a directory or s3:// URL "
@@ -108,6 +187,8 @@ class Settings(BaseSettings):
     adapt_min_clips: int = Field(2, ge=1, description="training clips the buffer must hold to start a job")
     adapt_max_clips: int = Field(32, ge=1, description="newest buffered clips one job uses")
     adapt_max_steps: int = Field(5000, ge=1, description="largest `steps` a job may ask for")
+    adapt_max_time_s: float = Field(3600.0, gt=0, description="largest `time_budget_s` of an adaptation job, and "
+                                    "the time limit of jobs that give none")
     adapt_poll_s: float = Field(0.5, gt=0, description="how often the worker looks for queued jobs")
     adapt_heartbeat_s: float = Field(2.0, gt=0, description="how often the worker proves it is alive")
     adapt_heartbeat_timeout_s: float = Field(30.0, gt=0, description="a running job whose worker is silent "
@@ -118,7 +199,15 @@ class Settings(BaseSettings):
     adapt_auto_steps: int = Field(100, ge=1)
     adapt_keep_jobs: int = Field(100, ge=1, description="finished job records kept")
 
-    # --- server-side sources (POST /v1/sources; README "Server-side sources") --------------------
+    @field_validator("adapt_job_dir", mode="before")
+    @classmethod
+    def _job_dir_off(cls, value: object) -> object:
+        return _none_if_off(value)
+
+
+class SourcesSettings(BaseModel):
+    """Server-side sources (``POST /v1/sources``; README "Server-side sources")."""
+
     sources_allowed_schemes: Annotated[list[str], NoDecode] = Field(
         ["rtsp", "http", "https", "file"], description="URL schemes a source may use")
     sources_allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -164,40 +253,15 @@ class Settings(BaseSettings):
     @field_validator("sources_file_dir", mode="before")
     @classmethod
     def _no_file_dir(cls, value: object) -> object:
-        return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
-    # --- who may feed the clip buffer (service/collect.py) -------------------------------------
-    collect: Literal["auto", "all", "authenticated", "off"] = Field(
-        "auto", description="whose uploads and streams may become training clips: all, authenticated (requests "
-        "that carry the API key), off; auto: authenticated when api_key is set, else all")
-    collect_rate_clips: int = Field(60, ge=1, description="clips one client (API key, else address) may add to "
-                                    "the buffer per window")
-    collect_rate_window_s: float = Field(600.0, gt=0, description="the window of collect_rate_clips, in seconds")
+        return _none_if_off(value)
 
-    # --- logging -------------------------------------------------------------------------------
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "text"] = Field(
-        "auto", description="log lines: json (one object per line, for collectors), text (for people), auto: "
-                            "text when stderr is a terminal, else json")
-    log_json: bool | None = Field(None, description="older switch, wins over log_format when set: true = json, "
-                                                    "false = text")
 
-    @field_validator("demo_model", "val_dir", "raft_weights", "adapt_job_dir", mode="before")
-    @classmethod
-    def _empty_path_is_none(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
-            return None
-        return value
+class Settings(ServerSettings, LoggingSettings, StoreSettings, InferenceSettings, FlowSettings, LimitSettings,
+               UploadJobSettings, BufferSettings, CollectSettings, AdaptationSettings, SourcesSettings, BaseSettings):
+    """Every knob of a ``vss`` server process; ``VSS_<FIELD>`` in the environment sets a field."""
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower_level(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    def json_logs(self, terminal: bool) -> bool:
-        """Whether logs are JSON lines, for a process whose stderr is (or is not) a terminal."""
-        if self.log_json is not None:
-            return self.log_json
-        return self.log_format == "json" or (self.log_format == "auto" and not terminal)
+    model_config = SettingsConfigDict(env_prefix="VSS_", env_file=".env", extra="ignore",
+                                      protected_namespaces=("settings_",))
 
     def job_root(self) -> Path | str:
         """Directory (or ``s3://`` URL) of the adaptation job files (shared by servers and workers)."""
@@ -207,9 +271,10 @@ class Settings(BaseSettings):
             return f"{self.buffer_dir.rstrip('/')}/jobs"
         return self.buffer_dir / "jobs"
 
-    def api_key_value(self) -> str | None:
-        """The API key as a plain string, or None when auth is off."""
-        if self.api_key is None:
-            return None
-        key = self.api_key.get_secret_value()
-        return key or None
+
+# What a spawned adaptation worker inherits from its server (``service.worker.worker_settings_json``);
+# everything else it reads from the environment like any process. No secret belongs in these groups:
+# the JSON is on the worker's command line.
+WORKER_GROUPS: tuple[type[BaseModel], ...] = (StoreSettings, FlowSettings, BufferSettings, AdaptationSettings,
+                                              LoggingSettings)
+WORKER_FIELDS = frozenset(name for group in WORKER_GROUPS for name in group.model_fields)

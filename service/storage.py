@@ -17,7 +17,6 @@ is down turns into ``StoreUnavailable`` within seconds, and every such failure i
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .atomic import write_atomic
+from .atomic import locked, write_atomic
 
 S3_SCHEME = "s3://"
 KEY_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # no hidden names: temp files and locks are hidden
@@ -170,7 +169,7 @@ class LocalStore(ObjectStore):
         if not create_only and if_match is None:
             write_atomic(path, data)
             return self.head(key).etag
-        with self._locked():
+        with locked(self.root):
             try:
                 current = self.head(key).etag
             except ObjectNotFound:
@@ -204,13 +203,6 @@ class LocalStore(ObjectStore):
 
     def child(self, name: str) -> ObjectStore:
         return LocalStore(self._path(name))
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
 
 
 def _local_etag(st: os.stat_result, small: bytes | None) -> str:

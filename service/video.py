@@ -7,8 +7,6 @@ rotation metadata applied, so a portrait phone clip comes out portrait.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -20,11 +18,12 @@ import av
 import av.error
 import numpy as np
 
+from .atomic import publish, temp_beside
+
 DEFAULT_FPS = 25.0  # used when a container states no frame rate at all
 # A container that only *estimates* its frame count (duration x rate, e.g. WebM) is reported as
 # truncated when fewer than this share of the estimated frames could be decoded.
 ESTIMATE_TRUNCATION_SHARE = 0.8
-FILE_MODE = 0o644  # permissions of published outputs (temp files start as 0600)
 
 
 class VideoError(ValueError):
@@ -192,10 +191,7 @@ class VideoWriter:
         self.frames = 0
         self._pad = (self.height % 2, self.width % 2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".mp4")
-        os.close(fd)
-        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; outputs are meant to be shared
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self.path, ".mp4")
         try:
             self._container = av.open(str(self._tmp), mode="w", format="mp4",
                                       options={"movflags": "+faststart"})  # playable while downloading
@@ -237,7 +233,7 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise

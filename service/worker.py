@@ -34,20 +34,12 @@ from typing import Any
 from . import crashpoints
 from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
 from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
-from .settings import Settings
+from .settings import WORKER_FIELDS, Settings  # WORKER_FIELDS: what a spawned worker inherits
 from .storage import StoreError
 from .store_buffer import open_clip_buffer
 from .store_jobs import open_job_store
 
 log = logging.getLogger("vss.worker")
-
-# Settings a spawned worker inherits from its server (everything else comes from the environment).
-WORKER_FIELDS = (
-    "model_dir", "buffer_dir", "cache_dir", "val_dir", "flow", "raft_weights", "buffer_max_clips", "buffer_max_bytes",
-    "buffer_heldout_fraction", "adapt_device", "adapt_threads", "adapt_nice", "adapt_min_clips", "adapt_max_clips",
-    "adapt_poll_s", "adapt_heartbeat_s", "adapt_heartbeat_timeout_s", "adapt_auto_clips", "adapt_auto_method",
-    "adapt_auto_steps", "adapt_keep_jobs", "log_level", "log_json", "adapt_max_time_s",
-)
 
 
 class JobFailure(Exception):

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -112,9 +111,9 @@ class SeaweedServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        deadline = time.monotonic() + 30  # the ports must be free before a restart binds them again
-        while time.monotonic() < deadline and not all(_port_free(p) for p in (self.s3, self.filer, self.master)):
-            time.sleep(0.1)
+        # the ports must be free before a restart binds them again
+        wait_until(lambda: all(_port_free(p) for p in (self.s3, self.filer, self.master)), 30,
+                   "the SeaweedFS ports to be free", 0.1)
 
 
 def _port_free(port: int) -> bool:

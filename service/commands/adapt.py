@@ -14,17 +14,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from models.classes import IGNORE_INDEX
+from models.config import DEMO_MODEL_DIR, parse_hxw
+
 EXIT_REJECTED = 3
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
 # adaptation.sourcefree.SOURCE_FREE, spelled out so that building the parser does not import torch
-# (tests/test_cli.py checks that the two agree).
+# (tests/cli/test_cli_ux.py checks that the two agree).
 METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "cotta")
 
 
@@ -81,18 +83,18 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def parse_crop(text: str | None) -> tuple[int, int] | None:
-    from adaptation.sourcefree import FULL_FRAME
+def parse_crop(text: str | None) -> tuple[int, int] | Literal["full"] | None:
+    """``HxW`` crops, ``full`` frames, or None: the method's default (``AdaptConfig.crop``)."""
     from service.cli import CLIError
 
     if text is None:
         return None
     if text == "full":
-        return FULL_FRAME
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.isdigit() or not w.isdigit() or int(h) < 8 or int(w) < 8:
-        raise CLIError(f"--crop expects HxW (e.g. 128x256, at least 8x8) or 'full', got {text!r}")
-    return int(h), int(w)
+        return "full"
+    try:
+        return parse_hxw(text, min_side=8)
+    except ValueError as e:
+        raise CLIError(f"--crop expects HxW (e.g. 128x256, at least 8x8) or 'full': {e}") from None
 
 
 def read_video(path: str, max_frames: int, stride: int) -> list[np.ndarray]:
@@ -121,7 +123,7 @@ def read_label_image(path: Path, palette: list[list[int]]) -> np.ndarray:
             rgb = np.asarray(img.convert("RGB"))
     except OSError as e:
         raise CLIError(f"cannot read label image {path}: {e}") from e
-    out = np.full(rgb.shape[:2], 255, np.uint8)
+    out = np.full(rgb.shape[:2], IGNORE_INDEX, np.uint8)
     for idx, colour in enumerate(palette):
         out[(rgb == np.asarray(colour, np.uint8)).all(-1)] = idx
     return out
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     parse_crop(args.crop)
-    parent_dir = Path(args.checkpoint) if args.checkpoint else DEMO_MODEL
+    parent_dir = Path(args.checkpoint) if args.checkpoint else DEMO_MODEL_DIR
     try:
         parent, meta = load_checkpoint(parent_dir)
     except CheckpointError as e:

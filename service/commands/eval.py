@@ -52,7 +52,7 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
     ``max_frames``); a mismatch is an error unless ``allow_mismatch`` (then a warning on stderr).
     """
     from adaptation.metrics import confusion_matrix, miou, temporal_consistency
-    from service.outputs import read_label_png
+    from models.classes import read_label_png
     from service.pipeline import StreamSegmenter, resize_rgb
     from service.video import read_frames
 
@@ -110,9 +110,9 @@ def run_data(args: argparse.Namespace) -> int:
     from adaptation.evaluate import evaluate_checkpoint
     from models.checkpoint import CheckpointError
 
-    from .segment import default_checkpoint
+    from models.config import DEMO_MODEL_DIR
 
-    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    checkpoint = args.checkpoint if args.checkpoint is not None else DEMO_MODEL_DIR
     if not (checkpoint / "meta.json").is_file():
         raise CLIError(f"checkpoint directory not found or incomplete: {checkpoint}")
     try:

@@ -1,7 +1,7 @@
 """`vss segment VIDEO -o OUT`: segment a video file into label PNGs (zip), an overlay MP4 or JSON stats.
 
-Also home of the helpers the other file-based commands share: the bundled demo model location,
-loading a checkpoint into an engine, flow provider options and the TTY-only progress bar.
+Also home of the helpers the other file-based commands share: loading a checkpoint into an engine,
+flow provider options and the TTY-only progress bar.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.config import DEMO_MODEL_DIR, parse_hxw
 from service.cli import CLIError
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `vss --help`
@@ -21,11 +22,6 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `vss --help`
     from service.engine import TorchEngine
 
 FLOW_CHOICES = ("dis", "dis-ultrafast", "dis-fast", "dis-medium", "none", "raft", "raft-large")
-
-
-def default_checkpoint() -> Path:
-    """The bundled demo model directory, resolved relative to the installed ``service`` package."""
-    return Path(__file__).resolve().parent.parent / "demo_model"
 
 
 def positive_int(text: str) -> int:
@@ -37,6 +33,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def hxw(min_side: int = 1, max_side: int | None = None) -> Callable[[str], tuple[int, int]]:
+    """argparse type for ``HxW`` sizes (e.g. 256x512) with sides in ``min_side..max_side``."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            return parse_hxw(text, min_side, max_side)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +61,7 @@ def load_engine(checkpoint: Path | None, device: str = "cpu") -> TorchEngine:
     from models.checkpoint import load_checkpoint
     from service.engine import TorchEngine
 
-    directory = checkpoint if checkpoint is not None else default_checkpoint()
+    directory = checkpoint if checkpoint is not None else DEMO_MODEL_DIR
     if checkpoint is None and not (directory / "meta.json").is_file():
         raise CLIError(f"the bundled demo model is missing ({directory}); pass --checkpoint DIR")
     if not directory.is_dir():

@@ -9,104 +9,34 @@ Everything is written to temp paths and renamed into place only when the whole c
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.cli import CLIError
 
-from .segment import positive_int
-
-if TYPE_CHECKING:
-    from adaptation.synth import Clip
+from .segment import hxw, positive_int
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """argparse type for ``HxW`` (e.g. 256x512)."""
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 256x512, got {text!r}") from None
-    if not (8 <= h <= 4096 and 8 <= w <= 4096):
-        raise argparse.ArgumentTypeError(f"size {h}x{w} out of range (8..4096 per side)")
-    return h, w
+parse_size = hxw(8, 4096)  # argparse type of --size (also `vss demo`'s)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def encode_video(path: Path, fps: float) -> Callable[[np.ndarray], None]:
+    """``write_video`` for ``adaptation.synth.files.write_clip``: H.264 at crf 18, written atomically."""
+    def write(frames: np.ndarray) -> None:
+        from service.video import VideoWriter
 
-
-def _staging_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    return tmp
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished staging directory onto ``final`` (which may exist only if empty)."""
-    if final.exists():
-        if not final.is_dir() or any(final.iterdir()):
-            raise CLIError(f"refusing to overwrite non-empty {final}")
-        final.rmdir()
-    os.replace(tmp, final)
-
-
-def write_clip(clip: Clip, video: Path, labels_dir: Path, flow_dir: Path | None, fps: float,
-               flow_format: str = "npy") -> None:
-    """Write a generated ``Clip`` (see ``adaptation.synth``) as MP4 + label PNGs (+ flow files)."""
-    from models.flow import encode_davsn_flow
-    from service.outputs import label_png
-    from service.video import VideoWriter
-
-    for d in (labels_dir, flow_dir):
-        if d is not None and d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise CLIError(f"refusing to overwrite non-empty {d}")
-    palette = np.asarray(_palette(), dtype=np.uint8)
-    staged: list[Path] = []
-    try:
-        labels_tmp = _staging_dir(labels_dir)
-        staged.append(labels_tmp)
-        for i, labels in enumerate(clip.labels):
-            (labels_tmp / f"{i:06d}.png").write_bytes(label_png(labels, palette, compress_level=6))
-        flow_tmp = None
-        if flow_dir is not None:
-            flow_tmp = _staging_dir(flow_dir)
-            staged.append(flow_tmp)
-            for i, flow in enumerate(clip.flow):
-                data = encode_davsn_flow(flow) if flow_format == "davsn" else flow.astype(np.float32)
-                (flow_tmp / f"{i:06d}.npy").write_bytes(_npy_bytes(data))
-        h, w = clip.frames.shape[1:3]
-        with VideoWriter(video, fps, w, h, crf=18) as writer:
-            for frame in clip.frames:
+        with VideoWriter(path, fps, frames.shape[2], frames.shape[1], crf=18) as writer:
+            for frame in frames:
                 writer.write(frame)
-        _publish_dir(labels_tmp, labels_dir)
-        staged.remove(labels_tmp)
-        if flow_tmp is not None and flow_dir is not None:
-            _publish_dir(flow_tmp, flow_dir)
-            staged.remove(flow_tmp)
-    finally:
-        for d in staged:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _palette() -> np.ndarray:
-    from adaptation.synth import PALETTE
-
-    return PALETTE
+    return write
 
 
 def run(args: argparse.Namespace) -> int:
     from adaptation.synth import generate_clip, list_styles
+    from adaptation.synth.files import write_clip
 
     if args.list_styles:
         print("\n".join(list_styles()))
@@ -121,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"output {args.output} is a directory; give a .mp4 file name")
     clip = generate_clip(args.style, frames=args.frames, size=args.size, seed=args.seed)
     try:
-        write_clip(clip, args.output, args.labels, args.flow, args.fps, args.flow_format)
+        write_clip(clip, args.labels, args.flow, encode_video(args.output, args.fps), args.flow_format)
+    except FileExistsError as e:
+        raise CLIError(str(e)) from e
     except OSError as e:
         raise CLIError(f"cannot write the clip: {e.strerror or e}") from e
     print(json.dumps({"video": str(args.output), "labels": str(args.labels),

@@ -20,19 +20,9 @@ from typing import Any
 
 from service.cli import CLIError
 
+from .segment import hxw
+
 FLOW_MODES = ("precomputed", "dis", "gt", "none")
-
-
-def size_arg(text: str) -> tuple[int, int]:
-    """argparse type for HxW sizes (e.g. 256x512)."""
-    h, sep, w = text.lower().partition("x")
-    try:
-        size = (int(h), int(w))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 256x512), got {text!r}") from None
-    if not sep or min(size) < 32:
-        raise argparse.ArgumentTypeError(f"expected HxW with both sides >= 32, got {text!r}")
-    return size
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -114,9 +104,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=10.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--config", default="mini-os8", help="model config for a random init (default mini-os8)")
-    p.add_argument("--input-size", type=size_arg, default=(256, 512), metavar="HxW",
+    p.add_argument("--input-size", type=hxw(32), default=(256, 512), metavar="HxW",
                    help="target (and evaluation) input size (default 256x512)")
-    p.add_argument("--source-size", type=size_arg, default=None, metavar="HxW", help="source input size")
+    p.add_argument("--source-size", type=hxw(32), default=None, metavar="HxW", help="source input size")
     p.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT_DIR",
                    help="start from this checkpoint (e.g. service/demo_model); default: random init")
     p.add_argument("--seed", type=int, default=0)

@@ -2,147 +2,33 @@
 
 A job adapts the ACTIVE model to the clips in the buffer in the adaptation worker (another
 process), gates the candidate, and publishes + activates it only if the gate passes; every server
-sharing the model directory then hot-swaps it in. One job runs at a time. ``AdaptationPlane`` holds
-what these routes, the clip routes and the collect hook share: the buffer, its background writer,
-the job store and, with ``VSS_WORKER=spawn``, the supervisor of the worker child process (started
-with the first job, or at startup when the auto policy is on or a job is waiting).
+sharing the model directory then hot-swaps it in. One job runs at a time. The app's
+``AdaptationPlane`` (``service.components``: the buffer, the job store, the worker supervisor) comes
+through ``service.deps.AdaptationDep``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from ..adapt_jobs import ACTIVE_STATES, AdaptJobStore, JobConflict, JobNotFound
-from ..buffer import ClipBuffer, ClipCollector
+from ..adapt_jobs import ACTIVE_STATES, JobConflict, JobNotFound
 from ..budget import BudgetExceeded, budget
-from ..collect import Provenance, RateLimiter
-from ..deps import AUTH_ERRORS, ApiError, RequireApiKey
+from ..components import AdaptationPlane
+from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, RequireApiKey
 from ..settings import Settings
-from ..storage import StoreError
-from ..supervisor import WorkerSupervisor, worker_command
-from ..worker import clip_buffer, job_store, worker_settings_json
 from .errors import disk_errors
 
-log = logging.getLogger(__name__)
 PRIVATE_JOB_FIELDS = ("worker",)  # the job file's record of which process (pid, host) runs it
 JOB_ID = Path(description="job id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
 
 
-@dataclass
-class AdaptationPlane:
-    """The clip buffer, its writer thread, the job store and the worker supervisor of one app."""
-
-    settings: Settings
-    buffer: ClipBuffer
-    collector: ClipCollector
-    jobs: AdaptJobStore
-    supervisor: WorkerSupervisor | None
-    limiter: RateLimiter
-    refused: Callable[[str], None] = lambda reason: None  # counts clips refused, by reason
-
-    def start(self) -> None:
-        try:
-            self.jobs.ensure()
-            self.jobs.sweep()  # temp files of a process that died
-            self.buffer.sweep()
-        except StoreError as e:  # the object store is down: routes answer 503 until it returns
-            log.error("cannot reach the clip buffer or the adaptation jobs in %s: %s", self.jobs.root, e)
-        except OSError as e:  # a read-only or full disk: adapt and clip routes answer 503/507 until it is fixed
-            log.error("the clip buffer or the adaptation job directory is not usable: %s", e)
-        try:
-            pending = self.jobs.active() is not None
-        except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
-            log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
-            pending = True
-        if self.settings.adapt_auto_clips > 0 or pending:
-            self.ensure_worker()
-
-    def offer(self, frames: list[Any], source: str, prov: Provenance) -> bool:
-        """Hand a sampled clip to the collector if the client is within its rate limit (any thread)."""
-        if not self.limiter.take(prov.client):
-            self.refused("rate_limited")
-            return False
-        if not self.collector.submit(frames, source, prov.to_dict()):
-            self.refused("queue_full")
-            return False
-        return True
-
-    def ensure_worker(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.start()
-
-    def worker_status(self) -> dict[str, Any]:
-        s = self.settings
-        sup = self.supervisor
-        return {"mode": s.worker, "restarts": sup.restarts if sup else 0,
-                "alive": len(self.jobs.workers(max(3 * s.adapt_heartbeat_s, 5.0)))}
-
-    def close(self) -> None:
-        self.collector.close()
-        if self.supervisor is not None:
-            self.supervisor.stop()
-
-
-def build_plane(app: Any) -> AdaptationPlane:
-    settings: Settings = app.state.settings
-    buffer = clip_buffer(settings)
-    manager = app.state.engine_manager
-
-    def input_size() -> tuple[int, int] | None:
-        engine = manager.peek()
-        return None if engine is None else (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
-
-    metrics = getattr(app.state, "metrics", None)
-    on_added = None
-    refused: Callable[[str], None] = lambda reason: None  # noqa: E731
-    if metrics is not None:
-        from prometheus_client import Counter
-
-        counter = Counter("vss_buffer_clips_added_total", "Clips added to the adaptation clip buffer", ["source"],
-                          registry=metrics.registry)
-        refusals = Counter("vss_buffer_clips_refused_total", "Sampled clips not added to the clip buffer",
-                           ["reason"], registry=metrics.registry)
-        on_added = lambda info: counter.labels(source=info.source).inc()  # noqa: E731
-        refused = lambda reason: refusals.labels(reason=reason).inc()  # noqa: E731
-    jobs = job_store(settings)
-    supervisor = None
-    if settings.worker == "spawn":
-        supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,
-                                      settings.adapt_heartbeat_timeout_s)
-    return AdaptationPlane(settings, buffer, ClipCollector(buffer, input_size, on_added=on_added), jobs, supervisor,
-                           RateLimiter(settings.collect_rate_clips, settings.collect_rate_window_s), refused)
-
-
-def adaptation_plane(app: Any) -> AdaptationPlane:
-    """The app's plane (built at startup by this router's lifespan; built here if the app never started)."""
-    plane = getattr(app.state, "adaptation", None)
-    if plane is None:
-        plane = app.state.adaptation = build_plane(app)
-    return plane
-
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    plane = adaptation_plane(app)
-    await run_in_threadpool(plane.start)
-    try:
-        yield
-    finally:
-        await run_in_threadpool(plane.close)
-
-
-router = APIRouter(tags=["adapt"], lifespan=_lifespan)
+router = APIRouter(tags=["adapt"])
 
 
 class AdaptRequest(BaseModel):
@@ -255,13 +141,12 @@ def _create(plane: AdaptationPlane, body: AdaptRequest) -> dict[str, Any]:
                         422: {"description": "unknown method, bad options or out-of-range values"},
                         503: {"description": "the job directory is read-only"}, 507: {"description": "disk full"}})
 @router.post("/adapt", include_in_schema=False, status_code=202, dependencies=[RequireApiKey])
-async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
+async def start_job(plane: AdaptationDep, body: AdaptRequest) -> JSONResponse:
     """Adapt the ACTIVE model to the clip buffer with `method` for `steps` steps (or `time_budget_s`).
 
     The candidate is published and activated only if it passes the gate (held-out buffered clips,
     plus labeled validation clips when the server has `VSS_VAL_DIR`); the job ends `published`
     with the new `version`, `rejected` with the gate's reasons, `failed` or `cancelled`."""
-    plane = adaptation_plane(request.app)
     _validate_method(body, plane.settings)
     with disk_errors("creating the adaptation job"):
         job = await run_in_threadpool(_create, plane, body)
@@ -269,9 +154,7 @@ async def start_job(request: Request, body: AdaptRequest) -> JSONResponse:
 
 
 @router.get("/v1/adapt", summary="List adaptation jobs, newest first")
-async def list_jobs(request: Request) -> JobList:
-    plane = adaptation_plane(request.app)
-
+async def list_jobs(plane: AdaptationDep) -> JobList:
     def read() -> JobList:
         plane.jobs.reap(plane.settings.adapt_heartbeat_timeout_s)
         return JobList(jobs=plane.jobs.list(), worker=plane.worker_status())
@@ -292,17 +175,16 @@ async def _get(plane: AdaptationPlane, job_id: str) -> dict[str, Any]:
 
 @router.get("/v1/adapt/{job_id}", summary="State, progress, losses, gate report and version of a job",
             responses={404: {"description": "unknown job"}})
-async def get_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
-    return JobState(**await _get(adaptation_plane(request.app), job_id))
+async def get_job(plane: AdaptationDep, job_id: Annotated[str, JOB_ID]) -> JobState:
+    return JobState(**await _get(plane, job_id))
 
 
 @router.post("/v1/adapt/{job_id}/cancel", summary="Cancel a job", dependencies=[RequireApiKey],
              responses={**AUTH_ERRORS, 404: {"description": "unknown job"},
                         409: {"description": "the job already ended"}})
-async def cancel_job(request: Request, job_id: Annotated[str, JOB_ID]) -> JobState:
+async def cancel_job(plane: AdaptationDep, job_id: Annotated[str, JOB_ID]) -> JobState:
     """A queued job is cancelled at once; a running one stops at its next step and ends `cancelled`
     (nothing is published)."""
-    plane = adaptation_plane(request.app)
     job = await _get(plane, job_id)
     if job["state"] not in ACTIVE_STATES:
         raise ApiError(409, "job_finished", f"job {job_id} already ended ({job['state']})")

@@ -24,13 +24,11 @@ from .. import decode
 from ..budget import budget
 from ..buffer import ClipBuffer, ClipInfo
 from ..collect import Provenance, allows, collect_mode, provenance
-from ..deps import AUTH_ERRORS, ApiError, EngineDep, RequireApiKey, SettingsDep
-from ..jobs import data_plane
+from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, DataPlaneDep, EngineDep, RequireApiKey, SettingsDep
 from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, jpeg_size, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
 from ..video import VideoError
-from .adapt import adaptation_plane
 from .errors import disk_errors
 from .segment import check_limits, decode_limits
 
@@ -138,10 +136,10 @@ def _video_frames(part: Part, settings: Settings, max_frames: int, stride: int,
 
 
 @router.get("/v1/clips", summary="What the adaptation clip buffer holds")
-async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any]:
+async def buffer_stats(plane: AdaptationDep, settings: SettingsDep) -> dict[str, Any]:
     """Counts (training and held-out clips), bytes, limits, the oldest and newest clip, and how traffic is
     sampled into the buffer."""
-    stats = await run_in_threadpool(adaptation_plane(request.app).buffer.stats)
+    stats = await run_in_threadpool(plane.buffer.stats)
     mode = collect_mode(settings)
     return {**stats, "collect": mode != "off", "collect_mode": mode, "clip_frames": settings.buffer_clip_frames,
             "clip_every": settings.buffer_clip_every, "rate_limit": {"clips": settings.collect_rate_clips,
@@ -159,7 +157,7 @@ async def buffer_stats(request: Request, settings: SettingsDep) -> dict[str, Any
                  507: {"description": "the disk is full"},
                  422: {"description": "no usable part, fewer than 2 frames, or a limit exceeded"}})
 async def add_clips(
-    request: Request, settings: SettingsDep, engine: EngineDep,
+    request: Request, settings: SettingsDep, engine: EngineDep, plane: AdaptationDep, data: DataPlaneDep,
     clip_frames: Annotated[int | None, Query(ge=2, le=64, description="frames per clip "
                                              "(default: buffer_clip_frames)")] = None,
     stride: Annotated[int, Query(ge=1, le=100, description="keep every stride-th video frame")] = 1,
@@ -168,7 +166,6 @@ async def add_clips(
     """Send one `video` file, or `images` files (consecutive frames in order). They are cut into clips of
     `clip_frames` consecutive frames (a shorter remainder of at least 2 frames is kept) and stored at the
     model's input size; some clips are held out for the publish gate."""
-    plane = adaptation_plane(request.app)
     prov = provenance(request, settings, "/v1/clips")
     mode = collect_mode(settings)
     if not allows(mode, prov.authenticated):
@@ -177,7 +174,7 @@ async def add_clips(
     size = (int(engine.meta["input_size"][0]), int(engine.meta["input_size"][1]))
     per_clip = clip_frames or settings.buffer_clip_frames
     with disk_errors("storing the clips"):
-        workdir = await run_in_threadpool(data_plane(request.app).jobs.workdir)
+        workdir = await run_in_threadpool(data.jobs.workdir)
     try:
         with disk_errors("storing the clips"):
             parts = await receive_parts(request, workdir, settings.max_upload_bytes)
@@ -233,7 +230,7 @@ def store_clips(buffer: ClipBuffer, pieces: list[list[np.ndarray]], size: tuple[
 
 
 @router.delete("/v1/clips", summary="Empty the clip buffer", dependencies=[RequireApiKey], responses=AUTH_ERRORS)
-async def clear_clips(request: Request) -> dict[str, Any]:
+async def clear_clips(plane: AdaptationDep) -> dict[str, Any]:
     """Remove every buffered clip (training and held-out)."""
-    removed = await run_in_threadpool(adaptation_plane(request.app).buffer.clear)
+    removed = await run_in_threadpool(plane.buffer.clear)
     return {"removed": removed}

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from ..deps import ApiError, EngineManagerDep, MetricsDep
+from ..deps import ApiError, EngineManagerDep, MetricsDep, get_drain
 
 router = APIRouter(tags=["operations"])
 
@@ -32,7 +32,7 @@ def healthz() -> Health:
 def readyz(request: Request, manager: EngineManagerDep) -> Ready:
     """200 once a model version is loaded and one warm-up inference ran; 503 before, and from the
     moment the server drains (SIGTERM) so that the load balancer stops routing here."""
-    if request.app.state.drain.draining:
+    if get_drain(request).draining:
         raise ApiError(503, "draining", "this server is shutting down", {"Retry-After": "1"})
     engine = manager.peek()
     if engine is None:

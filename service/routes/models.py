@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 
-from ..deps import AUTH_ERRORS, ApiError, EngineManagerDep, RegistryDep, RequireApiKey
+from ..deps import AUTH_ERRORS, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
 from ..registry import InvalidVersion, VersionNotFound
@@ -139,12 +139,12 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(request: Request, registry: RegistryDep, manager: EngineManagerDep) -> ServingModel:
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep) -> ServingModel:
     """The serving version, its backend, when it was loaded and the swap counters of this process, and the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
     against the first frames this process served with the version)."""
     serving = _serving(manager, registry)
-    serving.drift = request.app.state.drift.snapshot()
+    serving.drift = drift.snapshot()
     return serving
 
 

@@ -9,30 +9,28 @@ app's FIFO engine lock, so concurrent requests, jobs and streams interleave fram
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from models.config import parse_hxw
 from models.flow import FlowProvider, build_flow
 
 from .. import decode
 from ..budget import BudgetExceeded, budget
-from ..buffer import resize_frames
-from ..collect import PendingClips, Provenance, allows, collect_mode, provenance
-from ..deps import ApiError, EngineDep, MetricsDep, SettingsDep
-from ..jobs import Job, JobStore, JobStoreFull, LockedEngine, data_plane
+from ..collect import ClipSampler, provenance
+from ..deps import AdaptationDep, ApiError, DataPlaneDep, EngineDep, MetricsDep, SettingsDep
+from ..jobs import Job, JobStore, JobStoreFull, LockedEngine
 from ..metrics import Metrics
 from ..overlap import segment_frames
 from ..pipeline import FrameResult
@@ -41,82 +39,9 @@ from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
 from ..video import VideoError, VideoInfo
 from .errors import disk_errors
 
-log = logging.getLogger(__name__)
 Format = Literal["zip", "mp4", "json"]
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MIN_SIDE, MAX_SIDE = 64, 2048  # bounds of the inference size override
-CLIP_FRAMES = 8  # consecutive frames per clip handed to the clip buffer
-CLIP_EVERY = 240  # one clip starts every this many segmented frames
-
-
-def on_frames_collected(app: Any, frames: list[np.ndarray], source: str, prov: Provenance) -> None:
-    """Hook for the clip buffer: ``frames`` are ``CLIP_FRAMES`` consecutive (H, W, 3) uint8 RGB frames sampled
-    from an upload that decoded completely, or from a stream, of a client the collect policy admits
-    (``service.collect``) and that did not opt out (``collect=false``); ``source`` is "upload" or "stream".
-
-    Called from a worker thread, so it must return quickly (hand the clip over, do not train): the
-    plane applies the client's rate limit and the clip buffer's collector writes the clip on its own thread.
-    """
-    plane = getattr(app.state, "adaptation", None)  # built at startup by the adapt router's lifespan
-    if plane is not None:
-        plane.offer(frames, source, prov)
-
-
-class ClipSampler:
-    """Cuts runs of ``CLIP_FRAMES`` consecutive frames, one every ``CLIP_EVERY``, resized to ``size`` (the
-    model input) as they come, and hands them to ``deliver``; or, with ``pending``, holds them until
-    ``commit`` (an upload's clips wait until it decoded completely)."""
-
-    def __init__(self, deliver: Callable[[list[np.ndarray]], None], clip_frames: int = CLIP_FRAMES,
-                 every: int = CLIP_EVERY, size: tuple[int, int] | None = None,
-                 pending: PendingClips | None = None) -> None:
-        self.deliver = pending.add if pending is not None else deliver
-        self.pending, self.clip_frames, self.every, self.size = pending, clip_frames, every, size
-        self._seen = 0
-        self._clip: list[np.ndarray] = []
-
-    def push(self, frame: np.ndarray) -> None:
-        if self._seen % self.every < self.clip_frames:
-            self._clip.append(frame if self.size is None else resize_frames([frame], self.size)[0])
-            if len(self._clip) == self.clip_frames:
-                clip, self._clip = self._clip, []
-                self.deliver(clip)
-        self._seen += 1
-
-    def commit(self) -> None:
-        """The input decoded completely: hand the held clips over."""
-        if self.pending is not None:
-            self.pending.commit()
-
-
-def clip_sampler(app: Any, source: str, prov: Provenance, hold: bool = False) -> ClipSampler | None:
-    """A sampler with the app's ``buffer_clip_frames`` / ``buffer_clip_every`` settings feeding the hook, or
-    None when the collect policy does not let this client feed the buffer. ``hold``: keep clips until
-    ``commit`` (uploads)."""
-    settings = app.state.settings
-    plane = getattr(app.state, "adaptation", None)
-    if plane is None or not allows(collect_mode(settings), prov.authenticated):
-        return None
-    deliver = lambda clip: on_frames_collected(app, clip, source, prov)  # noqa: E731
-    return ClipSampler(deliver, settings.buffer_clip_frames,
-                       max(settings.buffer_clip_every, settings.buffer_clip_frames), plane.collector.size_fn(),
-                       PendingClips(deliver) if hold else None)
-
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await run_in_threadpool(decode.warm_up)  # the decoder fork server, so the first upload does not wait
-    try:  # recover the jobs of a predecessor that died (kill -9), sweep its temp files
-        await run_in_threadpool(data_plane(app).jobs.start)
-    except OSError as e:  # a read-only or full job directory: uploads answer 503/507 until it is fixed
-        log.error("the upload job directory is not usable: %s", e)
-    yield
-    plane = getattr(app.state, "data_plane", None)
-    if plane is not None:
-        await run_in_threadpool(plane.close)
-
-
-router = APIRouter(tags=["segment"], lifespan=_lifespan)
+router = APIRouter(tags=["segment"])
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [FIELD],
@@ -138,10 +63,10 @@ def parse_size(text: str | None, settings: Settings) -> tuple[int, int] | None:
     ``max_inference_pixels``)."""
     if text is None:
         return None
-    match = SIZE_RE.fullmatch(text.strip().lower())
-    if not match:
-        raise ApiError(422, "invalid_request", f"size must be HEIGHTxWIDTH, e.g. 256x512; got {text!r}")
-    h, w = int(match[1]), int(match[2])
+    try:
+        h, w = parse_hxw(text, min_side=0)  # the range is checked below, with its own message
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"size must be HEIGHTxWIDTH, e.g. 256x512; got {text!r}") from None
     if h % 8 or w % 8 or not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
         raise ApiError(422, "invalid_request", f"size {h}x{w}: both sides must be multiples of 8 between "
                                                f"{MIN_SIDE} and {MAX_SIDE}")
@@ -182,10 +107,8 @@ def check_limits(info: VideoInfo, settings: Settings, stride: int, max_frames: i
 
 
 def decode_limits(settings: Settings) -> decode.DecodeLimits:
-    # decode_timeout_s / decode_memory_mb are optional settings; the defaults suit the default limits.
-    defaults = decode.DecodeLimits()
-    return decode.DecodeLimits(timeout_s=float(getattr(settings, "decode_timeout_s", defaults.timeout_s)),
-                               memory_mb=int(getattr(settings, "decode_memory_mb", defaults.memory_mb)),
+    """The isolated decoder's limits: ``decode_timeout_s``, ``decode_memory_mb`` and the pixel budget."""
+    return decode.DecodeLimits(timeout_s=settings.decode_timeout_s, memory_mb=settings.decode_memory_mb,
                                max_pixels=budget(settings).max_pixels)
 
 
@@ -206,7 +129,8 @@ def _frame_hook(metrics: Metrics, sampler: ClipSampler | None) -> Callable[[np.n
     200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the result file"}, **ERRORS})
 @router.post("/segment", include_in_schema=False, openapi_extra=UPLOAD_BODY)
 async def segment(
-    request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep,
+    request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep, plane: DataPlaneDep,
+    adaptation: AdaptationDep,
     fmt: Annotated[Format, Query(alias="format", description="zip: palette PNG label maps + manifest.json; "
                                  "mp4: overlay video with a legend; json: per-frame class statistics")] = "zip",
     size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512: multiples of 8 "
@@ -223,7 +147,6 @@ async def segment(
     prov = provenance(request, settings, "/v1/segment")
     if max_frames is not None and max_frames > settings.max_frames:
         raise ApiError(422, "invalid_request", f"max_frames={max_frames} is over the limit of {settings.max_frames}")
-    plane = data_plane(request.app)
     with disk_errors("storing the upload"):
         workdir = await run_in_threadpool(plane.jobs.workdir)
     owned = False  # True once a response or a job is responsible for deleting workdir
@@ -239,7 +162,7 @@ async def segment(
         except VideoError as e:
             raise ApiError(415, "unsupported_media_type", _media_message(e, upload)) from e
         total = check_limits(info, settings, stride, max_frames)
-        sampler = clip_sampler(request.app, "upload", prov, hold=True) if collect else None
+        sampler = adaptation.sampler("upload", prov, hold=True) if collect else None
         work = Segmentation(
             engine=LockedEngine(engine, plane.engine_lock, plane.batcher), info=info, upload=upload, fmt=fmt,
             stride=stride, cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
@@ -329,8 +252,8 @@ def _submit(jobs: JobStore, workdir: Path, total: int, work: Segmentation) -> Jo
         raise ApiError(503, "too_many_jobs", str(e), {"Retry-After": "10"}) from e
 
 
-def _job(request: Request, job_id: str) -> Job:
-    job = data_plane(request.app).jobs.get(job_id)
+def _job(plane: DataPlaneDep, job_id: str) -> Job:
+    job = plane.jobs.get(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or removed after its TTL)")
     return job
@@ -338,18 +261,18 @@ def _job(request: Request, job_id: str) -> Job:
 
 @router.get("/v1/jobs/{job_id}", summary="State, progress and ETA of a segmentation job",
             responses={404: {"description": "unknown or expired job"}})
-async def job_status(request: Request, job_id: str) -> dict[str, Any]:
+async def job_status(plane: DataPlaneDep, job_id: str) -> dict[str, Any]:
     """`state` is queued, running, done or failed; `progress` is in [0, 1]; `eta_s` is an estimate."""
-    return _job(request, job_id).public()
+    return _job(plane, job_id).public()
 
 
 @router.get("/v1/jobs/{job_id}/result", summary="Download the result of a finished job",
             response_class=FileResponse,
             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 404: {"description": "unknown job"},
                        409: {"description": "the job is not done (queued, running or failed)"}})
-async def job_result(request: Request, job_id: str) -> FileResponse:
+async def job_result(plane: DataPlaneDep, job_id: str) -> FileResponse:
     """The result file once `state` is done; 409 before (or with the job's error if it failed)."""
-    job = _job(request, job_id)
+    job = _job(plane, job_id)
     if job.state == "failed":
         assert job.error is not None
         raise ApiError(409, "job_failed", f"job {job_id} failed: {job.error['message']}")

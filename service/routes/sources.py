@@ -19,23 +19,21 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import replace
-from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from ..collect import provenance
-from ..deps import AUTH_ERRORS, ApiError, RequireApiKey, check_api_key, get_engine_manager, get_settings
-from ..jobs import data_plane
+from ..deps import (AUTH_ERRORS, ApiError, RequireApiKey, SourcesDep, check_api_key, get_engine_manager, get_settings,
+                    get_sources)
 from ..live import NotReady
 from ..sources.feed import Subscriber
-from ..sources.manager import SourceManager, TooManySources
+from ..sources.manager import TooManySources
 from ..sources.policy import PolicyError
 from ..sources.sinks import HlsSink
 from ..sources.source import Source, SourceSpec
@@ -46,16 +44,7 @@ HLS_FILE = re.compile(r"^(index\.m3u8|seg-\d{6}\.ts)$")
 Side = Annotated[int, Field(ge=1, le=8192)]
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.sources = SourceManager(app, data_plane(app).engine_lock)
-    try:
-        yield
-    finally:
-        await run_in_threadpool(app.state.sources.close)
-
-
-router = APIRouter(tags=["sources"], lifespan=_lifespan)  # the websocket checks the key itself
+router = APIRouter(tags=["sources"])  # the websocket checks the key itself
 _http = APIRouter(tags=["sources"], dependencies=[RequireApiKey], responses=AUTH_ERRORS)
 
 
@@ -84,13 +73,6 @@ class SourceRequest(BaseModel):
                           self.realtime if self.realtime is not None else not live)
 
 
-def get_sources(conn: HTTPConnection) -> SourceManager:
-    manager = getattr(conn.app.state, "sources", None)
-    if manager is None:
-        raise ApiError(503, "unavailable", "sources are not running (the app has not started)")
-    return manager
-
-
 def _source(conn: HTTPConnection, source_id: str) -> Source:
     source = get_sources(conn).get(source_id)
     if source is None:
@@ -102,8 +84,7 @@ def _source(conn: HTTPConnection, source_id: str) -> Source:
              responses={403: {"description": "the allow-list refuses the URL (the message says why)"},
                         409: {"description": "VSS_SOURCES_MAX sources exist"},
                         422: {"description": "malformed URL or options"}})
-async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]:
-    manager = get_sources(request)
+async def create_source(body: SourceRequest, request: Request, manager: SourcesDep) -> dict[str, Any]:
     try:
         await run_in_threadpool(manager.policy.check, body.url)  # resolves host names: off the event loop
     except PolicyError as e:
@@ -118,8 +99,7 @@ async def create_source(body: SourceRequest, request: Request) -> dict[str, Any]
 
 
 @_http.get("/v1/sources", summary="List the sources and the allow-list")
-def list_sources(request: Request) -> dict[str, Any]:
-    manager = get_sources(request)
+def list_sources(manager: SourcesDep) -> dict[str, Any]:
     return {"sources": [s.public() for s in manager.list()], "max": manager.settings.sources_max,
             "allowed": manager.policy.describe()}
 
@@ -130,8 +110,8 @@ def get_source(source_id: str, request: Request) -> dict[str, Any]:
 
 
 @_http.delete("/v1/sources/{source_id}", summary="Stop a source and free its resources")
-async def delete_source(source_id: str, request: Request) -> dict[str, Any]:
-    source = await run_in_threadpool(get_sources(request).delete, source_id)
+async def delete_source(source_id: str, manager: SourcesDep) -> dict[str, Any]:
+    source = await run_in_threadpool(manager.delete, source_id)
     if source is None:
         raise ApiError(404, "not_found", f"no source {source_id!r}")
     return source.public()

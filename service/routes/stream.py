@@ -68,14 +68,14 @@ from models.flow import build_flow
 
 from ..budget import BudgetExceeded, budget
 from ..collect import provenance
-from ..deps import ApiError, get_engine_manager, get_metrics, get_settings
-from ..jobs import LockedEngine, data_plane
+from ..deps import (ApiError, get_adaptation, get_data_plane, get_drain, get_drift, get_engine_manager, get_metrics,
+                    get_settings)
+from ..jobs import LockedEngine
 from ..live import NotReady
 from ..pipeline import StreamSegmenter
 from ..stream_codec import (CLOSE_INTERNAL, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
                             StreamError, close_reason, decode_frame, encode_labels, parse_config,
                             precheck_frame)
-from .segment import clip_sampler
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
@@ -136,14 +136,13 @@ class StreamSession:
     """One websocket: a receiver task fills the queue, ``run`` segments and replies."""
 
     def __init__(self, ws: WebSocket, config: StreamConfig, drained: asyncio.Future[None]) -> None:
-        app = ws.app
         self.ws, self.config = ws, config
         self.drained = drained  # done when the server starts draining
         self.last_frame: int | None = None  # index of the last frame whose reply was handed to the sender
         self.settings, self.metrics = get_settings(ws), get_metrics(ws)
         self.budget = budget(self.settings)
         self.manager = get_engine_manager(ws)
-        plane = data_plane(app)
+        plane = get_data_plane(ws)
         self.lock, self.batcher = plane.engine_lock, plane.batcher
         self.queue = DropOldestQueue(self.settings.ws_queue_size)
         self.dropped = 0
@@ -154,11 +153,11 @@ class StreamSession:
         prov = provenance(ws, self.settings, "/v1/stream")
         # Each frame is decoded completely before it is segmented (an undecodable one ends the stream),
         # so a stream's clips are handed over as soon as they are complete.
-        self.sampler = clip_sampler(app, "stream", prov) if config.collect else None
+        self.sampler = get_adaptation(ws).sampler("stream", prov) if config.collect else None
         self.frames_counter = self.metrics.frames_segmented.labels(source="stream")
         self.drops_counter = self.metrics.frames_dropped.labels(reason="stale")
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
-        self.drift = app.state.drift  # service/drift.py: this stream's and the process's drift signal
+        self.drift = get_drift(ws)  # service/drift.py: this stream's and the process's drift signal
         self.drift_id = self.drift.open_stream()
 
     async def receive(self) -> None:
@@ -311,7 +310,7 @@ async def stream(ws: WebSocket) -> None:
     await ws.accept()
     metrics = get_metrics(ws)
     metrics.stream_sessions.inc()
-    drained = ws.app.state.drain.started()
+    drained = get_drain(ws).started()
     try:
         settings = get_settings(ws)
         try:

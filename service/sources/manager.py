@@ -1,20 +1,25 @@
 """The app's sources: at most ``sources_max`` of them, each a ``Source`` with its own two threads.
 
-Built by the sources router's lifespan (``app.state.sources``) and stopped when the app stops. It is
+Built with the app (``service.components``, ``app.state.sources``) and stopped when the app stops. It is
 also the context a ``Source`` works in: settings, the allow-list, the engine manager and the app's
-FIFO engine lock (shared with uploads and websocket streams), metrics, the flow provider and the
-clip-buffer hook.
+FIFO engine lock (shared with uploads and websocket streams), metrics, the drift monitor, the flow
+provider and the clip-collection hook.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
-from typing import Any
+from collections.abc import Callable
 
 from models.flow import FlowProvider, build_flow
 
-from ..routes.segment import ClipSampler, clip_sampler
+from ..collect import ClipSampler, Provenance
+from ..drift import DriftMonitor
+from ..jobs import FairLock
+from ..live import EngineManager
+from ..metrics import Metrics
+from ..settings import Settings
 from .policy import SourcePolicy
 from .source import Source, SourceSpec
 
@@ -26,12 +31,12 @@ class TooManySources(RuntimeError):
 
 
 class SourceManager:
-    def __init__(self, app: Any, engine_lock: Any, policy: SourcePolicy | None = None) -> None:
-        self.app = app
-        self.settings = app.state.settings
-        self.metrics = app.state.metrics
-        self.engine_manager = app.state.engine_manager
-        self.engine_lock = engine_lock
+    def __init__(self, settings: Settings, metrics: Metrics, engine_manager: EngineManager, drift: DriftMonitor,
+                 engine_lock: FairLock, collect: Callable[[str, Provenance], ClipSampler | None],
+                 policy: SourcePolicy | None = None) -> None:
+        """``collect(source, provenance)``: the app's clip-collection hook (``AdaptationPlane.sampler``)."""
+        self.settings, self.metrics, self.engine_manager, self.drift = settings, metrics, engine_manager, drift
+        self.engine_lock, self.collect = engine_lock, collect
         self.policy = policy if policy is not None else SourcePolicy.from_settings(self.settings)
         self._sources: dict[str, Source] = {}
         self._lock = threading.Lock()
@@ -42,10 +47,11 @@ class SourceManager:
         return build_flow(self.settings.flow, str(weights) if weights else None)
 
     def sampler(self, spec: SourceSpec) -> ClipSampler | None:
-        """The clip-buffer hook of ``WS /v1/stream``, fed with this source's frames (when the buffer is on)."""
-        if spec.provenance is None or not self.settings.buffer_enabled:
+        """The clip-collection hook of ``WS /v1/stream``, fed with this source's frames (None when the collect
+        policy refuses the source's creator)."""
+        if spec.provenance is None:
             return None
-        return clip_sampler(self.app, "source", spec.provenance)
+        return self.collect("source", spec.provenance)
 
     # --- the sources ---------------------------------------------------------------------------------
     def create(self, spec: SourceSpec) -> Source:

@@ -13,16 +13,14 @@ own clock in milliseconds, so dropped frames make a variable frame rate, not a f
 from __future__ import annotations
 
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
-from ..atomic import write_atomic
+from ..atomic import publish, temp_beside, write_atomic
 
-FILE_MODE = 0o644
 TIME_BASE = Fraction(1, 1000)
 
 
@@ -31,10 +29,14 @@ class SegmentFile:
 
     def __init__(self, path: Path, fmt: str, width: int, height: int, fps: float) -> None:
         self.path, self.size = path, (height, width)
-        self._tmp = path.with_name(f".{path.name}.part")
+        self._tmp = temp_beside(path, ".part")
         self._pad = (height % 2, width % 2)
         options = {"movflags": "+faststart"} if fmt == "mp4" else {}
-        self._container = av.open(str(self._tmp), mode="w", format=fmt, options=options)
+        try:
+            self._container = av.open(str(self._tmp), mode="w", format=fmt, options=options)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         try:
             self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             self._stream.width, self._stream.height = width + self._pad[1], height + self._pad[0]
@@ -72,8 +74,7 @@ class SegmentFile:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
-            os.chmod(self._tmp, FILE_MODE)
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise

@@ -69,7 +69,7 @@ class _Item:
 
 
 class Source:
-    """A running source; ``ctx`` is the ``SourceManager`` (settings, policy, engine, lock, metrics, app)."""
+    """A running source; ``ctx`` is the ``SourceManager`` (settings, policy, engine, lock, metrics, drift)."""
 
     def __init__(self, spec: SourceSpec, ctx: Any) -> None:
         self.id = uuid.uuid4().hex[:12]
@@ -97,7 +97,7 @@ class Source:
         self._segmenter: StreamSegmenter | None = None
         self._raw_engine: Any = None
         self._sampler = ctx.sampler(spec) if spec.collect else None
-        self._drift = ctx.app.state.drift  # service/drift.py; this source is the stream "source:<id>"
+        self._drift = ctx.drift  # service/drift.py; this source is the stream "source:<id>"
         self._drift_id = self._drift.open_stream(f"source:{self.id}")
         ctx.metrics.sources.labels(state=self.state).inc()
         self._reader = threading.Thread(target=self._read_loop, name=f"vss-source-{self.id}-read", daemon=True)

@@ -13,6 +13,7 @@ from adaptation.datasets import DatasetError, build_dataset, label_space_of, par
 from adaptation.datasets.cityscapes_seq import CityscapesSeq
 from adaptation.datasets.synthia_seq import SynthiaSeq
 from adaptation.datasets.viper import Viper, remove_ego_vehicle
+from models.classes import IGNORE_INDEX as IGNORE
 from tests.adaptation.trees import H, W, flow_file, make_cityscapes, make_viper, palette_png, rgb
 
 
@@ -35,7 +36,7 @@ def test_cityscapes_items_labels_and_precomputed_flow(cityscapes: Path) -> None:
     assert item["flow_prev"][0].mean().item() == pytest.approx(-2 * (W - 1) / (W // 2 - 1), rel=1e-4)
     lab = item["label"]
     assert lab.dtype == torch.int64 and lab.shape == (H, W)
-    assert lab[0, 0] == 8 and lab[25, 0] == 0 and lab[45, 0] == 9 and lab[45, 100] == 10 and lab[60, 0] == 255
+    assert lab[0, 0] == 8 and lab[25, 0] == 0 and lab[45, 0] == 9 and lab[45, 100] == 10 and lab[60, 0] == IGNORE
     # the SYNTHIA label space keeps rider as its own class
     syn = CityscapesSeq(cityscapes, "train", "synthia", (H, W), flow="none")
     assert syn[0]["label"][45, 0] == 10 and syn.eval_exclude == ("fence",)
@@ -79,9 +80,9 @@ def test_viper_mapping_ego_vehicle_and_flow(viper: Path) -> None:
     item = ds[0]
     lab = item["label"]
     assert lab[0, 0] == 8 and lab[40, 0] == 0  # sky, road
-    assert lab[60, 64] == 255  # the ego vehicle is ignored
+    assert lab[60, 64] == IGNORE  # the ego vehicle is ignored
     assert lab[25, 10] == 10  # any other car is a car
-    assert lab[25, 110] == 255  # van is not among the 15 classes
+    assert lab[25, 110] == IGNORE  # van is not among the 15 classes
     assert item["flow"][0].mean().item() == pytest.approx(0.5)
     assert len(ds.classes) == 15
 
@@ -138,7 +139,7 @@ def test_synthia_crop_mapping_and_flow(synthia: Path) -> None:
     item = ds[0]
     lab = item["label"]
     assert lab.shape == (64, 128)  # 76 rows minus the bottom 12
-    assert lab[0, 0] == 8 and lab[20, 0] == 0 and lab[35, 0] == 11 and lab[35, 100] == 10 and lab[42, 0] == 255
+    assert lab[0, 0] == 8 and lab[20, 0] == 0 and lab[35, 0] == 11 and lab[35, 100] == 10 and lab[42, 0] == IGNORE
     assert item["flow"].shape == (2, 32, 64)
     assert item["flow"][0].mean().item() == pytest.approx(63 / 63, rel=1e-4)
     assert ds.eval_exclude == ("fence",) and len(ds.classes) == 12

@@ -209,3 +209,27 @@ def test_photometric_helpers_are_neutral_at_zero_strength() -> None:
     assert np.allclose(photometric.apply_fog(image, np.zeros((16, 24), np.float32), 0.1, (1, 1, 1)), image, atol=1e-6)
     assert photometric.defocus(image, 0.0) is image
     assert photometric.to_uint8(image).shape == (16, 24, 3)
+
+
+def test_write_clip_publishes_labels_and_flow_with_the_video_or_nothing(tmp_path) -> None:
+    from models.classes import read_label_png
+    from models.flow import load_davsn_flow
+    from adaptation.synth.files import write_clip
+
+    clip = synth.generate_clip("source", frames=3, size=(32, 64), seed=1)
+    written: list[np.ndarray] = []
+    write_clip(clip, tmp_path / "labels", tmp_path / "flow", written.append, flow_format="davsn")
+    assert len(written) == 1 and np.array_equal(written[0], clip.frames)
+    assert [read_label_png(tmp_path / "labels" / f"{t:06d}.png").tolist() for t in range(3)] == clip.labels.tolist()
+    flow = load_davsn_flow(tmp_path / "flow" / "000002.npy", (32, 64))
+    assert np.abs(flow - clip.flow[2]).mean() < 0.5  # int16 x 10 at half resolution, read back at full
+
+    def broken_encoder(frames: np.ndarray) -> None:
+        raise OSError("no space left for the video")
+
+    with pytest.raises(OSError, match="no space"):
+        write_clip(clip, tmp_path / "l2", tmp_path / "f2", broken_encoder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow", "labels"]  # nothing of the failed clip
+    with pytest.raises(FileExistsError, match="non-empty"):
+        write_clip(clip, tmp_path / "labels", None, written.append)
+    assert len(written) == 1  # refused before anything was written

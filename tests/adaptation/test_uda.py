@@ -16,6 +16,7 @@ from adaptation.uda_losses import (adversarial_bce, adversarial_lsgan, class_mix
                                    hflip_flow, histogram_match, interpolate_frame, mix, occlusion_mask, pair_input,
                                    pseudo_weight, weight_discrepancy, weighted_ce)
 from models.accel import build_model
+from models.classes import IGNORE_INDEX as IGNORE
 from models.config import get_config
 from models.warp import warp
 
@@ -91,16 +92,16 @@ def test_occlusion_mask_forward_backward_check() -> None:
 
 def test_entropy_pseudo_labels() -> None:
     probs = torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]]).t().reshape(1, 4, 1, 2)
-    assert entropy_pseudo_labels(probs, 0.3).tolist() == [[[0, 255]]]
+    assert entropy_pseudo_labels(probs, 0.3).tolist() == [[[0, IGNORE]]]
     keep = torch.tensor([[[False, True]]])
-    assert entropy_pseudo_labels(probs, 0.3, keep).tolist() == [[[255, 255]]]
+    assert entropy_pseudo_labels(probs, 0.3, keep).tolist() == [[[IGNORE, IGNORE]]]
 
 
 def test_class_mix_and_weights() -> None:
-    lab = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]]])
+    lab = torch.tensor([[[0, 0, 1, 1], [2, 2, IGNORE, IGNORE]]])
     mask = class_mix_mask(lab, torch.Generator().manual_seed(0))
     chosen = lab[mask.bool()].unique()
-    assert len(chosen) == 2 and 255 not in chosen.tolist()  # half of 3 classes, rounded up
+    assert len(chosen) == 2 and IGNORE not in chosen.tolist()  # half of 3 classes, rounded up
     assert all(bool((mask[lab == c] == 1).all()) for c in chosen.tolist())
     a, b = torch.ones(1, 3, 2, 4), torch.zeros(1, 3, 2, 4)
     assert torch.equal(mix(mask, a, b)[:, 0], mask)
@@ -108,7 +109,7 @@ def test_class_mix_and_weights() -> None:
     probs = torch.tensor([0.99, 0.99, 0.99, 0.5]).view(1, 1, 2, 2)
     probs = torch.cat((probs, 1 - probs), 1)
     assert pseudo_weight(probs, 0.968).item() == pytest.approx(0.75)
-    labels = torch.tensor([[[0, 1], [2, 255]]])
+    labels = torch.tensor([[[0, 1], [2, IGNORE]]])
     ce = weighted_ce(torch.zeros(1, 4, 2, 2), labels, torch.full((1, 2, 2), 0.5))
     assert ce.item() == pytest.approx(0.5 * math.log(4) * 3 / 4)
 

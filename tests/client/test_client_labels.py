@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.outputs import label_png
+from models.classes import label_png
 from service.stream_codec import encode_labels, encode_rle, raw_frame
 from vss_client import colorize, decode_labels, decode_png, decode_rle, encode_frame, encode_rle as client_rle
 from vss_client import overlay, resize_labels

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 from websockets.sync.client import ClientConnection, connect
 
+from models.config import DEMO_MODEL_DIR
 from service.stream_codec import raw_frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +136,7 @@ def demo_checkpoint(target: Path, size: tuple[int, int] = (128, 256)) -> Path:
     """A copy of the bundled demo model that runs at ``size`` (it is fully convolutional)."""
     import shutil
 
-    shutil.copytree(REPO / "service" / "demo_model", target)
+    shutil.copytree(DEMO_MODEL_DIR, target)
     meta = json.loads((target / "meta.json").read_text())
     meta["input_size"] = list(size)
     (target / "meta.json").write_text(json.dumps(meta))

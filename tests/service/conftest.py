@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,14 +11,12 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.waiting import wait_until
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
     """Poll ``/readyz`` until the model is loaded."""
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.02)
+    wait_until(lambda: client.get("/readyz").status_code == 200, timeout, "the model to load", 0.02)
 
 
 @pytest.fixture()

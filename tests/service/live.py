@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
+
+from tests.waiting import wait_until
 
 
 @contextmanager
@@ -25,10 +26,9 @@ def live_server(app: FastAPI, scheme: str | None = "http", timeout_s: float = 60
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while not (server.started and app.state.engine_manager.ready):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: server.started and app.state.engine_manager.ready, timeout_s,
+                   "the server to start with a model loaded", 0.02,
+                   give_up=lambda: None if thread.is_alive() else "its thread ended")
         host = f"127.0.0.1:{sock.getsockname()[1]}"
         yield f"{scheme}://{host}" if scheme else host
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,12 @@ import numpy as np
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from models.config import DEMO_MODEL_DIR
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.service.live import live_server
+from tests.waiting import wait_until
 from service.stream_codec import raw_frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ FINAL = ("published", "rejected", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the demo checkpoint whose metadata asks for the smaller input size."""
-    source = Path(os.environ.get("VSS_E2E_MODEL") or REPO / "service" / "demo_model")
+    source = Path(os.environ.get("VSS_E2E_MODEL") or DEMO_MODEL_DIR)
     if not (source / "meta.json").is_file():
         pytest.skip(f"no demo model at {source} (train one: python -m adaptation.make_demo -o DIR)")
     target = tmp_path_factory.mktemp("demo") / "model"
@@ -70,14 +71,13 @@ class Stream:
 
 def poll_job(http: httpx.Client, stream: Stream, location: str, timeout: float = 300.0) -> dict[str, Any]:
     """Poll a job to its end while the stream keeps going (one frame per poll)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ended() -> dict[str, Any] | None:
         job = http.get(location).json()
         if job["state"] in FINAL:
             return job
-        assert time.monotonic() < deadline, f"job still {job['state']} ({job['stage']}) after {timeout:.0f} s"
         stream.step()
-        time.sleep(0.2)
+        return None
+    return wait_until(ended, timeout, f"the job {location} to end", 0.2)
 
 
 def miou(checkpoint: Path, clip: Any) -> float:
@@ -118,10 +118,12 @@ def test_stream_adapt_publish_hot_swap_and_reject_sabotage(tmp_path: Path, demo_
         new = job["version"]
         assert (new, job["parent"], job["activated"]) == ("v0002", "v0001", True)
 
-        deadline = time.monotonic() + 60
-        while stream.replies[-1]["model_version"] != new:  # the swap may already have happened while polling
+        def switched() -> bool:  # the swap may already have happened while polling
+            if stream.replies[-1]["model_version"] == new:
+                return True
             stream.step()
-            assert time.monotonic() < deadline, "the stream never switched to the new version"
+            return False
+        wait_until(switched, 60, "the stream to switch to the new version", 0)
         replies = stream.replies
         first_new = next(i for i, m in enumerate(replies) if m["model_version"] == new)
         assert replies[first_new]["keyframe"] is True  # a fresh keyframe right after the swap

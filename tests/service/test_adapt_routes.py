@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.waiting import wait_until
 
 API_KEY = "adapt-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -32,11 +32,7 @@ def settings_for(root: Path, **overrides: Any) -> Settings:
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+    return wait_until(check, timeout, what)
 
 
 @pytest.fixture()

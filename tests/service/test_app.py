@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from service.app import create_app
 from service.metrics import JsonFormatter, request_id_var
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.waiting import wait_until
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -30,13 +30,10 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 
 def wait_ready(client: TestClient, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> dict | None:
         r = client.get("/readyz")
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.02)
-    raise AssertionError(f"server not ready: {r.json()}")
+        return r.json() if r.status_code == 200 else None
+    return wait_until(ready, timeout, "/readyz to answer 200", 0.02)
 
 
 @pytest.fixture()
@@ -137,10 +134,8 @@ def test_no_api_key_configured_means_open_routes(tmp_path: Path, tiny_checkpoint
 
 def test_replica_follows_a_pointer_moved_on_disk(client: TestClient, tmp_path: Path) -> None:
     ModelRegistry(tmp_path / "models").activate("v0002")  # e.g. the worker, or `vss models activate`
-    deadline = time.monotonic() + 10
-    while client.get("/v1/models/active").json()["version"] != "v0002":
-        assert time.monotonic() < deadline, "the watcher did not follow ACTIVE"
-        time.sleep(0.02)
+    wait_until(lambda: client.get("/v1/models/active").json()["version"] == "v0002", 10,
+               "the watcher to follow ACTIVE", 0.02)
 
 
 def test_errors_are_json_with_a_request_id(client: TestClient) -> None:

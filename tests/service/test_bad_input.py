@@ -5,21 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service import decode
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
+from tests.service.live import live_server
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
@@ -110,30 +106,11 @@ def test_decoder_runs_isolated_with_limits(synthetic_video, tmp_path: Path) -> N
     video = decode.VideoStream(synthetic_video.path)  # 6 frames of 24 kB: more than a pipe buffers
     video.probe()
     os.kill(video._proc.pid, signal.SIGSEGV)  # a decoder crash mid-stream
+    video._proc.join(30)  # dead before the first read: the pipe holds less than the 6 frames
     with pytest.raises(decode.DecodeError):
         for _ in video:
-            time.sleep(0.05)  # keep the pipe from delivering every frame before the signal lands
+            pass
     assert "SIGSEGV" in decode._crash_message("v.mp4", -11)
-
-
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[int]:
-    """A real uvicorn on 127.0.0.1 in a thread; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def read_status(conn: socket.socket) -> tuple[int, bytes]:
@@ -151,11 +128,8 @@ def test_oversized_upload_is_refused_before_the_body_is_read(tmp_path: Path, tin
     ModelRegistry(tmp_path / "models").import_dir(tiny_checkpoint, activate=True)
     app = create_app(make_settings(tmp_path, max_upload_bytes=100_000))
     head = b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n\r\n"
-    with live_server(app) as port:
-        deadline = time.monotonic() + 30
-        while not app.state.engine_manager.ready:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with live_server(app, scheme=None) as host:  # serves once the model is loaded
+        port = int(host.rpartition(":")[2])
         # A declared length over the limit: answered at once, not one body byte is sent.
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.buffer import ClipBuffer, ClipCollector, ClipDamaged, ClipNotFound, is_heldout
+from tests.waiting import wait_until
 
 
 def frames(n: int = 4, h: int = 32, w: int = 48, seed: int = 0) -> list[np.ndarray]:
@@ -143,9 +144,7 @@ def test_collector_never_blocks_the_caller(tmp_path: Path) -> None:
     release = threading.Event()
     collector = ClipCollector(ClipBuffer(tmp_path), lambda: release.wait(30) and (8, 8), queue_size=1)
     assert collector.submit(frames(2, seed=1), "stream")
-    deadline = time.monotonic() + 10
-    while collector._queue.qsize() and time.monotonic() < deadline:  # the writer took the first clip
-        time.sleep(0.01)
+    wait_until(lambda: collector._queue.qsize() == 0, 10, "the writer to take the first clip", 0.01)
     assert collector.submit(frames(2, seed=2), "stream")  # waits in the queue
     assert not collector.submit(frames(2, seed=3), "stream")  # queue full: dropped at once
     assert collector.dropped == 1

@@ -159,7 +159,7 @@ def test_kill_9_during_an_upload_job(world: World, video: bytes, stage: str, was
     job_id = submit(url, video)
     world.reach(server, f"the job at {stage}")
     if stage == "result_write":
-        assert list((world.jobs / "work" / job_id).glob(".result.zip.*.part"))
+        assert list((world.jobs / "work" / job_id).glob(".tmp-result.zip.*.part"))
     server.kill9()
     _, url = world.serve()
     r = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10)

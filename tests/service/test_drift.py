@@ -4,7 +4,6 @@ stream route feeding ``GET /v1/models/active`` and ``/metrics`` through a real u
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from adaptation.synth import generate_clip
 from models.checkpoint import load_checkpoint
+from models.config import DEMO_MODEL_DIR
 from models.flow import build_flow
 from service.drift import DriftMonitor, Ema, class_shares, mean_entropy, total_variation
 from service.engine import TorchEngine
@@ -20,7 +20,7 @@ from service.pipeline import StreamSegmenter
 from service.stream_codec import raw_frame
 from tests.service.test_stream import open_stream, reply, start_server
 
-DEMO = Path(__file__).resolve().parents[2] / "service" / "demo_model"
+DEMO = DEMO_MODEL_DIR
 SIZE = (64, 128)  # generated frames; the demo model resizes them to its 256x512 input
 
 

@@ -194,9 +194,9 @@ def test_answers_name_no_paths_pids_or_hosts(tmp_path: Path, start_client, synth
 
 
 def test_the_demo_model_metadata_names_no_build_machine_path() -> None:
-    from service.settings import BUNDLED_DEMO_MODEL
+    from models.config import DEMO_MODEL_DIR
 
-    meta = json.loads((BUNDLED_DEMO_MODEL / "meta.json").read_text())
+    meta = json.loads((DEMO_MODEL_DIR / "meta.json").read_text())
     assert internals(meta, [], set()) == []
 
 

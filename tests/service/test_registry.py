@@ -19,6 +19,7 @@ from models.config import get_config
 from service.live import EngineLoadError, EngineManager, EngineOptions, NotReady, make_engine_factory
 from service.registry import (ACTIVE_FILE, STAGING_PREFIX, InvalidVersion, ModelRegistry, VersionNotFound,
                               validate_version)
+from tests.waiting import wait_until
 
 
 class FakeEngine:
@@ -161,7 +162,7 @@ def test_active_pointer_and_rollback(registry: ModelRegistry) -> None:
     with pytest.raises(InvalidVersion):
         registry.activate("../../etc")
     assert registry.active() == "v0002"
-    assert not [p for p in registry.root.iterdir() if p.name.startswith(f".{ACTIVE_FILE}")], "temp pointer left"
+    assert sorted(p.name for p in registry.root.iterdir() if p.name.startswith(".")) == [], "temp pointer left"
 
 
 def test_garbage_pointer_is_an_error(registry: ModelRegistry) -> None:
@@ -221,21 +222,25 @@ def test_hot_swap_under_load_has_no_torn_reads(tmp_path: Path, tiny_checkpoint: 
     readers = [threading.Thread(target=reader, args=(out,)) for out in seen]
     for t in readers:
         t.start()
-    for i, version in enumerate(versions[1:]):
-        if i % 2:
-            manager.activate(version)  # the route's path
-        else:
-            reg.activate(version)  # another process moved the pointer: the watcher's path
-            assert manager.sync() is True
-        time.sleep(0.003)
-    stop.set()
-    for t in readers:
-        t.join()
+    try:
+        for i, version in enumerate(versions[1:]):
+            # every reader is reading while the next engine is built and swapped in
+            wait_until(lambda n=int(manager.version[1:]): all(reads and reads[-1] == n for reads in seen), 30,
+                       f"every reader to see {manager.version}")
+            if i % 2:
+                manager.activate(version)  # the route's path
+            else:
+                reg.activate(version)  # another process moved the pointer: the watcher's path
+                assert manager.sync() is True
+        wait_until(lambda: all(reads[-1] == len(versions) for reads in seen), 30, "every reader to see the last")
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
     assert not problems
     for reads in seen:
-        assert len(reads) > 0
         assert all(a <= b for a, b in zip(reads, reads[1:])), "a reader saw the version go backwards"
-    assert len({v for reads in seen for v in reads}) > 2, "readers did not overlap with the swaps"
+        assert sorted(set(reads)) == list(range(1, len(versions) + 1)), "a reader missed a version"
     assert manager.version == versions[-1] and manager.swaps == len(versions) - 1
     assert reg.active() == versions[-1]
 
@@ -265,8 +270,10 @@ def test_rewritten_pointer_retries_a_failed_version(registry: ModelRegistry) -> 
     registry.activate("v0002")
     assert manager.sync() is False
     broken.clear()  # e.g. the GPU memory was freed
-    time.sleep(0.01)
+    stamp = registry.active_stamp()
     registry.activate("v0002")  # a new write of the pointer (new mtime) asks for a retry
+    later = stamp[0] + 1_000_000_000  # a write in the same clock tick keeps the mtime: date this one 1 s later
+    os.utime(registry.root / ACTIVE_FILE, ns=(later, later))
     assert manager.sync() is True and manager.version == "v0002"
 
 
@@ -274,9 +281,9 @@ def test_watcher_thread_follows_the_pointer(registry: ModelRegistry) -> None:
     manager = EngineManager(registry, fake_factory(), poll_interval_s=0.02, warmup=False)
     manager.start()
     try:
-        _wait(lambda: manager.version == "v0001")
+        wait_until(lambda: manager.version == "v0001", 10, "the watcher to load v0001")
         registry.activate("v0003")
-        _wait(lambda: manager.version == "v0003")
+        wait_until(lambda: manager.version == "v0003", 10, "the watcher to follow ACTIVE to v0003")
     finally:
         manager.stop()
     assert manager.swaps == 1
@@ -301,14 +308,6 @@ def test_corrupt_weights_in_the_registry_keep_the_old_engine(registry: ModelRegi
     assert manager.sync() is False
     assert manager.current().version == "v0001"
     assert "sha256" in (manager.last.error or "")
-
-
-def _wait(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 # --- `vss models` ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from models.atomic import TEMP_PREFIX
 from service.registry import ACTIVE_FILE, InvalidVersion, ModelRegistry, VersionNotFound, validate_version
 
 
@@ -59,9 +60,10 @@ def test_temp_names_of_a_dead_publisher_are_swept_at_start(tmp_path: Path, tiny_
         (path / "model.safetensors").write_bytes(b"partial")
     old = time.time() - 7200
     os.utime(leftovers[2], (old, old))
-    pointer = reg.root / f".{ACTIVE_FILE}.x1y2z3"
-    pointer.write_text("v0001\n")
-    os.utime(pointer, (old, old))
+    # a temp pointer as named now, and as older versions named it
+    for pointer in (reg.root / f"{TEMP_PREFIX}{ACTIVE_FILE}.x1y2z3", reg.root / f".{ACTIVE_FILE}.x4y5z6"):
+        pointer.write_text("v0001\n")
+        os.utime(pointer, (old, old))
     alive = reg.root / f".staging-{os.getpid()}@{host}-{'ef' * 16}"  # this process is still publishing it
     alive.mkdir()
     reg.ensure()

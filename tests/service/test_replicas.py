@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from service.cli import main as cli_main
 from service.commands.serve import check_bind
 from service.registry import ModelRegistry
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 # The `vss` entry point without relying on an installed script (`python -m service.cli` would import
@@ -68,18 +68,16 @@ class Replica:
 
 
 def wait_for(replicas: list[Replica], version: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [r.version() for r in replicas]
-        if all(v == version for v in seen):
-            return
-        for r in replicas:
-            if r.proc.poll() is not None:
-                raise AssertionError(f"replica exited ({r.proc.returncode}):\n{r.log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            logs = "\n".join(r.log.read_text()[-2000:] for r in replicas)
-            raise AssertionError(f"replicas serve {seen}, expected {version}\n{logs}")
-        time.sleep(0.1)
+    def exited() -> str | None:
+        dead = next((r for r in replicas if r.proc.poll() is not None), None)
+        return None if dead is None else f"replica exited ({dead.proc.returncode}):\n{dead.log.read_text()[-3000:]}"
+
+    try:
+        wait_until(lambda: all(r.version() == version for r in replicas), timeout, f"every replica to serve {version}",
+                   0.1, give_up=exited)
+    except AssertionError as e:
+        logs = "\n".join(r.log.read_text()[-2000:] for r in replicas)
+        raise AssertionError(f"{e}\n{logs}") from None
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.service.live import live_server
 from service.stream_codec import decode_labels, decode_rle, encode_rle, raw_frame
+from tests.waiting import wait_until
 
 FRAME_KEYS = {"type", "frame", "model_version", "latency_ms", "compute_ms", "dropped", "class_fractions",
               "keyframe", "width", "height", "format"}
@@ -203,10 +203,8 @@ def test_client_leaving_mid_stream_is_a_clean_close(shared) -> None:
             for frame in frames(8, 96, 160):
                 ws.send(raw_frame(frame))
         # leaving the block closes the socket while frames are still queued or being segmented
-    deadline = time.monotonic() + 10
-    while "vss_stream_sessions 0.0" not in app.state.metrics.render().decode():
-        assert time.monotonic() < deadline, "stream sessions were not released"
-        time.sleep(0.05)
+    wait_until(lambda: "vss_stream_sessions 0.0" in app.state.metrics.render().decode(), 10,
+               "the stream sessions to be released")
     assert 'route="/v1/stream",status="1011"' not in app.state.metrics.render().decode()
     with open_stream(url) as (ws, _):
         ws.send(raw_frame(frames(1)[0]))

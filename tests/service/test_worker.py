@@ -21,6 +21,7 @@ from service.buffer import ClipBuffer
 from service.registry import ModelRegistry
 from service.settings import Settings
 from service.worker import Worker, clip_buffer
+from tests.waiting import wait_until
 
 SIZE = (64, 128)
 LENIENT = GateThresholds(vanish_share=1.0, min_entropy_ratio=0.0, max_class_tv=1.0, tc_tolerance=100.0,
@@ -68,10 +69,7 @@ def run(env: dict[str, Any], request: dict[str, Any], thresholds: GateThresholds
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    wait_until(check, timeout, "the condition", 0.02)
 
 
 def test_passing_candidate_is_published_and_activated(env: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.adaptation import average, checks, table
 from bench.uda import table as uda_table
 
@@ -15,15 +17,21 @@ def _row(style: str, source: float, oracle: float, **methods: float) -> dict:
 
 def test_adaptation_checks_recovered_share_and_floor() -> None:
     rows = [_row("fog", 20.0, 80.0, bn=40.0, stpl=56.0), _row("night", 10.0, 50.0, bn=20.0, stpl=30.0)]
+    recovered, gain = "stpl recovers % of the oracle's gain on average", "stpl minus bn mIoU on average"
+    worst_bn, worst_stpl = "bn minus source-only mIoU, worst style", "stpl minus source-only mIoU, worst style"
     result = checks(rows, ["oracle", "bn", "stpl"])
-    # shares 0.6 and 0.5 -> 55 %; stpl - bn = +16 and +10
-    assert result["stpl recovers >= 50 % on average (55 %)"] is True
-    assert result["stpl beats bn by >= 3 mIoU on average (+13.0)"] is True
-    assert result["bn never below source-only (worst +10.0)"] is True
+    assert set(result) == {recovered, gain, worst_bn, worst_stpl}
+    # shares 0.6 and 0.5 -> 55 %; stpl - bn = +16 and +10 -> +13; bn gains +20 and +10, stpl +36 and +20
+    assert result[recovered] == {"value": 55.0, "target": 50.0, "passed": True}
+    assert result[gain] == {"value": 13.0, "target": 3.0, "passed": True}
+    assert result[worst_bn] == {"value": 10.0, "target": 0.0, "passed": True}
+    assert result[worst_stpl] == {"value": 20.0, "target": 0.0, "passed": True}
     rows[1]["bn"]["miou"] = 9.5
-    assert checks(rows, ["oracle", "bn", "stpl"])["bn never below source-only (worst -0.5)"] is False
+    assert checks(rows, ["oracle", "bn", "stpl"])[worst_bn] == {"value": -0.5, "target": 0.0, "passed": False}
     rows[0]["stpl"]["miou"] = 30.0  # share 1/6 and 1/2 -> 33 %
-    assert checks(rows, ["oracle", "bn", "stpl"])["stpl recovers >= 50 % on average (33 %)"] is False
+    assert checks(rows, ["oracle", "bn", "stpl"])[recovered]["value"] == pytest.approx(100 / 3, abs=0.01)
+    assert checks(rows, ["oracle", "bn", "stpl"])[recovered]["passed"] is False
+    assert set(checks(rows, ["bn"])) == {worst_bn}  # a check needs the methods it compares
 
 
 def test_adaptation_table_marks_rejected_candidates() -> None:

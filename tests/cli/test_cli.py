@@ -119,7 +119,7 @@ def test_segment_format_from_extension_and_stride(tiny_checkpoint: Path, synthet
 
 def test_eval_prints_json(tiny_checkpoint: Path, synthetic_video, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
-    from service.outputs import label_png
+    from models.classes import label_png
 
     labels = tmp_path / "labels"
     labels.mkdir()

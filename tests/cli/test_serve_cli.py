@@ -29,7 +29,7 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 from tests.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
