@@ -116,18 +116,35 @@ def stream_time(timeline: list[tuple[float, float]], epoch: float | None) -> flo
     return timeline[max(i - 1, 0)][1]
 
 
+def clip_segments(ids: list[str], timeline: list[tuple[float, float]], plan: Plan) -> list[int]:
+    """The segment each buffered clip was sampled in: a clip id starts with its creation time in ns
+    (``service.buffer``), just after its last frame was served."""
+    out = []
+    for clip_id in ids:
+        head = clip_id.split("-", 1)[0]
+        at = stream_time(timeline, int(head) / 1e9) if head.isdigit() else None
+        if at is not None:
+            out.append(plan.segment_of(int(round(at * plan.camera_fps))))
+    return out
+
+
 def rounds(jobs: list[dict[str, Any]], timeline: list[tuple[float, float]], plan: Plan) -> dict[str, Any]:
-    """Every job with the stream time it was created and ended at, its segment, and counts by state."""
+    """Every job with the stream time it was created and ended at, its segment (where most of its training
+    clips come from; else where it was created), and counts by state."""
     out = []
     for job in sorted(jobs, key=lambda j: j.get("created") or 0.0):
         created = stream_time(timeline, job.get("created"))
         ended = stream_time(timeline, job.get("finished"))
+        trained = clip_segments(((job.get("clips") or {}).get("ids") or {}).get("train") or [], timeline, plan)
         segment = plan.segment_of(int(created * plan.camera_fps)) if created is not None else None
+        if trained:  # the style the round trained on: the segment most of its clips were sampled in
+            segment = Counter(trained).most_common(1)[0][0]
         gate = job.get("gate") or {}
         out.append({"id": job["id"], "trigger": job.get("trigger"), "state": job["state"],
                     "method": (job.get("request") or {}).get("method"), "parent": job.get("parent"),
                     "version": job.get("version"), "created_s": created, "ended_s": ended, "segment": segment,
                     "style": plan.segments[segment] if segment is not None else None,
+                    "clip_segments": dict(Counter(trained)),
                     "gate_passed": gate.get("passed"), "gate_reasons": gate.get("reasons"),
                     "stat_gate": (gate.get("metrics") or {}).get("stat_gate")})
     states = Counter(r["state"] for r in out)

@@ -77,12 +77,16 @@ def test_rounds_on_the_stream_clock_and_gate_errors():
     jobs = [{"id": "b", "state": "rejected", "created": 1070.5, "finished": 1090.0, "gate": {"passed": False}},
             {"id": "a", "state": "published", "created": 1010.2, "finished": 1040.0, "parent": "v0001",
              "version": "v0002", "request": {"method": "tent"}},
-            {"id": "c", "state": "running", "created": 1115.0, "finished": None}]
+            {"id": "c", "state": "running", "created": 1115.0, "finished": None,
+             "clips": {"ids": {"train": ["00000001050500000000-ab", "00000001049000000000-cd",
+                                         "00000001080000000000-ef"], "heldout": []}}}]
     r = rounds(jobs, timeline, plan)
     assert [j["id"] for j in r["list"]] == ["a", "b", "c"]
     assert (r["started"], r["published"], r["rejected"], r["unfinished"]) == (3, 1, 1, 1)
     assert r["list"][0]["created_s"] == 10.0 and r["list"][0]["style"] == "source" and r["list"][0]["method"] == "tent"
     assert r["list"][1]["segment"] == 1 and r["list"][1]["ended_s"] == 90.0 and r["list"][2]["ended_s"] is None
+    # c was created in segment 1 but trained mostly on clips sampled in segment 0 (at 50 s and 49 s)
+    assert r["list"][2]["style"] == "source" and r["list"][2]["clip_segments"] == {0: 2, 1: 1}
     scored = [{"state": "published", "gate_passed": True, "parent_miou": 50.0, "candidate_miou": 49.0},
               {"state": "published", "gate_passed": True, "parent_miou": 50.0, "candidate_miou": 60.0},
               {"state": "published", "gate_passed": False, "parent_miou": 50.0, "candidate_miou": 55.0},  # gate off
