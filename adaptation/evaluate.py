@@ -1,11 +1,13 @@
 """Dataset evaluation of an ACCEL model: mIoU per class and temporal consistency (TC).
 
-Protocol (DA-VSN/TPS): frame k and k-1 with the flow k -> k-1 go through the model; the fused main
-logits are upsampled (bilinear, align_corners=True) to the label size, argmax, one accumulated
+Protocol (DA-VSN/TPS): frames k-2 (when the dataset has it), k-1 and k with their flows are streamed
+through the model (``models.stream.stream_logits``: k fused with k-1, k-1 fused with k-2); the fused
+main logits of k are upsampled (bilinear, align_corners=True) to the label size, argmax, one accumulated
 confusion matrix, IoU per class, mIoU = mean over the classes present (minus the dataset's
-``eval_exclude``, e.g. SYNTHIA's fence). TC: the prediction of frame k against the prediction of
-frame k-1 (itself fused from k-1 and k-2) warped to k by the flow, at the input resolution, as the
-share of warp-valid pixels that agree (UnifiedVideoDA's ``pred_pred`` / ESVS's TC).
+``eval_exclude``, e.g. SYNTHIA's fence). TC (``tc``, ``adaptation.metrics.TemporalConsistency
+.tc_pixel_agreement``): the prediction of frame k against the prediction of frame k-1 warped to k by
+the flow, at the input resolution, as the share of warp-valid pixels that agree (UnifiedVideoDA's
+``pred_pred`` / ESVS's TC).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import load_checkpoint
+from models.stream import ModuleStream, stream_logits
 
 from .datasets import DataSpec, VideoFrameDataset, accepted_options, build_dataset, label_space_of, parse_spec
 from .distributed import unwrap_model
-from .metrics import confusion_matrix, iou_from_confusion, temporal_consistency
+from .metrics import TemporalConsistency, confusion_matrix, iou_from_confusion
 
 
 def subset_indices(n: int, max_items: int | None) -> list[int]:
@@ -50,43 +53,46 @@ def evaluate(model: torch.nn.Module, dataset: VideoFrameDataset, device: torch.d
     model.eval()
     classes = list(dataset.classes)
     conf = np.zeros((len(classes), len(classes)), np.int64)
-    agree = valid = 0
+    tc = TemporalConsistency()
+    stream = ModuleStream(model)
     idx = subset_indices(len(dataset), max_items)
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, num_workers=num_workers)
     done = 0
     try:
         for batch in loader:
             b = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            out = model(b["cur"], b["prev"], b["flow"])
+            with_tc = "prev2" in b
+            frames = [b["prev2"], b["prev"], b["cur"]] if with_tc else [b["prev"], b["cur"]]
+            flows = [None, b["flow_prev"], b["flow"]] if with_tc else [None, b["flow"]]
+            *_, prev_fused, fused = stream_logits(stream, frames, flows)
             label = batch["label"].numpy()
-            pred = _up(out["fused"], label.shape[-2:]).argmax(1).cpu().numpy()
+            pred = _up(fused, label.shape[-2:]).argmax(1).cpu().numpy()
             conf += confusion_matrix(pred, label, len(classes))
-            if "prev2" in b:
+            if with_tc:
                 size = tuple(b["cur"].shape[-2:])
-                prev_fused, _ = model.fuse(out["prev"], model.frame(b["prev2"])["main"], b["flow_prev"])
-                p_t = _up(out["fused"], size).argmax(1).cpu().numpy()
+                p_t = _up(fused, size).argmax(1).cpu().numpy()
                 p_prev = _up(prev_fused, size).argmax(1).cpu().numpy()
                 flow = b["flow"].permute(0, 2, 3, 1).cpu().numpy()
                 for n in range(p_t.shape[0]):
-                    a, v = temporal_consistency(p_t[n], p_prev[n], flow[n])
-                    agree, valid = agree + a, valid + v
+                    tc.add(p_t[n], p_prev[n], flow[n])
             done += pred.shape[0]
             if on_batch is not None:
                 on_batch(done, len(idx))
     finally:
         model.train(was_training)
-    return summarize(conf, classes, dataset.eval_exclude, agree, valid, done)
+    return summarize(conf, classes, dataset.eval_exclude, tc, done)
 
 
-def summarize(conf: np.ndarray, classes: list[str], exclude: tuple[str, ...], agree: int, valid: int,
+def summarize(conf: np.ndarray, classes: list[str], exclude: tuple[str, ...], tc: TemporalConsistency,
               items: int) -> dict[str, Any]:
     ious = iou_from_confusion(conf)
+    tc_pixel = tc.tc_pixel_agreement()
     use = np.array([c not in exclude for c in classes]) & ~np.isnan(ious)
     return {
         "miou": round(float(ious[use].mean() * 100), 2) if use.any() else None,
         "per_class": {c: (round(float(v) * 100, 2) if not np.isnan(v) else None) for c, v in zip(classes, ious)},
         "excluded": list(exclude),
-        "tc": round(100.0 * agree / valid, 2) if valid else None,
+        "tc": None if tc_pixel is None else round(tc_pixel, 2),
         "items": items,
     }
 

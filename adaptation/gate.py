@@ -1,16 +1,17 @@
 """Validation gate: may an adapted candidate replace its parent? Pure computation, no I/O.
 
 Both models segment held-out target clips that adaptation never saw (streaming ACCEL inference,
-as the service runs them). The candidate passes when:
+as the service runs them: ``models.stream.predict_stream`` with the clips' flow). The candidate passes when:
   * its weights and predictions are finite;
   * no class collapses: every class the parent predicts on more than ``vanish_share`` of the pixels
     is still predicted on at least ``vanish_floor`` of them, the entropy of the candidate's class
     distribution keeps ``min_entropy_ratio`` of the parent's, and the two distributions differ by
     at most ``max_class_tv`` (total variation distance);
-  * its temporal consistency ``tc_iou`` is not worse than the parent's by more than ``tc_tolerance``
-    points: the mean over classes of the IoU between the prediction at t and the flow-warped
-    prediction at t-1, so that a parent which labels everything with one class is not rewarded for
-    it (the pixel agreement, ``tc`` in evaluation reports, is reported as ``tc_pixel_*``);
+  * its temporal consistency ``tc_class_iou`` (reported as ``tc_iou_*``) is not worse than the parent's
+    by more than ``tc_tolerance`` points: the mean over classes of the IoU between the prediction at t
+    and the flow-warped prediction at t-1, so that a parent which labels everything with one class is
+    not rewarded for it (``tc_pixel_agreement``, ``tc`` in evaluation reports, is reported as
+    ``tc_pixel_*``; ``adaptation.metrics``);
   * it labels at least ``min_agreement`` percent of the pixels as the parent does.
 With labeled validation clips the decision is mIoU >= parent mIoU + ``miou_margin`` (plus finite
 weights); the unsupervised checks are then reported as warnings only.
@@ -45,7 +46,7 @@ from models.stream import predict_stream
 
 from . import stat_gate
 from .clips import TargetClip
-from .metrics import confusion_matrix, iou_from_confusion, miou, temporal_consistency, temporal_iou_confusion
+from .metrics import TemporalConsistency, confusion_matrix, miou
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,16 @@ def weights_finite(model: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def predict_clip(model: Any, clip: TargetClip) -> np.ndarray:
-    """(T, h, w) int64 labels at the clip's size with the clip's flow; -1 marks non-finite logits.
-
-    ``model`` is an ``AccelSegmenter`` or a ``service.engine.Engine`` (``models.stream.predict_stream``).
-    """
+def _predict(model: Any, clip: TargetClip) -> np.ndarray:
+    """(T, h, w) int64 labels at the clip's size with the clip's flow; -1 marks non-finite logits."""
     return predict_stream(model, clip.frames, clip.flows)
 
 
 def compute_reference(parent: Any, heldout: Sequence[TargetClip],
                       val: Sequence[TargetClip] | None = None) -> Reference:
     """Run the parent once over the held-out (and validation) clips."""
-    return Reference([predict_clip(parent, c) for c in heldout],
-                     None if val is None else [predict_clip(parent, c) for c in val])
+    return Reference([_predict(parent, c) for c in heldout],
+                     None if val is None else [_predict(parent, c) for c in val])
 
 
 def _class_shares(preds: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
@@ -115,17 +113,11 @@ def _class_shares(preds: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
 
 
 def _tc(preds: Sequence[np.ndarray], clips: Sequence[TargetClip], num_classes: int) -> tuple[float, float]:
-    """(``tc_iou``, ``tc``) in percent between each prediction and its warped predecessor (``metrics``)."""
-    conf = np.zeros((num_classes, num_classes), np.int64)
-    agree = valid = 0
+    """(``tc_class_iou``, ``tc_pixel_agreement``) in percent over the clips (``adaptation.metrics``)."""
+    tc = TemporalConsistency(num_classes)
     for pred, clip in zip(preds, clips):
-        for t in range(1, len(pred)):
-            a, v = temporal_consistency(pred[t], pred[t - 1], clip.flows[t])
-            agree, valid = agree + a, valid + v
-            conf += temporal_iou_confusion(pred[t], pred[t - 1], clip.flows[t], num_classes)
-    ious = iou_from_confusion(conf)
-    class_mean = float(np.nanmean(ious)) * 100 if (~np.isnan(ious)).any() else 100.0
-    return class_mean, 100.0 * agree / max(valid, 1)
+        tc.add_clip(pred, clip.flows)
+    return tc.tc_class_iou(), tc.tc_pixel_agreement() or 0.0
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -158,7 +150,7 @@ def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequen
     if not weights_finite(candidate):
         return GateReport(False, ["candidate has non-finite weights"], {**metrics, "finite": False})
     ref = parent if isinstance(parent, Reference) else compute_reference(parent, heldout, val)
-    cand = [predict_clip(candidate, c) for c in heldout]
+    cand = [_predict(candidate, c) for c in heldout]
     if any((p < 0).any() for p in cand):
         return GateReport(False, ["candidate produces non-finite logits"], {**metrics, "finite": False})
     metrics["finite"] = True
@@ -206,7 +198,7 @@ def gate(parent: Any, candidate: Any, heldout: Sequence[TargetClip], val: Sequen
     if val:
         if ref.val_preds is None:
             raise ValueError("the reference was computed without validation clips")
-        cand_val = [predict_clip(candidate, c) for c in val]
+        cand_val = [_predict(candidate, c) for c in val]
         m_par = _miou(ref.val_preds, val, num_classes, classes)
         m_cand = _miou(cand_val, val, num_classes, classes)
         metrics["miou_parent"], metrics["miou_candidate"] = round(m_par["miou"], 2), round(m_cand["miou"], 2)

@@ -1,10 +1,12 @@
 """Reproduce the bundled demo model: source-only training of `mini-os8` on the synthetic `source` style.
 
     python -m adaptation.make_demo -o service/demo_model --minutes 12
+    python -m adaptation.make_demo --stats-only service/demo_model   # add source statistics, same weights
 
 Trains on random crops of 256x512 synthetic clips with exact flow (ACCEL clip mode: frame t with
 gradients, t-1 without, fused logits supervised), then evaluates on held-out source clips and every
-target style and records the numbers in the checkpoint's provenance.
+target style and records the numbers in the checkpoint's provenance, and the source statistics
+(``models.source_stats``) of the trained model on source clips beside the weights.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ import numpy as np
 import torch
 
 from models.accel import build_model
-from models.checkpoint import make_meta, save_checkpoint
+from models.checkpoint import add_source_stats, load_checkpoint, make_meta, save_checkpoint
 from models.config import get_config, parse_hxw
+from models.source_stats import SourceStats
 
 from . import synth
 from .clip_eval import evaluate_clips
 from .methods.supervised import SourceOnly
+from .source_stats import compute_source_stats
 from .trainer import TrainConfig, train
 
 INPUT_SIZE = (256, 512)
 TRAIN_SEEDS = range(1000, 1000 + 48)
 EVAL_SEEDS = range(90_000, 90_006)
+STATS_SEEDS = range(1000, 1000 + 16)  # source statistics: 16 of the training clips, 8 frames each
+
+
+def source_stats(model: torch.nn.Module, seeds: range = STATS_SEEDS, frames: int = 8) -> SourceStats:
+    """The model's statistics on source-style clips (``models.source_stats``)."""
+    clips = [synth.generate_clip("source", frames, INPUT_SIZE, seed=s) for s in seeds]
+    return compute_source_stats(model, [f for c in clips for f in c.frames], [lab for c in clips for lab in c.labels],
+                                provenance={"source": "adaptation.make_demo", "style": "source",
+                                            "seeds": f"{seeds.start}-{seeds.stop - 1}", "frames": str(frames)})
 
 
 def crop_batches(clips: list[synth.Clip], batch: int, crop: tuple[int, int], seed: int) -> Iterator[dict[str, Any]]:
@@ -59,7 +72,10 @@ def crop_batches(clips: list[synth.Clip], batch: int, crop: tuple[int, int], see
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out", required=True)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("-o", "--out", help="new checkpoint directory")
+    what.add_argument("--stats-only", metavar="DIR",
+                      help="add source statistics to the existing checkpoint DIR (its weights are not changed)")
     ap.add_argument("--minutes", type=float, default=12.0)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=8)
@@ -70,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if args.stats_only:
+        model, _ = load_checkpoint(args.stats_only)
+        add_source_stats(args.stats_only, source_stats(model))
+        print(json.dumps({"checkpoint": args.stats_only, "source_stats": "added"}))
+        return
     t0 = time.time()
     clips = [synth.generate_clip("source", 8, INPUT_SIZE, seed=s) for s in TRAIN_SEEDS]
     print(f"generated {len(clips)} training clips in {time.time() - t0:.1f}s", flush=True)
@@ -89,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = make_meta(cfg, list(synth.CLASSES), synth.PALETTE.tolist(), INPUT_SIZE, parent=None,
                      source="adaptation.make_demo", train_style="source", steps=result.steps,
                      train_seconds=round(result.elapsed_s), eval=scores,
-                     hyperparameters={k: v for k, v in vars(args).items() if k != "out"})  # no build-machine path
+                     hyperparameters={k: v for k, v in vars(args).items() if k not in ("out", "stats_only")})
+    model.source_stats = source_stats(model)
     save_checkpoint(args.out, model, meta)
     print(json.dumps({"out": args.out, "steps": result.steps, "eval": scores}))
 

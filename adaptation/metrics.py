@@ -1,10 +1,14 @@
 """Segmentation metrics: confusion-matrix mIoU (ignore index 255) and flow-based temporal consistency.
 
-Two temporal-consistency metrics, each with one name in every report:
-* ``tc`` (``temporal_consistency``): the share of warp-valid pixels whose label at t equals the
-  flow-warped label of t-1 (UnifiedVideoDA's ``pred_pred`` / ESVS's TC); what evaluation reports.
-* ``tc_iou`` (``temporal_iou_confusion``): the mean over classes of the IoU between the labels at t
-  and the warped labels of t-1, which a prediction of one class everywhere cannot game; the gate's.
+Two temporal-consistency metrics over pairs (labels at t, labels at t-1 warped to t by the flow t -> t-1),
+one name each, both computed by ``TemporalConsistency``:
+* ``tc_pixel_agreement``: the share (percent) of warp-valid pixels whose label at t equals the warped
+  label of t-1 (UnifiedVideoDA's ``pred_pred`` / ESVS's TC). Reported as ``tc`` by the evaluations
+  (``vss eval``, ``adaptation.evaluate``, ``adaptation.clip_eval``, the benchmarks) and as
+  ``tc_pixel_parent`` / ``tc_pixel_candidate`` by the gate.
+* ``tc_class_iou``: the mean over classes of the IoU between the labels at t and the warped labels of
+  t-1 (percent), which a prediction of one class everywhere cannot game. Reported by the gate as
+  ``tc_iou_parent`` / ``tc_iou_candidate``, and the metric it decides on.
 """
 
 from __future__ import annotations
@@ -54,16 +58,40 @@ def warp_labels_np(prev_labels: np.ndarray, flow: np.ndarray) -> tuple[np.ndarra
     return warped, valid
 
 
-def temporal_consistency(pred_t: np.ndarray, pred_prev: np.ndarray, flow: np.ndarray) -> tuple[int, int]:
-    """(agreeing pixels, valid pixels) between the prediction at t and the flow-warped prediction at t-1."""
-    warped, valid = warp_labels_np(pred_prev, flow)
-    return int(((warped == pred_t) & valid).sum()), int(valid.sum())
+class TemporalConsistency:
+    """Both temporal-consistency metrics (module docstring), accumulated over (t, t-1) pairs.
 
+    ``num_classes`` is needed for ``tc_class_iou`` only (it also costs a confusion matrix per pair).
+    """
 
-def temporal_iou_confusion(pred_t: np.ndarray, pred_prev: np.ndarray, flow: np.ndarray,
-                           num_classes: int) -> np.ndarray:
-    """Confusion counts between the labels at t and the flow-warped labels of t-1 (warp-valid pixels
-    with labels >= 0 on both sides); ``iou_from_confusion`` of their sum gives ``tc_iou``."""
-    warped, ok = warp_labels_np(pred_prev, flow)
-    keep = ok & (warped >= 0) & (pred_t >= 0)
-    return confusion_matrix(pred_t[keep], warped[keep], num_classes)
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+        self.agree = self.valid = 0
+        self.confusion = None if num_classes is None else np.zeros((num_classes, num_classes), np.int64)
+
+    def add(self, pred_t: np.ndarray, pred_prev: np.ndarray, flow: np.ndarray) -> None:
+        """One pair: (H, W) labels at t and t-1 and the (H, W, 2) flow t -> t-1 between them."""
+        warped, valid = warp_labels_np(pred_prev, flow)
+        self.agree += int(((warped == pred_t) & valid).sum())
+        self.valid += int(valid.sum())
+        if self.confusion is not None:
+            assert self.num_classes is not None
+            keep = valid & (warped >= 0) & (pred_t >= 0)  # -1 marks non-finite logits (models.stream)
+            self.confusion += confusion_matrix(pred_t[keep], warped[keep], self.num_classes)
+
+    def add_clip(self, preds: np.ndarray, flows: np.ndarray) -> TemporalConsistency:
+        """Every consecutive pair of a clip's labels (T, H, W) with its flows (T, H, W, 2); returns self."""
+        for t in range(1, len(preds)):
+            self.add(preds[t], preds[t - 1], flows[t])
+        return self
+
+    def tc_pixel_agreement(self) -> float | None:
+        """Percent of the warp-valid pixels that agree; None without any."""
+        return 100.0 * self.agree / self.valid if self.valid else None
+
+    def tc_class_iou(self) -> float:
+        """Mean over the classes seen of the IoU (percent) of t against warped t-1; 100 when none was seen."""
+        if self.confusion is None:
+            raise ValueError("tc_class_iou needs TemporalConsistency(num_classes)")
+        ious = iou_from_confusion(self.confusion)
+        return float(np.nanmean(ious)) * 100 if (~np.isnan(ious)).any() else 100.0

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -35,12 +36,14 @@ from models.atomic import replacing, write_atomic
 from models.checkpoint import load_checkpoint, make_meta, save_checkpoint
 from models.classes import palette_for
 from models.config import ModelConfig, get_config
+from models.source_stats import SourceStats
 
 from .datasets import VideoFrameDataset, accepted_options, build_dataset, classes_of, label_space_of, parse_spec
 from .distributed import BatchIndices, DistEnv, barrier, distribute, init_distributed, shutdown, unwrap_model
 from .evaluate import build_eval_dataset, evaluate
 from .contract import Method, from_text
 from .methods import build_method, method_class
+from .source_stats import compute_source_stats
 from .trainer import TrainConfig, make_optimizer, train
 
 # Arguments that must match when a run directory is resumed.
@@ -81,6 +84,7 @@ class OfflineConfig:
     progress: bool | None = None  # None: a bar when stderr is a TTY
     method_args: dict[str, Any] = field(default_factory=dict)
     dataset_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"clips": 8} for synthetic data
+    stats_frames: int = 16  # source frames whose statistics every checkpoint stores (models.source_stats); 0: none
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +121,7 @@ class OfflineRun:
         self.last_step = 0
         self._t0 = time.monotonic()
         self._bar = None
+        self._stats: tuple[int, SourceStats | None] | None = None  # (step, statistics of the model at that step)
 
     # --- setup ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any] | None:
@@ -193,8 +198,23 @@ class OfflineRun:
                          cfg.input_size, parent=base.get("parent"), method=cfg.method, source=cfg.source,
                          target=cfg.target, step=step, seed=cfg.seed, metrics=metrics, run_dir=str(self.run_dir))
 
+    def _source_stats(self, step: int) -> SourceStats | None:
+        """Statistics of the model at ``step`` on ``stats_frames`` evenly spaced labeled source items."""
+        if self.cfg.stats_frames <= 0:
+            return None
+        if self._stats is None or self._stats[0] != step:
+            n = min(self.cfg.stats_frames, len(self.source))
+            items = [self.source[int(i)] for i in np.linspace(0, len(self.source) - 1, n).round()]
+            frames = [it["cur"].permute(1, 2, 0).clamp(0, 255).round().byte().numpy() for it in items]
+            labels = [it["label"].numpy() for it in items]
+            stats = compute_source_stats(unwrap_model(self.model), frames, labels,
+                                         provenance={"source": "vss train", "data": self.cfg.source, "step": str(step)})
+            self._stats = (step, stats)
+        return self._stats[1]
+
     def _save(self, step: int, metrics: dict[str, Any] | None) -> None:
         plain = unwrap_model(self.model)
+        plain.source_stats = self._source_stats(step)
         ckpts = self.run_dir / "checkpoints"
         name = f"step_{step:07d}"
         if not (ckpts / name).exists():
@@ -215,6 +235,7 @@ class OfflineRun:
         """Replace RUN_DIR/best: write a new directory, then two renames (old aside, new in place)."""
         new, old, best = self.run_dir / ".best.new", self.run_dir / ".best.old", self.run_dir / "best"
         shutil.rmtree(new, ignore_errors=True)
+        unwrap_model(self.model).source_stats = self._source_stats(step)
         save_checkpoint(new, unwrap_model(self.model), self._meta(step, metrics))
         shutil.rmtree(old, ignore_errors=True)
         if best.exists():

@@ -23,13 +23,15 @@ from models.accel import AccelSegmenter
 from models.checkpoint import make_meta
 from models.config import ModelConfig
 
+from .contract import Method
+from .fewlabel import MAX_LABELED_FRAMES, WithLabels, labeled_frames
 from .clips import PairSampler, TargetClip, class_balanced_weights, data_sha256, frames_tensor, split_heldout
 from .gate import GateReport, GateThresholds, gate
 from .methods import build_method
 from .methods.bn import recalibrate_bn
 from .trainer import Cancelled, NonFiniteLoss, TrainConfig, TrainResult, train
 
-SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain", "cotta")
+SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats", "cotta")
 
 # Recommended settings per method, chosen with bench/adaptation.py on the synthetic benchmark:
 # the learning rate, the method's options, and ``AdaptConfig`` fields left unset (None) by the caller.
@@ -37,14 +39,19 @@ SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain", "cotta")
 # gained 0.5-1.3 mIoU on every style, and on `recolor` its mean change over 16 test clips went from
 # -0.5 (below the parent) to +0.3.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "bn": {"lr": 0.0, "options": {}, "config": {"batch_size": 2, "crop": None}},
-    "tent": {"lr": 1e-3, "options": {}, "config": {"batch_size": 2, "crop": None}},
-    "itcr": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None}},
-    "stpl": {"lr": 1e-4, "options": {}, "config": {"batch_size": 4, "crop": (128, 256)}},
-    "selftrain": {"lr": 1e-4, "options": {"anchor_weight": 1.0}, "config": {"batch_size": 2, "crop": None}},
+    "bn": {"lr": 0.0, "options": {}, "config": {"batch_size": 2, "crop": None, "flip": True}},
+    "tent": {"lr": 1e-3, "options": {}, "config": {"batch_size": 2, "crop": None, "flip": True}},
+    "itcr": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": None, "flip": True}},
+    "stpl": {"lr": 1e-4, "options": {}, "config": {"batch_size": 4, "crop": (128, 256), "flip": True}},
+    "selftrain": {"lr": 1e-4, "options": {"anchor_weight": 1.0},
+                  "config": {"batch_size": 2, "crop": None, "flip": True}},
+    # srcstats: full frames, not flipped (its position prior is not left-right symmetric: flipped frames
+    # blurred the confusion estimate, measured on fog), only the classifier heads trained (a relabelling)
+    "srcstats": {"lr": 1e-3, "options": {"params": "heads"},
+                 "config": {"batch_size": 2, "crop": None, "flip": False}},
     # a baseline (CoTTA-style) for bench/continual.py, not tuned on the benchmark; crops keep its teacher's
     # up-to-6 augmented forwards per step affordable on a CPU
-    "cotta": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": (128, 256)}},
+    "cotta": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": (128, 256), "flip": True}},
 }
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -66,24 +73,32 @@ class AdaptConfig:
     batch_size: int | None = None  # (t-1, t) pairs per step; None: the method's default
     # random (h, w) crops, or "full" frames (resolved to None: no crop); None: the method's default
     crop: tuple[int, int] | Literal["full"] | None = None
-    flip: bool = True
+    flip: bool | None = None  # random horizontal flips; None: the method's default (all but srcstats)
     sampling: str = "class-balanced"  # or "random"
     heldout_fraction: float = 0.25
     chunk: int = 16  # frames per piece when splitting held-out clips
     bn_prepass: bool = True  # re-estimate BN statistics on target frames before training
     bn_postpass: bool = False  # ... and again after training (measured: no better on the benchmark)
     prepass_frames: int = 32  # at most this many frames (evenly spaced) in the pre-pass
+    labeled_frames: int = 0  # K <= 4 labeled target frames (from ``adapt(labeled=...)``) as extra supervision
+    label_weight: float = 1.0  # weight of their cross-entropy (``adaptation.fewlabel``)
 
     def resolved(self) -> dict[str, Any]:
         """The configuration with method defaults filled in."""
         if self.method not in SOURCE_FREE:
             raise ValueError(f"unknown source-free method {self.method!r}; choose one of {SOURCE_FREE}")
+        if not 0 <= self.labeled_frames <= MAX_LABELED_FRAMES:
+            raise ValueError(f"labeled_frames must be between 0 and {MAX_LABELED_FRAMES}, got {self.labeled_frames}")
+        if self.labeled_frames and self.method == "bn":
+            raise ValueError("labeled frames need a method that trains weights (bn only re-estimates statistics)")
         d = asdict(self)
         d["lr"] = DEFAULTS[self.method]["lr"] if self.lr is None else self.lr
         d["options"] = {**DEFAULTS[self.method]["options"], **self.options}
         for key, value in DEFAULTS[self.method]["config"].items():
             if d[key] is None:
                 d[key] = value
+        if d["flip"] is None:
+            d["flip"] = True  # a method whose defaults do not say: flipped pairs, as before
         if d["crop"] == "full":
             d["crop"] = None  # resolved: None is no crop (whole frames)
         return d
@@ -168,18 +183,21 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
           heldout: Sequence[TargetClip] | None = None, thresholds: GateThresholds = GateThresholds(),
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_progress: ProgressFn | None = None,
-          provenance: dict[str, Any] | None = None, device: str | torch.device | None = None) -> AdaptResult:
+          provenance: dict[str, Any] | None = None, device: str | torch.device | None = None,
+          labeled: Sequence[TargetClip] | None = None) -> AdaptResult:
     """Adapt a copy of ``parent`` to ``clips`` and gate it. The parent itself is never modified.
 
     ``heldout``: gate clips; by default a share of ``clips`` is held out (``split_heldout``). ``val``:
     labeled validation clips (the gate is then decided by mIoU). Raises ``Cancelled`` when
     ``should_stop()`` turns true; a diverging run (non-finite loss) returns a rejected report.
     ``device``: where the candidate trains and is gated (default: the parent's device); the returned
-    model stays there.
+    model stays there. ``labeled``: labeled target clips of which ``cfg.labeled_frames`` frames are
+    also trained on (``adaptation.fewlabel``; may be the ``val`` clips).
     """
     t0 = time.monotonic()
     budget = Budget(cfg.time_budget_s, cfg.budget_clock)
     settings = cfg.resolved()
+    supervision = labeled_frames(labeled or [], cfg.labeled_frames) if cfg.labeled_frames else None
     progress = on_progress or (lambda stage, info: None)
     train_clips = list(clips)
     if heldout is None:
@@ -205,10 +223,12 @@ def adapt(parent: AccelSegmenter, parent_meta: dict[str, Any], clips: Sequence[T
         weights = class_balanced_weights(_predicted_histograms(candidate, train_clips, num_classes))
     if should_stop is not None and should_stop():
         raise Cancelled("cancelled before training")
-    method = build_method(cfg.method, seed=cfg.seed, **settings["options"])
+    method: Method = build_method(cfg.method, seed=cfg.seed, **settings["options"])
+    if supervision is not None:
+        method = WithLabels(method, *supervision, weight=cfg.label_weight, seed=cfg.seed)
     crop = settings["crop"]
     sampler = PairSampler(train_clips, settings["batch_size"], cfg.sampling, weights,
-                          None if crop is None else tuple(crop), cfg.flip, cfg.seed)
+                          None if crop is None else tuple(crop), settings["flip"], cfg.seed)
     batches: Iterator[dict[str, Any]] = iter(sampler) if dev.type == "cpu" else _on_device(iter(sampler), dev)
     wall_left = None
     if cfg.time_budget_s is not None:

@@ -1,14 +1,16 @@
 """Source-free adaptation benchmark on the synthetic target styles (DESIGN §5, §7).
 
     python -m bench.adaptation [--model service/demo_model] [--styles fog,night] [--methods bn,stpl]
-                               [--budget 60] [--clock cpu] [--threads 2] [--seeds 3] [--json results.json]
+                               [--budget 60] [--clock cpu] [--threads 2] [--seeds 3] [--target-labels 4]
+                               [--json results.json]
 
 For every target style: the source-only mIoU of the parent, an oracle fine-tuned on target labels,
 and each source-free method, all with the same budget per run (CPU seconds of this process by
 default, ``--clock wall`` for wall-clock seconds). Every candidate is evaluated on held-out target
 clips (other seeds than the adaptation clips) and passed through the gate; a rejected candidate
 counts as the parent's mIoU. With ``--seeds K`` every cell is the mean of K runs (seeds of sampling,
-augmentation and heads; the same data). Prints a markdown table with the recovered share
+augmentation and heads; the same data). With ``--target-labels K`` every method also trains on K
+labeled frames of one more target clip (``adaptation.fewlabel``). Prints a markdown table with the recovered share
 (adapted - source) / (oracle - source), then the issue's target checks.
 """
 
@@ -38,7 +40,7 @@ from models.config import DEMO_MODEL_DIR
 from models.flow import DISFlow
 
 TARGET_STYLES = ("fog", "night", "noise-blur", "recolor")
-ADAPT_SEEDS, TEST_SEEDS, VAL_SEED = 50_000, 60_000, 70_000
+ADAPT_SEEDS, TEST_SEEDS, VAL_SEED, LABELED_SEED = 50_000, 60_000, 70_000, 80_000
 
 
 def make_clips(style: str, seeds: range, frames: int, size: tuple[int, int], flow: str,
@@ -73,6 +75,9 @@ def run_style(style: str, parent: torch.nn.Module, meta: dict[str, Any], args: a
     if args.gate == "labeled":
         val, _ = make_clips(style, range(VAL_SEED, VAL_SEED + args.val_clips), args.test_frames, size, args.flow,
                             labels=True)
+    labeled = None
+    if args.target_labels:  # K labeled frames of one more clip (another street), trained on with the method
+        labeled, _ = make_clips(style, range(LABELED_SEED, LABELED_SEED + 1), args.frames, size, "gt", labels=True)
     log(f"[{style}] data ready in {time.time() - t0:.0f}s")
     classes = meta["classes"]
     row: dict[str, Any] = {"style": style}
@@ -93,8 +98,9 @@ def run_style(style: str, parent: torch.nn.Module, meta: dict[str, Any], args: a
         runs = []
         for seed in seeds:
             cfg = AdaptConfig(method=method, steps=10**6, time_budget_s=args.budget, budget_clock=args.clock,
-                              seed=seed, options=args.options.get(method, {}), **args.adapt.get(method, {}))
-            res = adapt(parent, meta, unlabeled, cfg, val=val, thresholds=GateThresholds())
+                              seed=seed, options=args.options.get(method, {}), labeled_frames=args.target_labels,
+                              **args.adapt.get(method, {}))
+            res = adapt(parent, meta, unlabeled, cfg, val=val, thresholds=GateThresholds(), labeled=labeled)
             r = evaluate_clips(res.model, test_raw, classes)
             passed = res.report.passed
             runs.append({"seed": seed, "miou": r["miou"] if passed else source["miou"], "raw_miou": r["miou"],
@@ -194,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate", choices=("unlabeled", "labeled"), default="unlabeled",
                     help="gate on unsupervised proxies (the worker's setting) or on a labeled validation clip")
     ap.add_argument("--val-clips", type=int, default=1, help="labeled validation clips of the labeled gate")
+    ap.add_argument("--target-labels", type=int, default=0, metavar="K",
+                    help="K <= 4 labeled target frames (of one more clip) that every method also trains on")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="method option (e.g. stpl.fusion=concat) or, with a cfg. prefix, an AdaptConfig field "
                          "(e.g. stpl.cfg.lr=3e-4)")
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.target_labels:
+        args.methods = [m for m in args.methods if m != "bn"]  # bn trains no weights
     unknown = set(args.methods) - set(SOURCE_FREE) - {"oracle"}
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from oracle, {', '.join(SOURCE_FREE)}")

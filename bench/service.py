@@ -53,6 +53,7 @@ from models.checkpoint import load_checkpoint, make_meta, save_checkpoint  # noq
 from models.classes import CLASS_SETS, palette_for  # noqa: E402
 from models.config import get_config  # noqa: E402
 from models.flow import build_flow  # noqa: E402
+from models.stream import stream_step  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
 from service.pipeline import StreamSegmenter  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
@@ -177,9 +178,7 @@ def model_only_fps(engine: Any, frames: list[np.ndarray]) -> float:
     previous = None
     start = time.perf_counter()
     for batch in batches:
-        current = engine.frame_logits(batch)
-        engine.fuse(current, current if previous is None else previous, zero)
-        previous = current
+        _, previous = stream_step(engine, batch, previous, zero)
     return len(batches) / (time.perf_counter() - start)
 
 

@@ -1,6 +1,11 @@
-"""ACCEL-style video segmentation: one shared per-frame net on t and t-1, flow warp, 1x1 score fusion."""
+"""ACCEL-style video segmentation: one shared per-frame net on t and t-1, flow warp, 1x1 score fusion.
+
+Streaming (one forward per frame, cached t-1 logits) is ``models.stream.stream_step`` over ``frame`` and ``fuse``.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -8,6 +13,9 @@ from torch import nn
 from .config import ModelConfig
 from .deeplab import DeepLabV2
 from .warp import warp
+
+if TYPE_CHECKING:
+    from .source_stats import SourceStats
 
 
 class ScoreFusion(nn.Module):
@@ -39,6 +47,9 @@ class AccelSegmenter(nn.Module):
         self.net = net
         self.fusion = ScoreFusion(num_classes)
         self.num_classes = num_classes
+        # Statistics of the source domain (``models.source_stats``): loaded with the checkpoint, carried
+        # by copies (adapted candidates inherit them) and written by ``save_checkpoint``.
+        self.source_stats: SourceStats | None = None
 
     def frame(self, x: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         """Per-frame network only: ``{"main", "aux"?, "feat"?}`` logits at 1/output_stride."""
@@ -69,20 +80,6 @@ class AccelSegmenter(nn.Module):
             out[f"prev_{head}" if head != "main" else "prev"] = prev[head]
         out["valid"] = valid
         return out
-
-    def stream_step(self, current: torch.Tensor, previous_logits: torch.Tensor | None,
-                    flow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streaming entry point: one network forward per frame, reusing the cached t-1 logits.
-
-        Returns (fused logits, current logits); the caller caches the second for the next frame.
-        With no previous logits (a keyframe) the current logits stand in for the previous ones.
-        """
-        cur = self.net(current)["main"]
-        if previous_logits is None:
-            fused, _ = self.fuse(cur, cur, None)
-        else:
-            fused, _ = self.fuse(cur, previous_logits, flow)
-        return fused, cur
 
 
 def build_model(cfg: ModelConfig) -> AccelSegmenter:

@@ -1,7 +1,10 @@
-"""Checkpoints: ``model.safetensors`` + ``meta.json`` in one directory, written atomically.
+"""Checkpoints: ``model.safetensors`` + ``meta.json`` [+ ``source_stats.safetensors``] in one directory,
+written atomically.
 
 Only safetensors are ever loaded (no pickle). ``meta.json`` records the architecture, classes,
-palette, normalisation, input size, parent version and provenance, plus the weights' sha256.
+palette, normalisation, input size, parent version and provenance, plus the weights' sha256 and,
+when the model carries source statistics (``models.source_stats``), ``"source_stats": {"file",
+"sha256"}``; ``checkpoint_files`` lists the files of a checkpoint for copies and manifests.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .accel import AccelSegmenter, build_model
-from .atomic import FILE_MODE, replacing_dir
+from .atomic import FILE_MODE, replacing, replacing_dir, write_atomic
 from .config import ModelConfig
+from .source_stats import STATS, SourceStats, SourceStatsError, load_stats, save_stats
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -68,7 +72,8 @@ def make_meta(cfg: ModelConfig, classes: list[str], palette: list[list[int]], in
 
 
 def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str, Any]) -> Path:
-    """Write weights + meta into a temp sibling directory, then rename it to ``directory``.
+    """Write weights + meta (+ ``model.source_stats`` when set) into a temp sibling directory, then
+    rename it to ``directory``.
 
     Fails if ``directory`` already exists and is not empty (checkpoints are immutable).
     """
@@ -79,9 +84,16 @@ def save_checkpoint(directory: str | Path, model: AccelSegmenter, meta: dict[str
     with replacing_dir(directory) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
-        meta = {**meta, "sha256": sha256_file(tmp / WEIGHTS)}
+        meta = {k: v for k, v in meta.items() if k != "source_stats"}
+        meta["sha256"] = sha256_file(tmp / WEIGHTS)
+        files = [WEIGHTS, META]
+        stats: SourceStats | None = model.source_stats
+        if stats is not None:
+            save_stats(stats, tmp / STATS)
+            meta["source_stats"] = {"file": STATS, "sha256": sha256_file(tmp / STATS)}
+            files.append(STATS)
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        for f in (WEIGHTS, META):  # safetensors creates private files; checkpoints are meant to be shared
+        for f in files:  # safetensors creates private files; checkpoints are meant to be shared
             os.chmod(tmp / f, FILE_MODE)
     return directory
 
@@ -98,6 +110,53 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid checkpoint metadata ({e})") from e
     return meta
+
+
+def add_source_stats(directory: str | Path, stats: SourceStats) -> dict[str, Any]:
+    """Store ``stats`` with the existing checkpoint in ``directory`` (statistics computed after training,
+    e.g. for an imported model); the weights are not touched. Returns the new meta.
+
+    The statistics file is written first, then ``meta.json`` naming it (each atomically), so a crash in
+    between leaves the old, consistent checkpoint plus an unreferenced file.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if stats.num_classes != len(meta["classes"]):
+        raise CheckpointError(f"statistics of {stats.num_classes} classes for a {len(meta['classes'])}-class "
+                              f"checkpoint {directory}")
+    with replacing(directory / STATS) as tmp:
+        save_stats(stats, tmp)
+    meta = {**meta, "source_stats": {"file": STATS, "sha256": sha256_file(directory / STATS)}}
+    write_atomic(directory / META, json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def checkpoint_files(directory: str | Path) -> list[str]:
+    """The files that make up the checkpoint in ``directory`` (what a copy or a manifest must hold)."""
+    return [WEIGHTS, META] + ([STATS] if read_meta(directory).get("source_stats") else [])
+
+
+def load_source_stats(directory: str | Path, verify: bool = True) -> SourceStats | None:
+    """The source statistics stored with the checkpoint in ``directory``; None for a checkpoint without.
+
+    ``CheckpointError`` when ``meta.json`` names a statistics file that is missing, does not match its
+    sha256 (with ``verify``) or cannot be read.
+    """
+    directory = Path(directory)
+    entry = read_meta(directory).get("source_stats")
+    if not entry:
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != STATS:
+        raise CheckpointError(f"{directory / META}: invalid source_stats entry {entry!r}")
+    path = directory / STATS
+    if not path.is_file():
+        raise CheckpointError(f"missing source statistics file {path}")
+    if verify and sha256_file(path) != entry.get("sha256"):
+        raise CheckpointError(f"{path}: sha256 does not match meta.json (corrupt or modified file)")
+    try:
+        return load_stats(path)
+    except SourceStatsError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_checkpoint(directory: str | Path, verify: bool = True,
@@ -123,6 +182,11 @@ def load_checkpoint(directory: str | Path, verify: bool = True,
         raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from e
     model = build_model(cfg)
     load_state_strict(model, state, str(weights))
+    stats = load_source_stats(directory, verify)
+    if stats is not None and stats.num_classes != cfg.num_classes:
+        raise CheckpointError(f"{directory / STATS}: statistics of {stats.num_classes} classes for a "
+                              f"{cfg.num_classes}-class model")
+    model.source_stats = stats
     return model.eval(), meta
 
 

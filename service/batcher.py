@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass(eq=False)
@@ -33,7 +34,7 @@ class _Request:
     engine: Any
     frames: np.ndarray
     deadline: float
-    result: np.ndarray | None = None
+    result: Any = None  # the engine's logits: an array, or a tensor on a torch engine's device
     error: BaseException | None = None
     done: bool = False
 
@@ -88,7 +89,7 @@ class Batcher:
         with self._cond:
             self._cond.notify_all()
 
-    def frame_logits(self, engine: Any, frames: np.ndarray) -> np.ndarray:
+    def frame_logits(self, engine: Any, frames: np.ndarray) -> Any:
         """``engine.frame_logits(frames)``, possibly computed in one batch with other callers' frames."""
         if self.max_batch == 1 or len(frames) >= self.max_batch:
             with self.lock:
@@ -143,7 +144,7 @@ class Batcher:
             start = 0
             for r in group:
                 rows = logits[start:start + len(r.frames)]
-                r.result = rows.copy() if len(group) > 1 else rows  # a stream keeps only its own rows alive
+                r.result = _own_copy(rows) if len(group) > 1 else rows  # a stream keeps only its own rows alive
                 start += len(r.frames)
         except BaseException as e:  # noqa: BLE001 - every member of the batch raises it in its own thread
             for r in group:
@@ -159,3 +160,8 @@ class Batcher:
             self.stats.batches += 1
             self.stats.frames += frames
             self.stats.largest = max(self.stats.largest, frames)
+
+
+def _own_copy(rows: Any) -> Any:
+    """A copy of some rows of a batch's logits (an array, or a tensor on a torch engine's device)."""
+    return rows.clone() if isinstance(rows, torch.Tensor) else rows.copy()

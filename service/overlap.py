@@ -2,7 +2,8 @@
 
 ``segment_frames`` segments decoded frames into a ``service.outputs`` sink with the stages
 overlapped: a producer thread prefetches frames (for uploads the decoding itself runs in the child
-process of ``service.decode``) and computes their optical flow, the network runs in the caller's
+process of ``service.decode``), resizes them and computes their optical flow
+(``StreamSegmenter.prepare``, handed to ``advance`` with the frame), the network runs in the caller's
 thread, and the label maps (upsampling + argmax at the video's resolution), overlay drawing and
 encoding run in a writer thread, with small bounded queues in between. ``segment_video`` runs it on
 a video file.
@@ -24,25 +25,12 @@ from models.flow import FlowProvider
 from . import crashpoints
 from .engine import Engine
 from .outputs import FORMATS, Sink, make_sink
-from .pipeline import FrameResult, PendingFrame, StreamSegmenter, resize_rgb
+from .pipeline import FrameResult, PendingFrame, PreparedFrame, StreamSegmenter
 from .video import VideoError, VideoInfo, probe_video, read_frames
 
 _END = object()
 QUEUED_FRAME_BYTES = 48 << 20  # frames each queue may hold, in bytes: 4K frames queue one at a time (budget.py)
 Progress = Callable[[int, int], None]  # (frames done, expected total)
-
-
-class SizedSegmenter(StreamSegmenter):
-    """A ``StreamSegmenter`` that runs the network at a caller-chosen input size (the ``size`` option)."""
-
-    def __init__(self, engine: Any, flow: FlowProvider, input_size: tuple[int, int] | None = None,
-                 output_size: tuple[int, int] | None = None) -> None:
-        super().__init__(engine, flow, output_size)
-        self._input_size = input_size
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._input_size or super().input_size
 
 
 def close_iterator(it: Iterator[Any]) -> None:
@@ -131,31 +119,17 @@ class SinkWriter:
             raise self._error
 
 
-class LookaheadFlow:
-    """A flow provider that returns the flow ``with_flow`` already computed for the frame being segmented."""
-
-    def __init__(self, provider: FlowProvider) -> None:
-        self.name = getattr(provider, "name", type(provider).__name__)
-        self.next: np.ndarray | None = None
-
-    def __call__(self, previous: np.ndarray, current: np.ndarray) -> np.ndarray | None:
-        flow, self.next = self.next, None
-        if flow is not None and flow.shape[:2] != current.shape[:2]:
-            raise RuntimeError(f"precomputed flow {flow.shape[:2]} does not match the frame {current.shape[:2]}")
-        return flow
-
-
-def with_flow(frames: Iterable[np.ndarray], flow: FlowProvider,
-              size: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(frame, backward flow from the previous frame at model input ``size``): run in the prefetch thread,
-    so the flow of frame t is computed while the network works on frame t-1."""
+def prepared(frames: Iterable[np.ndarray],
+             segmenter: StreamSegmenter) -> Iterator[tuple[np.ndarray, PreparedFrame]]:
+    """(frame, the frame prepared for ``segmenter.advance``): run in the prefetch thread, so that the
+    resizing and the flow of frame t are computed while the network works on frame t-1."""
     it = iter(frames)
     previous = None
     try:
         for frame in it:
-            small = resize_rgb(frame, size)
-            yield frame, (None if previous is None else flow(previous, small))
-            previous = small
+            ready = segmenter.prepare(frame, previous)
+            yield frame, ready
+            previous = ready.small
     finally:
         close_iterator(it)
 
@@ -174,8 +148,7 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
     classes = list(engine.meta["classes"])
     palette = np.asarray(engine.meta["palette"], dtype=np.uint8).reshape(-1, 3)
     fps = info.fps / stride
-    lookahead = LookaheadFlow(flow)
-    segmenter = SizedSegmenter(engine, lookahead, input_size)
+    segmenter = StreamSegmenter(engine, flow, input_size=input_size)
     sink = make_sink(fmt, out_path, classes, palette, fps)
     shares = np.zeros(len(classes))  # summed in the writer thread, read after close() joined it
 
@@ -187,9 +160,8 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
     writer = SinkWriter(sink, depth, finished)
     done, start, stop = 0, time.perf_counter(), threading.Event()
     try:
-        for frame, frame_flow in prefetch(with_flow(frames, flow, segmenter.input_size), depth, stop):
-            lookahead.next = frame_flow
-            writer.put(frame, segmenter.advance(frame))
+        for frame, ready in prefetch(prepared(frames, segmenter), depth, stop):
+            writer.put(frame, segmenter.advance(frame, ready))
             done += 1
             if done == 1:
                 crashpoints.reached("segment_frame")
@@ -202,7 +174,7 @@ def segment_frames(engine: Any, flow: FlowProvider, frames: Iterable[np.ndarray]
         summary = {
             "format": fmt, "frames": done, "fps": round(fps, 4), "width": info.width, "height": info.height,
             "stride": stride, "input_size": list(segmenter.input_size), "model_version": engine.version,
-            "backend": engine.backend, "flow": lookahead.name,
+            "backend": engine.backend, "flow": flow.name,
             "seconds": round(seconds, 3), "ms_per_frame": round(1000.0 * seconds / done, 2),
             "class_fractions": {c: round(float(s) / done, 6) for c, s in zip(classes, shares, strict=True)},
         }

@@ -1,8 +1,9 @@
 """Streaming inference: per-stream ACCEL state, post-processing and label colouring. Pure, in-memory.
 
 One frame costs one per-frame network forward: the t-1 logits computed at step t-1 are cached and
-warped to t with the flow between the two frames at model input size (``StreamSegmenter``).
-``NaiveSegmenter`` recomputes the t-1 branch every frame, as the research code does, for benchmarks.
+warped to t with the flow between the two frames at model input size (``StreamSegmenter``, which runs
+``models.stream.stream_step``, the step the gate and the evaluations run too). ``NaiveSegmenter``
+recomputes the t-1 branch every frame, as the research code does, for benchmarks.
 
 Post-processing (measured in bench/streaming.py and the notes of ``labels_from_logits``): the fused
 stride-8 logits are upsampled bilinearly with aligned corners (as the training loss does) straight to
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 from models.flow import FlowProvider
+from models.stream import stream_step
 
 from .engine import Engine
 
@@ -33,6 +36,14 @@ class FrameResult:
     model_version: str
     latency_ms: float  # wall time of step(), pre- and post-processing included
     keyframe: bool  # True when no cached t-1 logits were used (first frame, reset, model swap)
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A frame made ready for ``StreamSegmenter.advance`` ahead of time (e.g. in a prefetch thread)."""
+
+    small: np.ndarray  # the frame resized to the segmenter's input size
+    flow: np.ndarray | None  # (h, w, 2) flow small -> the previous frame's small; None: first frame or no flow
 
 
 @dataclass
@@ -162,52 +173,66 @@ class StreamSegmenter:
     forward per frame).
 
     ``engine`` may be reassigned between steps (hot swap): when ``engine.version`` changes, the next
-    frame is a keyframe and the cache from the old weights is dropped.
+    frame is a keyframe and the cache from the old weights is dropped. ``input_size`` (h, w) is the
+    size the network runs at; default: the model's (``engine.meta["input_size"]``).
     """
 
     reuse = True  # NaiveSegmenter sets False: recompute the t-1 logits every frame
 
-    def __init__(self, engine: Engine, flow: FlowProvider, output_size: tuple[int, int] | None = None) -> None:
+    def __init__(self, engine: Engine, flow: FlowProvider, output_size: tuple[int, int] | None = None, *,
+                 input_size: tuple[int, int] | None = None) -> None:
         self.engine = engine
         self.flow = flow
         self.output_size = tuple(output_size) if output_size is not None else None
+        self._input_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else None
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream: the next frame is a keyframe with index 0."""
         self._index = 0
         self._prev_frame: np.ndarray | None = None
-        self._prev_logits: np.ndarray | None = None
+        self._prev_logits: Any = None  # the engine's own form (a device tensor for torch)
         self._version: str | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
+        if self._input_size is not None:
+            return self._input_size
         h, w = self.engine.meta["input_size"]
         return int(h), int(w)
+
+    def prepare(self, frame_rgb: np.ndarray, previous_small: np.ndarray | None) -> PreparedFrame:
+        """The frame at input size and its flow from ``previous_small`` (the frame before, prepared):
+        what ``advance`` would compute itself, made by the caller ahead of time (``service.overlap``)."""
+        small = resize_rgb(check_frame(frame_rgb), self.input_size)
+        return PreparedFrame(small, None if previous_small is None else self.flow(previous_small, small))
 
     def step(self, frame_rgb: np.ndarray) -> FrameResult:
         """Segment the next frame of the stream."""
         return self.advance(frame_rgb).resolve()
 
-    def advance(self, frame_rgb: np.ndarray) -> PendingFrame:
+    def advance(self, frame_rgb: np.ndarray, prepared: PreparedFrame | None = None) -> PendingFrame:
         """Run the network on the next frame; the label map is made by ``resolve()`` of the result,
-        which another thread may call (the upload pipeline does, to overlap it with the next frame)."""
+        which another thread may call (the upload pipeline does, to overlap it with the next frame).
+
+        ``prepared``: the frame at input size and its flow from the frame before, made by ``prepare``
+        (in another thread); without it both are computed here."""
         start = time.perf_counter()
         frame = check_frame(frame_rgb)
         engine = self.engine  # one engine for the whole step, even if another thread swaps it meanwhile
         if engine.version != self._version:
             self._prev_frame = self._prev_logits = None
-        small = resize_rgb(frame, self.input_size)
-        batch = small.transpose(2, 0, 1)[None].astype(np.float32)
-        current = engine.frame_logits(batch)
         keyframe = self._prev_frame is None
-        if keyframe:
-            fused = engine.fuse(current, current, None)
-        else:
+        if prepared is None:
+            prepared = self.prepare(frame, self._prev_frame)
+        elif prepared.small.shape[:2] != self.input_size:
+            raise ValueError(f"prepared frame {prepared.small.shape[:2]} is not at the input size {self.input_size}")
+        previous = flow = None
+        if not keyframe:
             previous = self._previous_logits(engine)
-            flow = self.flow(self._prev_frame, small)
-            flow_nchw = None if flow is None else np.ascontiguousarray(flow.transpose(2, 0, 1)[None])
-            fused = engine.fuse(current, previous, flow_nchw)
+            flow = None if prepared.flow is None else np.ascontiguousarray(prepared.flow.transpose(2, 0, 1)[None])
+        small = prepared.small
+        fused, current = stream_step(engine, small.transpose(2, 0, 1)[None].astype(np.float32), previous, flow)
         self._prev_frame, self._prev_logits, self._version = small, current, engine.version
         pending = PendingFrame(index=self._index, logits=fused[0], size=self.output_size or frame.shape[:2],
                                classes=list(engine.meta["classes"]), model_version=engine.version,
@@ -215,7 +240,7 @@ class StreamSegmenter:
         self._index += 1
         return pending
 
-    def _previous_logits(self, engine: Engine) -> np.ndarray:
+    def _previous_logits(self, engine: Engine) -> Any:
         assert self._prev_logits is not None and self._prev_frame is not None
         if self.reuse:
             return self._prev_logits

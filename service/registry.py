@@ -28,7 +28,7 @@ from typing import Any
 
 from models.accel import AccelSegmenter
 from models.atomic import TEMP_PREFIX, write_atomic
-from models.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from models.checkpoint import META, CheckpointError, checkpoint_files, load_checkpoint, read_meta, save_checkpoint
 from models.onnx_export import FRAME_FILE, FUSION_FILE, MANIFEST_FILE, is_current
 
 from . import crashpoints
@@ -199,8 +199,8 @@ class ModelRegistry(Registry):
         staging = self.root / _staging_name()
         staging.mkdir()
         try:
-            shutil.copy2(source / WEIGHTS, staging / WEIGHTS)
-            shutil.copy2(source / META, staging / META)
+            for name in checkpoint_files(source):  # weights, meta and the source statistics if any
+                shutil.copy2(source / name, staging / name)
             if is_current(source, meta.get("sha256")):
                 for name in (FRAME_FILE, FUSION_FILE, MANIFEST_FILE):
                     shutil.copy2(source / name, staging / name)

@@ -3,7 +3,7 @@
 Layout under the store's prefix::
 
     v0001/CLAIM            written first, create-only: reserves the name (two publishers never share one)
-    v0001/model.safetensors, meta.json [, model.onnx, fusion.onnx, onnx.json]
+    v0001/model.safetensors, meta.json [, source_stats.safetensors] [, model.onnx, fusion.onnx, onnx.json]
     v0001/manifest.json    written LAST: {"version", "files": {name: {"sha256", "size"}}}
     ACTIVE                 one line, the version every replica serves
 
@@ -249,7 +249,7 @@ class StoreRegistry(Registry):
 
     def publish(self, model: Any, meta: dict[str, Any], parent: str | None = None, activate: bool = False,
                 onnx_exporter: str | None = None) -> str:
-        from models.checkpoint import read_meta, save_checkpoint
+        from models.checkpoint import checkpoint_files, read_meta, save_checkpoint
 
         if parent is not None:
             validate_version(parent)
@@ -258,7 +258,7 @@ class StoreRegistry(Registry):
         with tempfile.TemporaryDirectory(dir=self.cache, prefix=".publish-") as tmp:
             staging = Path(tmp) / "checkpoint"
             save_checkpoint(staging, model, meta)
-            names = [WEIGHTS, META]
+            names = checkpoint_files(staging)  # weights, meta and the source statistics if any
             if onnx_exporter is not None:
                 from models.onnx_export import export_onnx
 
@@ -302,11 +302,11 @@ class StoreRegistry(Registry):
         return None
 
     def _import(self, source: Path, name: str | None) -> str | None:
-        from models.checkpoint import load_checkpoint, read_meta
+        from models.checkpoint import checkpoint_files, load_checkpoint, read_meta
         from models.onnx_export import is_current
 
         load_checkpoint(source)  # checksum, keys and shapes; raises CheckpointError with the reason
-        names = [WEIGHTS, META]
+        names = checkpoint_files(source)
         if is_current(source, read_meta(source).get("sha256")):
             names += list(ONNX_FILES)
         version = self._upload(source, names, name)

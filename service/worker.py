@@ -293,7 +293,8 @@ class Worker:
                           steps=int(request["steps"]), lr=request.get("lr"),
                           time_budget_s=min(float(request.get("time_budget_s") or math.inf),
                                             self.settings.adapt_max_time_s),
-                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")))
+                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")),
+                          labeled_frames=int(request.get("labeled_frames") or 0))
 
         def on_progress(stage: str, info: dict[str, Any]) -> None:
             if stage == "gate":
@@ -305,7 +306,7 @@ class Worker:
                        on_log=lambda step, logs: self.jobs.log_losses(job_id, step, logs),
                        should_stop=lambda: self._should_stop(job_id), on_progress=on_progress,
                        provenance={"job_id": job_id, "trigger": job.get("trigger"), "clips": clips_info["ids"]},
-                       **kwargs)
+                       labeled=val, **kwargs)
         if self._should_stop(job_id):
             raise Cancelled("cancelled while gating")
         report = _jsonable(result.report.to_dict())

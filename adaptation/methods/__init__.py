@@ -20,6 +20,7 @@ METHODS: dict[str, str] = {
     "itcr": "adaptation.methods.itcr:ITCR",
     "stpl": "adaptation.methods.stpl:STPL",
     "selftrain": "adaptation.methods.selftrain:SelfTrain",
+    "srcstats": "adaptation.methods.srcstats:SourceStatsMethod",
     "cotta": "adaptation.methods.cotta:CoTTA",
 }
 

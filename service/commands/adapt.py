@@ -27,7 +27,7 @@ LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 # adaptation.sourcefree.SOURCE_FREE, spelled out so that building the parser does not import torch
 # (tests/cli/test_cli_ux.py checks that the two agree).
-METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "cotta")
+METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats", "cotta")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="method option, repeatable (e.g. --option fusion=concat --option ce_weight=0.5)")
     p.add_argument("--val-video", metavar="V", help="labeled validation video (makes the gate decide on mIoU)")
     p.add_argument("--val-labels", metavar="DIR", help="one label image per frame of --val-video (sorted names)")
+    p.add_argument("--labeled-frames", type=int, default=0, metavar="K",
+                   help="also train on K <= 4 frames of the labeled --val-video (the gate then scores on the same "
+                        "clip, so its verdict is optimistic); local runs only")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
     add_progress_argument(p)
     add_threads_argument(p)
@@ -173,11 +176,20 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     parse_crop(args.crop)
+    if not 0 <= args.labeled_frames <= 4:
+        raise CLIError(f"--labeled-frames must be between 0 and 4, got {args.labeled_frames}")
+    if args.labeled_frames and args.val_video is None:
+        raise CLIError("--labeled-frames needs the labeled clip: --val-video and --val-labels")
+    if args.labeled_frames and args.method == "bn":
+        raise CLIError("--labeled-frames needs a method that trains weights (not bn)")
     parent_dir = Path(args.checkpoint) if args.checkpoint else DEMO_MODEL_DIR
     try:
         parent, meta = load_checkpoint(parent_dir)
     except CheckpointError as e:
         raise CLIError(str(e)) from e
+    if args.method == "srcstats" and parent.source_stats is None:
+        raise CLIError(f"{parent_dir} has no source statistics, which srcstats needs (vss train and make_demo "
+                       "record them; vss import-davsn --stats-from computes them)")
     size = tuple(meta["input_size"])
     flow = build_flow(args.flow)
     bar = show_progress(args.no_progress or args.quiet)
@@ -197,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         val = [prepare_clip(frames, size, labels=np.stack(labels), flow_provider=flow)]
     cfg = AdaptConfig(method=args.method, options=parse_options(args.option), steps=args.steps, lr=args.lr,
                       time_budget_s=args.time_budget, seed=args.seed, batch_size=args.batch_size,
-                      crop=parse_crop(args.crop), sampling=args.sampling)
+                      crop=parse_crop(args.crop), sampling=args.sampling, labeled_frames=args.labeled_frames)
     inputs = [{"path": Path(v).name, "sha256": sha256_file(Path(v))} for v in args.video]
     torch.manual_seed(args.seed)
     with progress_bar(f"adapt {args.method}", bar, unit="step") as progress:
@@ -208,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 log(f"step {step} {text}")
 
-        result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val, on_log=on_log,
+        result = adapt(parent, meta, clips, cfg, parent_ref=str(parent_dir.resolve()), val=val, labeled=val,
+                       on_log=on_log,
                        on_progress=lambda stage, info: None if progress is not None else
                        log(f"[{stage}] {json.dumps(info)}"),
                        provenance={"inputs": inputs, "flow": args.flow, "parent_sha256": meta.get("sha256")})

@@ -2,8 +2,9 @@
 
 Prints one JSON object: ``{"miou", "per_class", "tc", "frames", ...}``. The labels directory holds
 ``000000.png`` ... (palette-mode PNGs as written by `vss synth`, or greyscale index PNGs; 255 = ignore).
-``tc`` is the share (percent) of valid pixels whose prediction agrees with the previous frame's
-prediction warped by the flow provider (zero flow under ``--flow none``).
+``tc`` is ``tc_pixel_agreement`` (``adaptation.metrics``): the share (percent) of valid pixels whose
+prediction agrees with the previous frame's prediction warped by the flow provider (zero flow under
+``--flow none``).
 
 Other data sources (e.g. ``--data SPEC``) can be added as further options handled in ``run``.
 """
@@ -51,7 +52,7 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
     Label PNGs must be numbered 000000.png ... without gaps and match the video's frame count (up to
     ``max_frames``); a mismatch is an error unless ``allow_mismatch`` (then a warning on stderr).
     """
-    from adaptation.metrics import confusion_matrix, miou, temporal_consistency
+    from adaptation.metrics import TemporalConsistency, confusion_matrix, miou
     from models.classes import read_label_png
     from service.pipeline import StreamSegmenter, resize_rgb
     from service.video import read_frames
@@ -70,7 +71,7 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
     classes = list(engine.meta["classes"])
     segmenter = StreamSegmenter(engine, flow)
     conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    agree = valid = scored = 0
+    tc, scored = TemporalConsistency(), 0
     prev_pred = prev_frame = None
     # Every frame is decoded (up to max_frames) to count them: container frame counts can be estimates.
     limit, decoded = max_frames, 0
@@ -87,8 +88,7 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
         if prev_pred is not None:
             motion = flow(prev_frame, small)
             motion = np.zeros((*label.shape, 2), np.float32) if motion is None else motion
-            a, v = temporal_consistency(pred, prev_pred, motion)
-            agree, valid = agree + a, valid + v
+            tc.add(pred, prev_pred, motion)
         prev_pred, prev_frame = pred, small
         scored += 1
         if progress is not None:
@@ -98,9 +98,9 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
         print(f"vss: warning: {warning}", file=sys.stderr)
     if scored == 0:
         raise CLIError(f"no frame of {video} has a label in {labels_dir}")
-    scores = miou(conf, classes)
+    scores, tc_pixel = miou(conf, classes), tc.tc_pixel_agreement()
     return {"miou": round(float(scores["miou"]), 2), "per_class": scores["per_class"],
-            "tc": round(100.0 * agree / valid, 2) if valid else None, "frames": scored,
+            "tc": None if tc_pixel is None else round(tc_pixel, 2), "frames": scored,
             "model_version": engine.version, "flow": getattr(flow, "name", type(flow).__name__)}
 
 

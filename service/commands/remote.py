@@ -105,6 +105,9 @@ def adapt(args: argparse.Namespace, show: bool) -> int:
                        "model to its clip buffer and publishes the new version itself")
     from .adapt import parse_options
 
+    if args.labeled_frames:
+        raise CLIError("--labeled-frames applies to local runs; a server trains on its VSS_VAL_DIR clips with "
+                       "POST /v1/adapt {\"labeled_frames\": K}")
     with connect(args) as client:
         for video in args.video or []:
             if not Path(video).is_file():

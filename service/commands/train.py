@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         init=str(args.init) if args.init else None, seed=args.seed, eval_every=args.eval_every,
         ckpt_every=args.ckpt_every, eval_items=args.eval_items, keep=args.keep, workers=args.workers,
         device=args.device, log_every=args.log_every, progress=show_progress(args.no_progress),
-        method_args=dict(args.method_arg), dataset_args=dict(args.data_arg))
+        method_args=dict(args.method_arg), dataset_args=dict(args.data_arg), stats_frames=args.stats_frames)
     try:
         summary = run_offline(cfg)
     except (DatasetError, CheckpointError) as e:
@@ -119,6 +119,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=nonneg_int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=10, metavar="N", help="JSONL log interval in steps")
+    p.add_argument("--stats-frames", type=nonneg_int, default=16, metavar="N",
+                   help="labeled source frames whose statistics every checkpoint stores for source-free adaptation "
+                        "(srcstats) and routing (default 16; 0: none)")
     add_progress_argument(p)
     add_threads_argument(p)
     p.add_argument("--method-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",

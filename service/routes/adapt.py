@@ -36,7 +36,8 @@ class AdaptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
 
-    method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl, selftrain or cotta")
+    method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl, selftrain, srcstats "
+                        "(needs source statistics stored with the model) or cotta")
     steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
     lr: float | None = Field(None, ge=0, description="learning rate (default: the method's)")
     time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")
@@ -46,6 +47,8 @@ class AdaptRequest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="method keyword arguments")
     authenticated_only: bool = Field(False, description="train and gate only on clips that authenticated "
                                      "clients (the API key) added; see VSS_COLLECT")
+    labeled_frames: int = Field(0, ge=0, le=4, description="also train on this many labeled frames of the "
+                                "VSS_VAL_DIR clips (the gate scores on the same clips); needs VSS_VAL_DIR")
 
     @field_validator("lr", "time_budget_s")
     @classmethod
@@ -105,6 +108,10 @@ def _validate_method(body: AdaptRequest, settings: Settings) -> None:
         budget(settings).check_adapt(body.steps, body.time_budget_s)
     except BudgetExceeded as e:
         raise ApiError(422, e.code, e.message) from e
+    if body.labeled_frames and settings.val_dir is None:
+        raise ApiError(422, "no_labeled_clips", "labeled_frames needs labeled clips: set VSS_VAL_DIR")
+    if body.labeled_frames and body.method == "bn":
+        raise ApiError(422, "invalid_request", "labeled_frames needs a method that trains weights (not bn)")
     try:
         build_method(body.method, seed=body.seed, **body.options)  # checks the options the method declares
     except OptionError as e:

@@ -14,6 +14,8 @@ from adaptation.trainer import LossOutput, make_optimizer
 from models.accel import build_model
 from models.config import get_config
 
+from tests.adaptation.toy_stats import toy_source_stats
+
 N, H, W = 2, 32, 64
 SMALL = {"davsn": {"ndf": 8}, "i2vda": {"ndf": 8, "iter_launch": 0}, "uvda": {"ndf": 8, "threshold": 0.0,
                                                                            "video_discriminator": True},
@@ -53,6 +55,7 @@ def test_lifecycle_on_a_tiny_model(name: str) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = build_model(get_config("mini-os8"))
+    model.source_stats = toy_source_stats(model)  # what srcstats reads (the others ignore it)
     method = method_class(name).create(MethodContext(seed=0, num_classes=7, total_steps=10), SMALL.get(name, {}))
     assert isinstance(method, Method) and method.name == name
     method.setup(model)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from adaptation.clips import TargetClip
-from adaptation.gate import GateThresholds, compute_reference, gate, predict_clip
+from adaptation.gate import GateThresholds, compute_reference, gate
 from models.accel import build_model
 from models.config import get_config
+from models.stream import predict_stream
 from service.engine import TorchEngine
 
 SIZE = (64, 128)
@@ -50,7 +51,8 @@ def test_identical_candidate_passes(parent, heldout):
 def test_engine_parent_and_reference_reuse(parent, heldout):
     meta = {"architecture": {"num_classes": 7}, "input_size": list(SIZE)}
     engine = TorchEngine(copy.deepcopy(parent), meta)
-    assert np.array_equal(predict_clip(engine, heldout[0]), predict_clip(parent, heldout[0]))
+    assert np.array_equal(predict_stream(engine, heldout[0].frames, heldout[0].flows),
+                          predict_stream(parent, heldout[0].frames, heldout[0].flows))
     ref = compute_reference(engine, heldout)
     report = gate(ref, copy.deepcopy(parent), heldout, num_classes=7)
     assert report.passed, report.reasons
@@ -108,13 +110,15 @@ def test_labeled_validation_is_decisive(parent, heldout):
         for p in worse.net.head.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     # Labels = the parent's own predictions: the parent scores 100 mIoU, a perturbed candidate less.
-    val = [TargetClip(c.frames, c.flows, predict_clip(parent, c).astype(np.uint8)) for c in val_frames]
+    val = [TargetClip(c.frames, c.flows, predict_stream(parent, c.frames, c.flows).astype(np.uint8))
+           for c in val_frames]
     report = gate(parent, worse, heldout, val=val)
     assert not report.passed
     assert report.metrics["miou_parent"] == 100.0 and report.metrics["miou_candidate"] < 100.0
     assert "validation mIoU" in report.reasons[0]
     # The same candidate judged on labels it matches perfectly passes, even if proxies complain.
-    val_good = [TargetClip(c.frames, c.flows, predict_clip(worse, c).astype(np.uint8)) for c in val_frames]
+    val_good = [TargetClip(c.frames, c.flows, predict_stream(worse, c.frames, c.flows).astype(np.uint8))
+                for c in val_frames]
     assert gate(parent, worse, heldout, val=val_good).passed
 
 

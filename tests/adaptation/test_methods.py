@@ -17,9 +17,12 @@ from adaptation.trainer import TrainConfig, train
 from models.accel import build_model
 from models.config import get_config
 
+from tests.adaptation.toy_stats import toy_source_stats
+
 SIZE = (64, 128)
 # method -> does it change BN running statistics?
-BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False, "cotta": False}
+BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False, "srcstats": False,
+             "cotta": False}
 
 
 def make_clip(seed: int, frames: int = 4, labels: bool = False) -> TargetClip:
@@ -41,8 +44,11 @@ def clips() -> list[TargetClip]:
 
 
 def fresh_model(seed: int = 0) -> torch.nn.Module:
+    """A random model that carries source statistics (as the demo model does; srcstats needs them)."""
     torch.manual_seed(seed)
-    return build_model(get_config("mini-os8"))
+    model = build_model(get_config("mini-os8"))
+    model.source_stats = toy_source_stats(model)
+    return model
 
 
 def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

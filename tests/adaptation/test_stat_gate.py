@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from adaptation.clips import TargetClip
-from adaptation.gate import GateThresholds, _miou, gate, predict_clip
+from adaptation.gate import GateThresholds, _miou, gate
 from adaptation.stat_gate import bootstrap_interval, bootstrap_lower_bound, decide
+from models.stream import predict_stream
 from tests.adaptation.test_gate import make_clip, parent  # noqa: F401  (the module-scoped model fixture)
 
 ONE_BIG_WIN = [30.0] + [-1.0] * 7  # mean +2.9, but 34 % of resamples miss the win and average -1
@@ -62,14 +63,15 @@ def labeled(parent, candidate, clips, shares):  # noqa: F811
     """Clip i labeled by the candidate on a random ``shares[i]`` of its pixels and by the parent elsewhere."""
     out, rng = [], np.random.default_rng(0)
     for clip, share in zip(clips, shares):
-        par, cand = predict_clip(parent, clip), predict_clip(candidate, clip)
+        par, cand = (predict_stream(m, clip.frames, clip.flows) for m in (parent, candidate))
         lab = np.where(rng.random(par.shape) < share, cand, par)
         out.append(TargetClip(clip.frames, clip.flows, lab.astype(np.uint8)))
     return out
 
 
 def per_clip_diffs(parent, candidate, clips):  # noqa: F811
-    score = [(_miou([predict_clip(m, c)], [c], 7, None)["miou"]) for m in (candidate, parent) for c in clips]
+    score = [_miou([predict_stream(m, c.frames, c.flows)], [c], 7, None)["miou"]
+             for m in (candidate, parent) for c in clips]
     return np.array(score[:len(clips)]) - np.array(score[len(clips):])
 
 

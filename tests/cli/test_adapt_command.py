@@ -82,11 +82,12 @@ def _labels_as_the_cli_sees_them(model, video, n, directory):
     """Write ``model``'s predictions on ``video`` (decoded and flowed as `vss adapt` does) as label PNGs."""
     from PIL import Image
 
-    from adaptation.gate import predict_clip
     from models.flow import build_flow
+    from models.stream import predict_stream
 
     frames = adapt_command.read_video(str(video), n, 1)
-    pred = predict_clip(model, prepare_clip(frames, SIZE, flow_provider=build_flow("dis")))
+    clip = prepare_clip(frames, SIZE, flow_provider=build_flow("dis"))
+    pred = predict_stream(model, clip.frames, clip.flows)
     assert (pred >= 0).all()
     directory.mkdir()
     for t, lab in enumerate(pred.astype(np.uint8)):

@@ -25,6 +25,8 @@ def test_vss_train_end_to_end_writes_a_loadable_best(tmp_path: Path, capsys: pyt
     model, meta = load_checkpoint(run / "best")
     assert meta["classes"][0] == "road" and meta["input_size"] == [64, 128]
     assert meta["provenance"]["method"] == "tps" and meta["provenance"]["target"] == "synthetic:fog"
+    stats = model.source_stats  # recorded for source-free adaptation (srcstats) and routing
+    assert stats is not None and stats.provenance["data"] == "synthetic:source" and stats.frames >= 1
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     evals = [r for r in records if "eval" in r]

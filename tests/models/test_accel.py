@@ -9,6 +9,7 @@ import torch
 
 from models.accel import build_model
 from models.config import CONFIGS, ModelConfig, get_config
+from models.stream import ModuleStream, stream_step
 
 
 def _frames(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -64,11 +65,12 @@ def test_stream_step_equals_forward_on_the_same_frames(mini: torch.nn.Module) ->
         model.fusion.conv.weight.copy_(torch.randn_like(model.fusion.conv.weight) * 0.3)
     frames = _frames(3, 64, 128, seed=2)
     flows = torch.randn(3, 2, 64, 128) * 2
+    stream = ModuleStream(model)
     with torch.no_grad():
-        fused0, cached = model.stream_step(frames[:1], None, None)
+        fused0, cached = stream_step(stream, frames[:1], None, None)
         torch.testing.assert_close(fused0, model.fusion(cached, cached))  # keyframe: fused with itself
         for t in (1, 2):
-            fused, cur = model.stream_step(frames[t:t + 1], cached, flows[t:t + 1])
+            fused, cur = stream_step(stream, frames[t:t + 1], cached, flows[t:t + 1])
             ref = model(frames[t:t + 1], frames[t - 1:t], flows[t:t + 1])
             torch.testing.assert_close(fused, ref["fused"], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(cur, ref["cur"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from models.checkpoint import load_checkpoint
 from service.engine import TorchEngine
@@ -38,14 +39,16 @@ def test_fp16_torch_engine_matches_fp32_on_the_cpu(tiny_checkpoint: Path) -> Non
     half = TorchEngine(copy.deepcopy(model), meta, "fp16", "cuda", half=True)
     assert half.half and next(half.model.parameters()).is_cuda
     x = frames_nchw(3)
-    got = half.frame_logits(x)
-    assert got.dtype == np.float32 and np.isfinite(got).all()
-    want = ref.frame_logits(x)
+    on_device = half.frame_logits(x)
+    assert on_device.is_cuda and on_device.dtype == torch.float16  # the logits stay on the GPU until fuse
+    got = on_device.float().cpu().numpy()
+    assert np.isfinite(got).all()
+    want = ref.frame_logits(x).numpy()
     assert agreement(got, want) >= AGREE
     np.testing.assert_allclose(got, want, rtol=0.02, atol=0.02 * np.abs(want).max())
     flow = np.full((3, 2, 64, 128), 1.5, np.float32)
-    fused = half.fuse(got, got[::-1].copy(), flow)
-    assert agreement(fused, ref.fuse(got, got[::-1].copy(), flow)) >= AGREE
+    fused = half.fuse(on_device, on_device.flip(0), flow)
+    assert fused.dtype == np.float32 and agreement(fused, ref.fuse(got, got[::-1].copy(), flow)) >= AGREE
     stream = clip(4, seed=1, h=64, w=128)
     for a, b in zip(unbatched(ref, stream), unbatched(half, stream)):
         assert (a.logits.argmax(0) == b.logits.argmax(0)).mean() >= AGREE
@@ -63,8 +66,8 @@ def test_onnx_runtime_cuda_provider_runs_batches_and_fusion(tiny_checkpoint: Pat
     assert engine.providers[0] == "CUDAExecutionProvider" and engine.device == "cuda"
     ref = TorchEngine(model, meta, "t", "cpu")
     x = frames_nchw(4, seed=2)  # a batch of 4, as the batcher sends
-    logits = engine.frame_logits(x)
-    assert logits.shape == ref.frame_logits(x).shape and agreement(logits, ref.frame_logits(x)) >= AGREE
+    logits, want = engine.frame_logits(x), ref.frame_logits(x).numpy()
+    assert logits.shape == want.shape and agreement(logits, want) >= AGREE
     flow = np.full((4, 2, 64, 128), -2.0, np.float32)
     assert agreement(engine.fuse(logits, logits[::-1].copy(), flow), ref.fuse(logits, logits[::-1].copy(), flow)) \
         >= AGREE

@@ -130,7 +130,7 @@ def test_dynamic_batch_and_size(onnx_dir: Path, model_and_meta, n: int, h: int, 
     rng = np.random.default_rng(n * h)
     frames = rng.uniform(0, 255, (n, 3, h, w)).astype(np.float32)
     flow = rng.normal(0, 3, (n, 2, h, w)).astype(np.float32)
-    ref, got = torch_engine.frame_logits(frames), onnx_engine.frame_logits(frames)
+    ref, got = torch_engine.frame_logits(frames).numpy(), onnx_engine.frame_logits(frames)
     assert got.shape == ref.shape == (n, 7, -(-h // 8), -(-w // 8))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     previous = np.roll(ref, 1, axis=-1)
@@ -153,7 +153,7 @@ def test_fusion_graph_is_the_same_math_as_models_warp(model_and_meta) -> None:
 def test_unwarped_fusion(onnx_dir: Path, model_and_meta) -> None:
     torch_engine, onnx_engine = engines(model_and_meta, onnx_dir)
     frames = np.random.default_rng(0).uniform(0, 255, (2, 3, 64, 128)).astype(np.float32)
-    cur, prev = torch_engine.frame_logits(frames[:1]), torch_engine.frame_logits(frames[1:])
+    cur, prev = (torch_engine.frame_logits(f).numpy() for f in (frames[:1], frames[1:]))
     np.testing.assert_allclose(onnx_engine.fuse(cur, prev, None), torch_engine.fuse(cur, prev, None),
                                rtol=1e-4, atol=1e-4 * np.abs(cur).max())
     assert onnx_engine.backend == "onnxruntime" and onnx_engine.providers == ["CPUExecutionProvider"]
@@ -227,7 +227,7 @@ def test_providers_fall_back_to_the_first_that_really_serves(onnx_dir: Path, mod
     assert any(r.getMessage() == "ONNX Runtime serves v0007 with CPUExecutionProvider" for r in caplog.records)
     torch_engine = TorchEngine(model_and_meta[0], model_and_meta[1], "t", "cpu")
     frames = np.random.default_rng(5).uniform(0, 255, (1, 3, 64, 128)).astype(np.float32)
-    ref = torch_engine.frame_logits(frames)
+    ref = torch_engine.frame_logits(frames).numpy()  # a CPU tensor, the engine's own form
     np.testing.assert_allclose(engine.frame_logits(frames), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -299,5 +299,5 @@ def test_cuda_provider_parity(onnx_dir: Path, model_and_meta) -> None:
     model, meta = model_and_meta
     engine = OnnxEngine(onnx_dir, meta, device="cuda", tensorrt=False)
     frames = np.random.default_rng(0).uniform(0, 255, (1, 3, 64, 128)).astype(np.float32)
-    ref = TorchEngine(model, meta, "t", "cpu").frame_logits(frames)
+    ref = TorchEngine(model, meta, "t", "cpu").frame_logits(frames).numpy()
     assert (engine.frame_logits(frames).argmax(1) == ref.argmax(1)).mean() >= PARITY

@@ -101,6 +101,46 @@ def test_engine_swap_forces_a_keyframe(engine: TorchEngine) -> None:
     assert not s.step(clip[3]).keyframe
 
 
+class CountingFlow:
+    """DIS flow that counts its calls."""
+
+    name = "counting-dis"
+
+    def __init__(self) -> None:
+        self.dis, self.calls = DISFlow(), 0
+
+    def __call__(self, previous: np.ndarray, current: np.ndarray) -> np.ndarray | None:
+        self.calls += 1
+        return self.dis(previous, current)
+
+
+def test_prepared_frames_give_the_same_result_at_the_chosen_input_size(engine: TorchEngine) -> None:
+    clip = frames(3)
+    plain = StreamSegmenter(engine, DISFlow(), input_size=(40, 72))
+    flow = CountingFlow()
+    ahead = StreamSegmenter(engine, flow, input_size=(40, 72))
+    ready, previous = [], None
+    for f in clip:  # what segment_frames' prefetch thread does
+        ready.append(ahead.prepare(f, previous))
+        previous = ready[-1].small
+    assert ready[0].flow is None and ready[1].small.shape == (40, 72, 3) and flow.calls == 2
+    for f, r in zip(clip, ready):
+        np.testing.assert_array_equal(ahead.advance(f, r).resolve().labels, plain.step(f).labels)
+    assert flow.calls == 2  # advance used the prepared flow, it did not estimate it again
+    wrong = StreamSegmenter(engine, DISFlow()).prepare(clip[0], None)  # at the model's 64x128
+    with pytest.raises(ValueError, match=r"prepared frame \(64, 128\) is not at the input size \(40, 72\)"):
+        ahead.advance(clip[0], wrong)
+
+
+def test_torch_engine_keeps_logits_on_its_device_until_fuse(engine: TorchEngine) -> None:
+    x = np.stack([f.transpose(2, 0, 1) for f in frames(2, 64, 128)]).astype(np.float32)
+    logits = engine.frame_logits(x)
+    assert isinstance(logits, torch.Tensor) and logits.device == engine.device
+    fused = engine.fuse(logits[1:], logits[:1], None)
+    assert isinstance(fused, np.ndarray) and fused.dtype == np.float32
+    np.testing.assert_array_equal(fused, engine.fuse(logits[1:].numpy(), logits[:1].numpy(), None))
+
+
 @pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32),
                                  np.zeros((8, 8, 4), np.uint8), [[0, 0, 0]]])
 def test_bad_frames_are_refused(engine: TorchEngine, bad: object) -> None:
