@@ -101,6 +101,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     plain.net = net.module if isinstance(net, DDP) else net
     plain.fusion = fusion.module if isinstance(fusion, DDP) else fusion
     plain.num_classes = model.num_classes
+    plain.source_stats = model.source_stats
     plain.train(model.training)
     return plain
 

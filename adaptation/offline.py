@@ -235,8 +235,9 @@ class OfflineRun:
         """Replace RUN_DIR/best: write a new directory, then two renames (old aside, new in place)."""
         new, old, best = self.run_dir / ".best.new", self.run_dir / ".best.old", self.run_dir / "best"
         shutil.rmtree(new, ignore_errors=True)
-        unwrap_model(self.model).source_stats = self._source_stats(step)
-        save_checkpoint(new, unwrap_model(self.model), self._meta(step, metrics))
+        plain = unwrap_model(self.model)
+        plain.source_stats = self._source_stats(step)
+        save_checkpoint(new, plain, self._meta(step, metrics))
         shutil.rmtree(old, ignore_errors=True)
         if best.exists():
             os.replace(best, old)

@@ -43,6 +43,7 @@ ACTIVE_STATES = (QUEUED, RUNNING, GATING)
 FINAL_STATES = (PUBLISHED, REJECTED, FAILED, CANCELLED)
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_LOSSES = 200  # loss log entries kept per job
+AUTO_STATE = "auto.json"  # the worker's auto-policy state (service/auto_rounds.py)
 
 
 class JobNotFound(LookupError):
@@ -265,6 +266,20 @@ class AdaptJobStore:
         finished = [j for j in self._all() if j["state"] in FINAL_STATES]
         for job in finished[:max(len(finished) - self.keep, 0)]:
             self._path(job["id"]).unlink(missing_ok=True)
+
+    # --- the auto policy's state (service/auto_rounds.py) ----------------------------------------
+    def write_auto_state(self, state: dict[str, Any]) -> None:
+        """Replace ``auto.json``: what the worker's auto policy decided last (servers show it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.root / AUTO_STATE, json.dumps(state).encode())
+
+    def read_auto_state(self) -> dict[str, Any] | None:
+        """The auto policy's state, or None when no worker ran it (or the file is unreadable)."""
+        try:
+            state = json.loads((self.root / AUTO_STATE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
 
     # --- worker heartbeats ---------------------------------------------------------------------
     def beat(self, worker: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from models.checkpoint import CheckpointError
 
 from . import decode
 from .adapt_jobs import AdaptJobStore
+from .auto_rounds import AutoCollector, auto_enabled
 from .batcher import Batcher
 from .buffer import ClipBuffer, ClipCollector, ClipInfo
 from .collect import ClipSampler, Provenance, RateLimiter, clip_sampler
@@ -81,7 +82,7 @@ class AdaptationPlane:
         except OSError as e:  # the store is down (StoreError) or unreadable: start the worker anyway; it waits
             log.error("cannot read adaptation jobs in %s: %s", self.jobs.root, e)
             pending = True
-        if self.settings.adapt_auto_clips > 0 or pending:
+        if auto_enabled(self.settings) or pending:
             self.ensure_worker()
 
     def offer(self, frames: list[np.ndarray], source: str, prov: Provenance) -> bool:
@@ -174,6 +175,7 @@ def build_adaptation(settings: Settings, metrics: Metrics, manager: EngineManage
         metrics.buffer_clips_added.labels(source=info.source).inc()
 
     jobs = job_store(settings)
+    metrics.registry.register(AutoCollector(jobs))  # the worker's auto policy (service/auto_rounds.py)
     supervisor = None
     if settings.worker == "spawn":
         supervisor = WorkerSupervisor(worker_command(worker_settings_json(settings), os.getpid()), jobs,

@@ -205,6 +205,25 @@ class AdaptationSettings(BaseModel):
         return _none_if_off(value)
 
 
+class AutoRoundSettings(BaseModel):
+    """Automatic rounds of the adaptation worker (issue 13; service/auto_policy.py, service/auto_rounds.py;
+    README "Automatic rounds"). The method and steps of a round are ``adapt_auto_method``/``adapt_auto_steps``."""
+
+    adapt_auto: bool = Field(False, description="the worker starts rounds by itself when drift persists "
+                             "(off: only the older adapt_auto_clips trigger, if set)")
+    adapt_auto_interval_s: float = Field(60.0, ge=0, description="least seconds between two automatic rounds")
+    adapt_auto_min_clips: int = Field(4, ge=1, description="drifted clips that must arrive since the last round "
+                                      "(in one cluster) to start one")
+    adapt_auto_distance: float = Field(2.5, gt=0, description="a buffered clip whose signature is farther than "
+                                       "this (within-domain standard deviations) from every served version is drifted")
+    adapt_domains: bool = Field(True, description="automatic rounds publish per-domain versions (ACTIVE stays); "
+                                "false: a single chain, a passing candidate is activated")
+    adapt_gate: Literal["stat", "off"] = Field("stat", description="automatic rounds publish only what passes the "
+                                               "statistical gate; off: always publish (a baseline)")
+    adapt_reset_every: int = Field(0, ge=0, description="every K-th automatic round starts from the base version "
+                                   "(periodic reset); 0: never")
+
+
 class SourcesSettings(BaseModel):
     """Server-side sources (``POST /v1/sources``; README "Server-side sources")."""
 
@@ -257,7 +276,8 @@ class SourcesSettings(BaseModel):
 
 
 class Settings(ServerSettings, LoggingSettings, StoreSettings, InferenceSettings, FlowSettings, LimitSettings,
-               UploadJobSettings, BufferSettings, CollectSettings, AdaptationSettings, SourcesSettings, BaseSettings):
+               UploadJobSettings, BufferSettings, CollectSettings, AdaptationSettings, AutoRoundSettings,
+               SourcesSettings, BaseSettings):
     """Every knob of a ``vss`` server process; ``VSS_<FIELD>`` in the environment sets a field."""
 
     model_config = SettingsConfigDict(env_prefix="VSS_", env_file=".env", extra="ignore",
@@ -276,5 +296,5 @@ class Settings(ServerSettings, LoggingSettings, StoreSettings, InferenceSettings
 # everything else it reads from the environment like any process. No secret belongs in these groups:
 # the JSON is on the worker's command line.
 WORKER_GROUPS: tuple[type[BaseModel], ...] = (StoreSettings, FlowSettings, BufferSettings, AdaptationSettings,
-                                              LoggingSettings)
+                                              AutoRoundSettings, LoggingSettings)
 WORKER_FIELDS = frozenset(name for group in WORKER_GROUPS for name in group.model_fields)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .adapt_jobs import FINAL_STATES, JOB_ID_RE, AdaptJobStore, JobNotFound, _now
+from .adapt_jobs import AUTO_STATE, FINAL_STATES, JOB_ID_RE, AdaptJobStore, JobNotFound, _now
 from .storage import ObjectNotFound, ObjectStore, PreconditionFailed, StoreUnavailable, is_store_url, open_store
 
 LOCK_KEY = "LOCK"
@@ -146,6 +146,16 @@ class StoreJobStore(AdaptJobStore):
         finished = [j for j in self._all() if j["state"] in FINAL_STATES]
         for job in finished[:max(len(finished) - self.keep, 0)]:
             self.store.delete(self._key(job["id"]))
+
+    def write_auto_state(self, state: dict[str, Any]) -> None:
+        self.store.put(AUTO_STATE, json.dumps(state).encode())
+
+    def read_auto_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.store.get(AUTO_STATE).data)
+        except (ObjectNotFound, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
 
     def beat(self, worker: dict[str, Any]) -> None:
         self.store.put(_worker_key(str(worker["host"]), int(worker["pid"])),

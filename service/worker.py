@@ -1,18 +1,19 @@
 """The adaptation worker: a separate process that turns buffered target clips into new model versions.
 
 It polls the job directory (``service.adapt_jobs``), claims one job at a time, loads its *own* copy
-of the registry's ACTIVE version (the servers' live engines are never touched), runs
+of the parent version (the servers' live engines are never touched), runs
 ``adaptation.sourcefree.adapt`` on the buffered clips, gates the candidate on held-out buffered
-clips (and on labeled ``VSS_VAL_DIR`` clips when configured: then mIoU decides), and publishes +
-activates only a candidate that passes. The servers' registry watchers then hot-swap it in.
+clips (and on labeled ``VSS_VAL_DIR`` clips when configured: then mIoU decides), and publishes what
+passes (``service.worker_jobs``). The servers' registry watchers then hot-swap or route to it.
+
+With ``VSS_ADAPT_AUTO=1`` (or the older ``VSS_ADAPT_AUTO_CLIPS``) the worker also queues rounds by
+itself when drift persists in the shared clip buffer (``service.auto_rounds``).
 
 Run by a server (``VSS_WORKER=spawn``, the default: ``WorkerSupervisor`` starts it) or standalone
 (``vss worker``) against model and buffer directories shared by several server replicas. Torch is
-imported at the first job, so an idle worker costs next to nothing. On CPU it uses
-``adapt_threads`` threads and a raised niceness so that inference keeps serving.
-
-Validation clips (``VSS_VAL_DIR``): one ``.npz`` per clip with ``frames`` (T, H, W, 3) uint8 RGB,
-``labels`` (T, H, W) uint8 (255 = ignore) and optionally ``flow`` (T, H, W, 2) float32 backward.
+imported at the first job (or the first poll of the drift policy, which reads the registry), so an
+idle worker without it costs next to nothing. On CPU it uses ``adapt_threads`` threads and a raised
+niceness so that inference keeps serving.
 """
 
 from __future__ import annotations
@@ -20,34 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from . import crashpoints
-from .adapt_jobs import CANCELLED, FAILED, GATING, PUBLISHED, REJECTED, AdaptJobStore, JobConflict
-from .buffer import ClipBuffer, ClipDamaged, ClipNotFound
+from .adapt_jobs import AdaptJobStore
+from .auto_rounds import AutoRounds
+from .buffer import ClipBuffer
 from .settings import WORKER_FIELDS, Settings  # WORKER_FIELDS: what a spawned worker inherits
 from .storage import StoreError
 from .store_buffer import open_clip_buffer
 from .store_jobs import open_job_store
+from .worker_jobs import JobFailure, JobRunner, load_val_clips
+
+__all__ = ["JobFailure", "Worker", "clip_buffer", "job_store", "load_val_clips", "main", "serve_worker",
+           "worker_settings_json"]
 
 log = logging.getLogger("vss.worker")
-
-
-class JobFailure(Exception):
-    """A job cannot go on: ``code`` and ``message`` go into the job's ``error``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def worker_settings_json(settings: Settings) -> str:
@@ -68,37 +63,9 @@ def job_store(settings: Settings) -> AdaptJobStore:
     return open_job_store(settings.job_root(), settings.adapt_keep_jobs)
 
 
-def load_val_clips(directory: Path, size: tuple[int, int]) -> list[Any]:
-    """Labeled validation clips (``*.npz``: frames, labels[, flow]) resized to the model input ``size``."""
-    import numpy as np
-
-    from adaptation.clips import prepare_clip
-
-    files = sorted(Path(directory).glob("*.npz"))
-    if not files:
-        raise JobFailure("no_validation_clips", f"VSS_VAL_DIR {directory} holds no *.npz clip")
-    clips = []
-    for path in files:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                flow = data["flow"] if "flow" in data.files else None
-                clips.append(prepare_clip(data["frames"], size, flows=flow, labels=data["labels"]))
-        except (OSError, KeyError, ValueError) as e:
-            raise JobFailure("bad_validation_clip", f"validation clip {path.name}: {e}") from e
-    return clips
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _jsonable(value: Any) -> Any:
-    """Round-trip through JSON (numpy scalars become numbers)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-class Worker:
-    """Claims and runs adaptation jobs; ``run`` loops until ``stop_event`` is set (or the parent dies)."""
+class Worker(JobRunner):
+    """Claims and runs adaptation jobs (``JobRunner``) and runs the auto policy; ``run`` loops until
+    ``stop_event`` is set (or the parent dies)."""
 
     def __init__(self, settings: Settings, *, jobs: AdaptJobStore | None = None, buffer: ClipBuffer | None = None,
                  registry: Any = None, thresholds: Any = None, parent_pid: int | None = None) -> None:
@@ -115,6 +82,8 @@ class Worker:
         self.device: str | None = None
         self._last_cancel_check = (0.0, False)
         self._store_error: str | None = None
+        self._auto_error: str | None = None
+        self.auto = AutoRounds(settings, self.jobs, self.buffer, lambda: self.registry)
 
     @property
     def registry(self) -> Any:
@@ -131,9 +100,12 @@ class Worker:
         beat.start()
         log.info("adaptation worker pid %d: jobs in %s, buffer %s, models %s", os.getpid(), self.jobs.root,
                  self.buffer.root, self.settings.model_dir)
+        if self.auto.config is not None:
+            log.info("auto policy on: %s", self.auto.config.to_dict())
         try:
             self._poll(lambda: bool(self.jobs.reap(self.settings.adapt_heartbeat_timeout_s)))  # a dead predecessor
             self._poll(lambda: bool(self.jobs.sweep() + self.buffer.sweep()))  # and its temp files
+            self._poll(self.auto.start)  # the auto policy's counters and base reference, if it ran before
             while not self.stop_event.is_set():
                 worked = self._poll(self.poll_once)
                 if once:
@@ -185,7 +157,7 @@ class Worker:
         job = self.jobs.claim(self.identity)
         if job is None:
             return False  # another worker was quicker
-        self.run_job(job)
+        self.auto.record(self.run_job(job))
         return True
 
     def _import_runtime(self) -> None:
@@ -197,175 +169,18 @@ class Worker:
         self.registry  # noqa: B018 - builds the registry (imports service.registry)
 
     def _auto_job(self) -> dict[str, Any] | None:
-        """Queue a job when ``adapt_auto_clips`` clips arrived since the last job (the auto policy)."""
-        s = self.settings
-        if s.adapt_auto_clips <= 0:
-            return None
-        since = self.jobs.last_created() or 0.0
-        if self.buffer.count_since(since) < s.adapt_auto_clips:
-            return None
-        if sum(not c.heldout for c in self.buffer.clips()) < s.adapt_min_clips:
+        """Queue a round when the auto policy (``service.auto_rounds``) says drift persists."""
+        if not self.auto.enabled:
             return None
         try:
-            job = self.jobs.create({"method": s.adapt_auto_method, "steps": s.adapt_auto_steps}, trigger="auto")
-        except JobConflict:
+            return self.auto.poll()
+        except StoreError:
+            raise  # waited out by _poll
+        except Exception as e:  # noqa: BLE001 - a policy error must not stop the worker: API jobs still run
+            if str(e) != self._auto_error:
+                log.exception("auto policy: the poll failed (logged once per distinct error)")
+            self._auto_error = str(e)
             return None
-        log.info("auto adaptation: %d new clips since the last job; queued job %s", s.adapt_auto_clips, job["id"])
-        return job
-
-    # --- one job -------------------------------------------------------------------------------
-    def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run a claimed job to a final state and return the job record."""
-        from adaptation.trainer import Cancelled, NonFiniteLoss
-
-        job_id = job["id"]
-        self.current = job_id
-        self._last_cancel_check = (0.0, False)
-        started = time.monotonic()
-        try:
-            return self._execute(job)
-        except Cancelled:
-            if self.jobs.cancel_requested(job_id):
-                return self.jobs.finish(job_id, CANCELLED)
-            return self.jobs.finish(job_id, FAILED, ("worker_stopped", "the worker was stopped during the job"))
-        except NonFiniteLoss as e:
-            return self.jobs.finish(job_id, FAILED, ("non_finite_loss", f"training diverged: {e}"))
-        except JobFailure as e:
-            return self.jobs.finish(job_id, FAILED, (e.code, e.message))
-        except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, the worker lives on
-            log.exception("adaptation job %s failed", job_id)
-            return self.jobs.finish(job_id, FAILED, ("internal_error", f"{type(e).__name__}: {e}"))
-        finally:
-            self.current = None
-            log.info("adaptation job %s ended (state %s) after %.1f s", job_id,
-                     self._state(job_id), time.monotonic() - started)
-
-    def _state(self, job_id: str) -> str:
-        try:
-            return str(self.jobs.get(job_id)["state"])
-        except Exception:  # noqa: BLE001 - only for a log line
-            return "unknown"
-
-    def _should_stop(self, job_id: str) -> bool:
-        if self.stop_event.is_set():
-            return True
-        now = time.monotonic()
-        checked, value = self._last_cancel_check
-        if now - checked >= 0.2:  # the loop asks every step; reading the job file 5x/s is plenty
-            value = self.jobs.cancel_requested(job_id)
-            self._last_cancel_check = (now, value)
-        return value
-
-    def _setup_torch(self) -> str:
-        import torch
-
-        device = self.settings.adapt_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise JobFailure("no_cuda", "VSS_ADAPT_DEVICE=cuda but torch sees no CUDA device")
-        if device == "cpu":
-            torch.set_num_threads(self.settings.adapt_threads)
-        self.device = device
-        return device
-
-    def _execute(self, job: dict[str, Any]) -> dict[str, Any]:
-        from adaptation.sourcefree import AdaptConfig, adapt
-        from adaptation.trainer import Cancelled
-        from models.checkpoint import load_checkpoint
-
-        job_id, request = job["id"], job["request"]
-        device = self._setup_torch()
-        parent = self.registry.active()
-        if parent is None:
-            raise JobFailure("no_active_model", f"the registry {self.registry.location} has no ACTIVE version")
-        model, meta = load_checkpoint(self.registry.path(parent))
-        size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
-        train, heldout, clips_info = self._load_clips(size, bool(request.get("authenticated_only")))
-        val = load_val_clips(self.settings.val_dir, size) if self.settings.val_dir is not None else None
-        clips_info["val"] = len(val) if val else 0
-        self.jobs.set(job_id, parent=parent, clips=clips_info, stage="adapting", device=device)
-        crashpoints.reached("adapt_running")
-        kwargs: dict[str, Any] = {"device": device}
-        if self.thresholds is not None:
-            kwargs["thresholds"] = self.thresholds
-        cfg = AdaptConfig(method=request["method"], options=dict(request.get("options") or {}),
-                          steps=int(request["steps"]), lr=request.get("lr"),
-                          time_budget_s=min(float(request.get("time_budget_s") or math.inf),
-                                            self.settings.adapt_max_time_s),
-                          seed=int(request.get("seed", 0)), batch_size=_optional_int(request.get("batch_size")),
-                          labeled_frames=int(request.get("labeled_frames") or 0))
-
-        def on_progress(stage: str, info: dict[str, Any]) -> None:
-            if stage == "gate":
-                self.jobs.set(job_id, state=GATING, stage="gate")
-            elif stage != "done":
-                self.jobs.set(job_id, stage=stage)
-
-        result = adapt(model, meta, train, cfg, parent_ref=parent, val=val, heldout=heldout or None,
-                       on_log=lambda step, logs: self.jobs.log_losses(job_id, step, logs),
-                       should_stop=lambda: self._should_stop(job_id), on_progress=on_progress,
-                       provenance={"job_id": job_id, "trigger": job.get("trigger"), "clips": clips_info["ids"]},
-                       labeled=val, **kwargs)
-        if self._should_stop(job_id):
-            raise Cancelled("cancelled while gating")
-        report = _jsonable(result.report.to_dict())
-        if not result.report.passed:
-            if result.train is None:  # adapt() turns NonFiniteLoss into a rejected report
-                reason = "; ".join(result.report.reasons) or "training diverged"
-                return self.jobs.finish(job_id, FAILED, ("non_finite_loss", reason), gate=report)
-            return self.jobs.finish(job_id, REJECTED, gate=report)
-        return self._publish(job_id, parent, result, report)
-
-    def _publish(self, job_id: str, parent: str, result: Any, report: dict[str, Any]) -> dict[str, Any]:
-        self.jobs.set(job_id, stage="publishing")
-        try:
-            version = self.registry.publish(result.model.cpu(), result.meta, parent=parent)
-        except OSError as e:  # disk full, permissions: the registry removed its staging directory
-            raise JobFailure("publish_failed", f"publishing the candidate failed, nothing changed: {e}") from e
-        activated = self.registry.active() == parent  # an operator's activation since the start wins
-        if activated:
-            try:
-                self.registry.activate(version)
-            except OSError as e:
-                raise JobFailure("activate_failed", f"published {version} but could not point ACTIVE at it "
-                                                    f"(still {parent}): {e}") from e
-        else:
-            log.warning("ACTIVE moved away from %s during job %s; published %s without activating it",
-                        parent, job_id, version)
-        return self.jobs.finish(job_id, PUBLISHED, version=version, activated=activated, gate=report)
-
-    def _load_clips(self, size: tuple[int, int],
-                    authenticated_only: bool = False) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """(train, held-out, summary) from the newest ``adapt_max_clips`` buffered clips (only those that
-        authenticated clients added, when ``authenticated_only``), with DIS flow."""
-        from adaptation.clips import prepare_clip
-        from models.flow import build_flow
-
-        infos = [c for c in self.buffer.clips() if c.authenticated or not authenticated_only]
-        infos = infos[-self.settings.adapt_max_clips:]
-        flow = build_flow(self.settings.flow, str(self.settings.raft_weights) if self.settings.raft_weights else None)
-        loaded: dict[bool, list[Any]] = {False: [], True: []}
-        ids: dict[bool, list[str]] = {False: [], True: []}
-        for info in infos:
-            try:
-                frames = self.buffer.load(info.id)
-            except ClipNotFound:
-                continue  # evicted since it was listed
-            except ClipDamaged as e:
-                log.warning("skipping a buffered clip: %s", e)
-                continue
-            loaded[info.heldout].append(prepare_clip(frames, size, flow_provider=flow))
-            ids[info.heldout].append(info.id)
-        train, held = loaded[False], loaded[True]
-        if len(train) < self.settings.adapt_min_clips:
-            which = " authenticated" if authenticated_only else ""
-            raise JobFailure("not_enough_clips", f"the buffer holds {len(train)}{which} training clip(s); "
-                                                 f"at least {self.settings.adapt_min_clips} are needed")
-        summary = {"train": len(train), "heldout": len(held), "frames": sum(len(c) for c in train + held),
-                   "authenticated_only": authenticated_only,
-                   "heldout_from": "buffer" if held else "split", "ids": {"train": ids[False], "heldout": ids[True]}}
-        return train, held, summary
 
 
 def serve_worker(settings: Settings, parent_pid: int | None = None, once: bool = False) -> int:

@@ -1,10 +1,11 @@
 """`vss worker`: run the adaptation worker standalone, against a model directory and a clip buffer
 shared with one or more `vss serve` replicas (start those with VSS_WORKER=external).
 
-    vss worker --model-dir /data/models --buffer-dir /data/buffer [--device cuda] [--auto-clips 50]
+    vss worker --model-dir /data/models --buffer-dir /data/buffer [--device cuda] [--auto]
 
 It polls the job directory (default <buffer-dir>/jobs) for jobs queued by `POST /v1/adapt`, adapts
-its own copy of the ACTIVE version, and publishes + activates only candidates that pass the gate.
+its own copy of the ACTIVE version, and publishes + activates only candidates that pass the gate. With
+--auto (VSS_ADAPT_AUTO=1) it also starts rounds by itself when drift persists in the shared buffer.
 Flags override the VSS_* environment variables.
 """
 
@@ -29,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="labeled validation clips (*.npz: frames, labels): the gate then decides on mIoU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to adapt")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: $VSS_ADAPT_THREADS or 1)")
+    p.add_argument("--auto", action="store_true", default=None,
+                   help="start rounds by itself when drift persists (VSS_ADAPT_AUTO=1; README 'Automatic rounds')")
     p.add_argument("--auto-clips", type=int, default=None, metavar="N",
-                   help="start a job by itself when N new clips arrived since the last one (0: off)")
+                   help="older trigger, without --auto: a job when N new clips arrived since the last one (0: off)")
     p.add_argument("--once", action="store_true", help="run at most one queued job, then exit")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {"model_dir": args.model_dir, "buffer_dir": args.buffer_dir, "adapt_job_dir": args.job_dir,
                  "val_dir": args.val_dir, "adapt_device": args.device, "adapt_threads": args.threads,
-                 "adapt_auto_clips": args.auto_clips, "log_level": args.log_level}
+                 "adapt_auto": args.auto, "adapt_auto_clips": args.auto_clips, "log_level": args.log_level}
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:

@@ -4,7 +4,8 @@ A job adapts the ACTIVE model to the clips in the buffer in the adaptation worke
 process), gates the candidate, and publishes + activates it only if the gate passes; every server
 sharing the model directory then hot-swaps it in. One job runs at a time. The app's
 ``AdaptationPlane`` (``service.components``: the buffer, the job store, the worker supervisor) comes
-through ``service.deps.AdaptationDep``.
+through ``service.deps.AdaptationDep``. Jobs the worker's auto policy queues (``service.auto_rounds``)
+carry ``trigger: auto``.
 """
 
 from __future__ import annotations

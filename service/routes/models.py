@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
 
-from ..deps import AUTH_ERRORS, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey
+from ..auto_rounds import auto_state
+from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey
 from ..live import EngineLoadError, EngineManager
 from ..redact import redact
 from ..registry import InvalidVersion, VersionNotFound
@@ -71,6 +72,9 @@ class ServingModel(BaseModel):
     drift: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the drift signal of this "
                                          "process and its open streams against the version's reference "
                                          "(service/drift.py)")
+    auto: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the worker's auto policy "
+                                        "(VSS_ADAPT_AUTO): its last decision, drifted clips, clusters, next eligible "
+                                        "time and rounds started/published/rejected (service/auto_rounds.py)")
 
 
 def _redacted(value: Any) -> Any:
@@ -139,12 +143,14 @@ def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep) -> ServingModel:
-    """The serving version, its backend, when it was loaded and the swap counters of this process, and the
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep,
+                 adaptation: AdaptationDep) -> ServingModel:
+    """The serving version, its backend, when it was loaded and the swap counters of this process, the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
-    against the first frames this process served with the version)."""
+    against the first frames this process served with the version), and the worker's auto policy (``auto``)."""
     serving = _serving(manager, registry)
     serving.drift = drift.snapshot()
+    serving.auto = _redacted(auto_state(adaptation.jobs))
     return serving
 
 

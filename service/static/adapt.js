@@ -30,7 +30,10 @@ function showMetrics(metrics) {
 function showJob(job) {
   adapt.job = job;
   $("adapt-details").hidden = false;
-  $("adapt-job").textContent = `${job.id.slice(0, 8)} · ${job.request.method} · ${job.state}`;
+  const domain = job.request.auto && job.request.auto.mode === "domain" ? job.request.auto.domain.name : null;
+  $("adapt-job").textContent = [job.id.slice(0, 8), job.trigger === "auto" ? "automatic round" : null,
+                                domain ? `domain ${domain}` : null, job.request.method, job.state]
+    .filter(Boolean).join(" · ");
   const last = job.losses && job.losses.length ? job.losses[job.losses.length - 1] : null;
   $("adapt-loss").textContent = last ? `${last.loss.toFixed(4)} (step ${last.step})` : "–";
   const gate = job.gate;
@@ -42,7 +45,8 @@ function showJob(job) {
   } else {
     $("adapt-plot").hidden = true;
   }
-  $("adapt-version").textContent = job.version ? `${job.version} (from ${job.parent})` : "–";
+  $("adapt-version").textContent = job.version
+    ? `${job.version} (from ${job.parent}${job.version && !job.activated ? "; not activated" : ""})` : "–";
   const reasons = $("adapt-reasons");
   reasons.replaceChildren();
   for (const reason of (gate && gate.reasons) || []) {
@@ -58,7 +62,9 @@ function showJob(job) {
   const done = FINAL.includes(job.state);
   $("adapt-start").disabled = !done;
   $("adapt-cancel").disabled = done || job.cancel_requested;
+  const overridden = gate && gate.policy === "off" && !gate.passed ? " (the gate would have rejected it: gate off)" : "";
   if (job.state === "failed") setStatus($("adapt-status"), `failed: ${job.error.message}`, true);
+  else if (job.state === "published" && overridden) setStatus($("adapt-status"), `published ${job.version}${overridden}`);
   else if (job.state === "published") setStatus($("adapt-status"), `published ${job.version}`);
   else if (job.state === "rejected") setStatus($("adapt-status"), "rejected by the gate (its reasons are below)");
   else if (done) setStatus($("adapt-status"), job.state);
@@ -134,6 +140,28 @@ async function resumeAdapt() {
   } catch (e) { /* no adaptation routes */ }
 }
 
+async function watchAuto() {
+  // Jobs started elsewhere (another client, the worker's automatic rounds) appear here as they start, and the
+  // auto policy's last decision is shown (GET /v1/models/active → auto).
+  try {
+    const response = await fetch("/v1/models/active");
+    const auto = response.ok ? (await response.json()).auto : null;
+    $("adapt-auto").hidden = !(auto && auto.enabled);
+    if (auto && auto.enabled) {
+      const r = auto.rounds || {}, d = auto.decision || {};
+      $("adapt-auto").textContent = `automatic rounds: ${d.reason || "waiting for the worker"} · ` +
+        `${d.drifted || 0} drifted clip(s) · ${r.started || 0} started, ${r.published || 0} published, ` +
+        `${r.rejected || 0} rejected`;
+    }
+    if (adapt.timer) return;  // following a job already
+    const jobs = await fetch("/v1/adapt");
+    if (!jobs.ok) return;
+    const [newest] = (await jobs.json()).jobs;
+    if (newest && (!adapt.job || newest.id !== adapt.job.id)) (FINAL.includes(newest.state) ? showJob : follow)(newest);
+  } catch (e) { /* no adaptation routes, or the server is restarting */ }
+}
+
 $("adapt-form").addEventListener("submit", startAdapt);
 $("adapt-cancel").addEventListener("click", cancelAdapt);
 resumeAdapt();
+setInterval(watchAuto, 3000);

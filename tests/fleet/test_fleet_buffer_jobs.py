@@ -119,3 +119,11 @@ def test_the_lease_excludes_and_an_expired_one_is_taken_over(store: ObjectStore)
     assert json.loads(store.get(LOCK_KEY).data)["token"] == token
     lease.release(token)
     assert not store.exists(LOCK_KEY)
+
+
+def test_the_auto_policy_state_is_shared_through_the_store(store: ObjectStore) -> None:
+    worker, server = StoreJobStore(store), StoreJobStore(store)
+    assert server.read_auto_state() is None
+    worker.write_auto_state({"enabled": True, "rounds": {"started": 2}})
+    assert server.read_auto_state() == {"enabled": True, "rounds": {"started": 2}}
+    assert server.list() == []  # not a job record

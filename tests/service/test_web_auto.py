@@ -1,0 +1,45 @@
+"""The web page while the worker's auto policy runs (VSS_ADAPT_AUTO=1), in headless Chromium against a real
+uvicorn and a spawned worker: an automatic round appears in the adaptation panel as it happens, with its
+gate verdict and version, and the panel shows the policy's decision and round counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.service.test_auto_e2e import API_KEY, post_clip
+from tests.service.live import live_server
+from tests.service.test_web import browser, make_app, open_page, shot, text  # noqa: F401
+from tests.waiting import wait_until
+
+
+def test_an_automatic_round_shows_up_on_the_page(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+    app = make_app(tmp_path, tiny_checkpoint, buffer_enabled=True, worker="spawn", adapt_threads=1,
+                   adapt_min_clips=2, adapt_poll_s=0.1, buffer_heldout_fraction=0.3, api_key=API_KEY,
+                   adapt_auto=True, adapt_auto_min_clips=3,
+                   adapt_auto_interval_s=3600.0, adapt_auto_method="bn", adapt_auto_steps=2)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        page = open_page(browser, url)
+        page.wait_for_selector("#adapt-panel:not([hidden])")
+        for seed in range(3):
+            post_clip(http, "source", seed)
+        wait_until(lambda: http.get("/v1/models/active").json()["auto"].get("base_reference"), 240,
+                   "the worker's first poll")
+        page.wait_for_selector("#adapt-auto:not([hidden])", timeout=30_000)
+        assert "0 started" in text(page, "#adapt-auto")
+        for seed in range(100, 106):
+            post_clip(http, "fog", seed)
+        page.wait_for_function("document.getElementById('adapt-job').textContent.includes('automatic round')",
+                               timeout=240_000)
+        page.wait_for_function("['published', 'rejected'].some((s) => "
+                               "document.getElementById('adapt-status').textContent.startsWith(s))", timeout=240_000)
+        job = http.get("/v1/adapt").json()["jobs"][0]
+        assert job["trigger"] == "auto"
+        assert f"domain {job['request']['auto']['domain']['name']}" in text(page, "#adapt-job")
+        if job["state"] == "published":
+            assert text(page, "#adapt-version") == f"{job['version']} (from v0001; not activated)"
+        page.wait_for_function("document.getElementById('adapt-auto').textContent.includes('1 started')",
+                               timeout=30_000)
+        shot(page, tmp_path, "auto-round-1280.png")
+        page.context.close()
