@@ -168,7 +168,9 @@ class HeldOut:
                 self.clips[style] = [generate_clip(style, 8, self.plan.size, seed=base + k) for k in range(self.n)]
             model, _ = load_checkpoint(self.registry.path(version))
             result = evaluate_clips(model.eval(), self.clips[style], CLASSES)
-            self.cache[(version, style)] = round(float(result["miou"]), 2)
+            value = result["miou"]
+            assert isinstance(value, float)
+            self.cache[(version, style)] = round(value, 2)
         return self.cache[(version, style)]
 
 
@@ -270,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: run_config(name, args, plan, paths, root, log) for name in args.configs}
     settings = {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
                 for k, v in vars(args).items()}
-    report = {"plan": plan.to_dict(), "settings": settings,
-              "load_average": {"start": list(load), "end": list(os.getloadavg())}, "cpus": os.cpu_count(),
-              "wall_s": round(time.monotonic() - t0, 1), "configs": results, "compare": compare(results),
-              "checks": checks(results)}
+    report: dict[str, Any] = {
+        "plan": plan.to_dict(), "settings": settings,
+        "load_average": {"start": list(load), "end": list(os.getloadavg())}, "cpus": os.cpu_count(),
+        "wall_s": round(time.monotonic() - t0, 1), "configs": results, "compare": compare(results),
+        "checks": checks(results)}
     # the gate's verdict is recorded in every configuration (with the gate off the round publishes anyway)
     every = gate_errors([r for res in results.values() for r in res["gate_rounds"]])
     report["gate_errors_all_configs"] = every

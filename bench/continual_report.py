@@ -90,7 +90,7 @@ class ServedScore:
 
     def summary(self) -> dict[str, Any]:
         p = self.plan
-        segs = []
+        segs: list[dict[str, Any]] = []
         for i, style in enumerate(p.segments):
             start, length = i * p.frames_per_segment / p.camera_fps, p.frames_per_segment / p.camera_fps
             segs.append({"index": i, "style": style, "start_s": start, "end_s": start + length,
@@ -98,14 +98,16 @@ class ServedScore:
         windows = [{"start_s": w * p.clip_frames / p.camera_fps, "end_s": (w + 1) * p.clip_frames / p.camera_fps,
                     "segment": p.segment_of(w * p.clip_frames), "miou": _m(conf)}
                    for w, conf in enumerate(self.windows) if conf.sum() > 0]
-        scored = [s["miou"] for s in segs if s["miou"] is not None]
+        scored = [float(s["miou"]) for s in segs if s["miou"] is not None]
         return {"frames_scored": self.frames, "segments": segs, "windows": windows,
                 "overall": round(float(np.mean(scored)), 2) if scored else None,
                 "pooled": _m(self.segments.sum(0))}
 
 
 def _m(conf: np.ndarray) -> float | None:
-    return round(float(miou(conf)["miou"]), 2) if conf.sum() > 0 else None
+    value = miou(conf)["miou"]
+    assert isinstance(value, float)
+    return round(value, 2) if conf.sum() > 0 else None
 
 
 def stream_time(timeline: list[tuple[float, float]], epoch: float | None) -> float | None:
