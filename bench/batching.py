@@ -34,8 +34,8 @@ from adaptation.synth import generate_clip  # noqa: E402
 from bench.streaming import demo_engine  # noqa: E402
 from models.flow import DISFlow  # noqa: E402
 from service.batcher import Batcher  # noqa: E402
-from service.jobs import FairLock, LockedEngine  # noqa: E402
-from service.pipeline import StreamSegmenter  # noqa: E402
+from service.segment_jobs import FairLock, LockedEngine  # noqa: E402
+from service.stream_segmenter import StreamSegmenter  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

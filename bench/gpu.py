@@ -55,7 +55,7 @@ from models.classes import CLASS_SETS  # noqa: E402
 from models.flow import DISFlow  # noqa: E402
 from service.atomic import write_atomic  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
-from service.pipeline import NaiveSegmenter, StreamSegmenter, labels_from_logits  # noqa: E402
+from service.stream_segmenter import NaiveSegmenter, StreamSegmenter, labels_from_logits  # noqa: E402
 
 TARGETS = {"stream_fps_r101_fp16": 60.0, "batched_fps_demo_8": 1000.0}
 TRT_NEEDS_S = 150.0  # budget left for a TensorRT part to start: it builds an engine for the model first

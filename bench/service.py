@@ -55,12 +55,12 @@ from models.config import get_config  # noqa: E402
 from models.flow import build_flow  # noqa: E402
 from models.stream import stream_step  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
-from service.pipeline import StreamSegmenter  # noqa: E402
+from service.stream_segmenter import StreamSegmenter  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
 from models.config import DEMO_MODEL_DIR  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.stream_codec import raw_frame  # noqa: E402
-from service.video import VideoWriter  # noqa: E402
+from service.video_io import VideoWriter  # noqa: E402
 
 INPUT_SIZE = (256, 512)
 ROOT = Path(__file__).resolve().parent.parent

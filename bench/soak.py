@@ -40,7 +40,7 @@ from bench.service import server_process
 from service.registry import ModelRegistry
 from models.config import DEMO_MODEL_DIR
 from service.stream_codec import raw_frame
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 
 SIZE = (256, 512)
 KEY = "soak-key"

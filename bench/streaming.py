@@ -41,7 +41,7 @@ from models.classes import CLASS_SETS, label_png, palette_for  # noqa: E402
 from models.config import DEMO_MODEL_DIR, get_config  # noqa: E402
 from models.flow import DISFlow  # noqa: E402
 from service.engine import TorchEngine  # noqa: E402
-from service.pipeline import (  # noqa: E402
+from service.stream_segmenter import (  # noqa: E402
     NaiveSegmenter,
     StreamSegmenter,
     class_fractions,
@@ -49,7 +49,7 @@ from service.pipeline import (  # noqa: E402
     overlay,
     resize_rgb,
 )
-from service.video import VideoWriter, read_frames  # noqa: E402
+from service.video_io import VideoWriter, read_frames  # noqa: E402
 
 THREADS = 2
 

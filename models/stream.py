@@ -4,7 +4,7 @@
 cached per-frame logits of t-1 warped by the flow t -> t-1; a keyframe (no cached logits) is fused with
 itself, unwarped. It serves every caller:
 
-* ``service.pipeline.StreamSegmenter`` (live streams, uploads, the worker's sources) steps an engine
+* ``service.stream_segmenter.StreamSegmenter`` (live streams, uploads, the worker's sources) steps an engine
   (``service.engine``) frame by frame and keeps the cache between calls;
 * ``stream_logits`` runs it over a clip (model-native frames and flows): ``adaptation.evaluate``
   uses it on dataset items (frames k-2, k-1, k as a batch of three-frame clips);

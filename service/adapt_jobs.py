@@ -15,7 +15,7 @@ can end ``failed`` or ``cancelled``. At most one job is active (queued, running 
 
 A running job whose worker has been silent for ``adapt_heartbeat_timeout_s``, or whose worker
 process is gone from this host, is failed by ``reap`` (servers call it when jobs are read;
-``service.supervisor`` also fails the job of a spawned worker the moment it dies).
+``service.worker_supervisor`` also fails the job of a spawned worker the moment it dies).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from .budget import MAX_JSON_BODY_BYTES, document_limits
 from .components import build_components
 from .deps import ApiError
 from .drain import RETRY_AFTER_S, DrainMiddleware
-from .live import EngineFactory
+from .engine_manager import EngineFactory
 from .metrics import REQUEST_ID_HEADER, Metrics, new_request_id, request_id_var, request_log_level
 from .redact import redact
 from .routes import sources as sources_routes

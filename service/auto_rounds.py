@@ -73,9 +73,10 @@ def version_signature(meta: dict[str, Any]) -> list[float] | None:
 
 
 def routable(meta: dict[str, Any]) -> bool:
-    """A domain version the servers may route to (the routing branch adds retiring: ``domain.retired``)."""
+    """A domain version the servers may route to, unless it is retired (``Registry.retired``, checked by the
+    caller: retiring writes a registry marker, a version's meta never changes)."""
     entry = meta.get("domain")
-    return isinstance(entry, dict) and not entry.get("retired") and version_signature(meta) is not None
+    return isinstance(entry, dict) and version_signature(meta) is not None
 
 
 def stored_signature(registry: Any, version: str) -> list[float] | None:
@@ -175,9 +176,10 @@ class AutoRounds:
                                    "from": "earliest buffered clips"}
         base_sig = self.base_reference["signature"] if self.base_reference else None
         domains: dict[str, list[float]] = {}
+        retired = registry.retired()  # a retired domain version serves no stream: its style drifts again
         for version in registry.versions():
             meta = self._meta(registry, version)
-            if meta is not None and cfg.domains and routable(meta):
+            if meta is not None and cfg.domains and version not in retired and routable(meta):
                 domains[version] = version_signature(meta) or []
         served: dict[str, list[float]] = dict(domains)
         own = self._meta(registry, active) if active else None

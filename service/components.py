@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.checkpoint import CheckpointError
 
-from . import decode
+from . import sandboxed_decode
 from .adapt_jobs import AdaptJobStore
 from .auto_rounds import AutoCollector, auto_enabled
 from .batcher import Batcher
@@ -41,14 +41,16 @@ from .buffer import ClipBuffer, ClipCollector, ClipInfo
 from .collect import ClipSampler, Provenance, RateLimiter, clip_sampler
 from .drain import Drain
 from .drift import DriftMonitor
-from .jobs import DataPlane, FairLock, JobStore
-from .live import EngineFactory, EngineManager, EngineOptions, make_engine_factory
+from .segment_jobs import DataPlane, FairLock, JobStore
+from .engine_manager import EngineFactory, EngineManager, EngineOptions, make_engine_factory
 from .metrics import Metrics
 from .registry_api import Registry, open_registry
+from .routing import DomainRoutes
+from .routing_metrics import attach_routes
 from .settings import Settings
 from .sources.manager import SourceManager
 from .storage import StoreError
-from .supervisor import WorkerSupervisor, worker_command
+from .worker_supervisor import WorkerSupervisor, worker_command
 from .worker import clip_buffer, job_store, worker_settings_json
 
 log = logging.getLogger("vss.app")
@@ -128,6 +130,7 @@ class Components:
     data_plane: DataPlane
     adaptation: AdaptationPlane
     sources: SourceManager
+    routes: DomainRoutes  # per-domain versions (service/routing.py), polled by the engine manager's watcher
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -160,8 +163,9 @@ def build_components(settings: Settings, engine_factory: EngineFactory | None = 
     data = DataPlane(JobStore(settings.job_dir, settings.job_ttl_s), lock,
                      Batcher(settings.batch_max, settings.batch_wait_ms / 1000.0, lock))
     adaptation = build_adaptation(settings, metrics, manager)
-    sources = SourceManager(settings, metrics, manager, drift, lock, adaptation.sampler)
-    return Components(settings, metrics, registry, manager, Drain(), drift, data, adaptation, sources)
+    routes = attach_routes(manager, settings, metrics, drift)
+    sources = SourceManager(settings, metrics, manager, drift, lock, adaptation.sampler, routes=routes)
+    return Components(settings, metrics, registry, manager, Drain(), drift, data, adaptation, sources, routes)
 
 
 def build_adaptation(settings: Settings, metrics: Metrics, manager: EngineManager) -> AdaptationPlane:
@@ -185,7 +189,7 @@ def build_adaptation(settings: Settings, metrics: Metrics, manager: EngineManage
 
 
 def start_data_plane(data: DataPlane) -> None:
-    decode.warm_up()  # the decoder fork server, so the first upload does not wait
+    sandboxed_decode.warm_up()  # the decoder fork server, so the first upload does not wait
     try:  # recover the jobs of a predecessor that died (kill -9), sweep its temp files
         data.jobs.start()
     except OSError as e:  # a read-only or full job directory: uploads answer 503/507 until it is fixed

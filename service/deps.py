@@ -23,10 +23,11 @@ from .components import AdaptationPlane
 from .drain import Drain
 from .drift import DriftMonitor
 from .engine import Engine
-from .jobs import DataPlane
-from .live import EngineManager, NotReady
+from .segment_jobs import DataPlane
+from .engine_manager import EngineManager, NotReady
 from .metrics import Metrics
 from .registry_api import Registry
+from .routing import DomainRoutes
 from .settings import Settings
 from .sources.manager import SourceManager
 
@@ -62,6 +63,10 @@ def get_drain(conn: HTTPConnection) -> Drain:
 
 def get_drift(conn: HTTPConnection) -> DriftMonitor:
     return conn.app.state.drift
+
+
+def get_routes(conn: HTTPConnection) -> DomainRoutes:
+    return conn.app.state.routes
 
 
 def get_data_plane(conn: HTTPConnection) -> DataPlane:
@@ -117,6 +122,7 @@ EngineManagerDep = Annotated[EngineManager, Depends(get_engine_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 DriftDep = Annotated[DriftMonitor, Depends(get_drift)]
+RoutesDep = Annotated[DomainRoutes, Depends(get_routes)]
 DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
 AdaptationDep = Annotated[AdaptationPlane, Depends(get_adaptation)]
 SourcesDep = Annotated[SourceManager, Depends(get_sources)]

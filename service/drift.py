@@ -15,6 +15,11 @@ version's first frames are already shifted, drift is measured relative to that s
 frame of the old version still in flight during a swap restarts it once more). A
 reference stored in the checkpoint at training time (issue 13, item 4) would not have that weakness.
 Until the reference is complete, the signal is ``None``. The signal only reports; nothing acts on it yet.
+
+``signature_distance`` (per scope): the distance of the scope's moving-average domain signature
+(``models.signature``, pixels only) to the base version's own signature, set by ``service.routing`` when
+the base's signature is known and the stream's signature is computed (None otherwise; exported as
+``vss_domain_distance`` by ``service.routing_metrics``).
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class DriftMonitor:
         self._ref: Reference | None = None
         self._process = Ema(alpha)
         self._streams: dict[str, Ema] = {}
+        self._signature: dict[str | None, float] = {}  # scope (None: the process) -> signature distance to base
         self._opened = 0
 
     def open_stream(self, name: str | None = None) -> str:
@@ -135,6 +141,15 @@ class DriftMonitor:
     def close_stream(self, sid: str) -> None:
         with self._lock:
             self._streams.pop(sid, None)
+            self._signature.pop(sid, None)
+
+    def set_signature_distance(self, sid: str | None, value: float | None) -> None:
+        """Record the signature distance to the base of stream ``sid`` (None: the process)."""
+        with self._lock:
+            if value is None:
+                self._signature.pop(sid, None)
+            elif sid is None or sid in self._streams:
+                self._signature[sid] = round(float(value), 4)
 
     def observe(self, sid: str | None, version: str, classes: Sequence[str], logits: np.ndarray) -> None:
         """Account one served frame of stream ``sid`` (None: not a stream) predicted by ``version``."""
@@ -157,6 +172,8 @@ class DriftMonitor:
                 "version": ref.version, "frames": min(ref.frames, ref.target), "target_frames": ref.target,
                 "complete": ref.complete, "entropy": round(ref.entropy, 4),
                 "class_distribution": {n: round(float(v), 4) for n, v in zip(ref.classes, ref.shares)}}
-            return {"reference": reference, "alpha": self.alpha, "process": compare(self._process, ref),
-                    "streams": {sid: compare(ema, ref) for sid, ema in self._streams.items()}}
+            return {"reference": reference, "alpha": self.alpha,
+                    "process": {**compare(self._process, ref), "signature_distance": self._signature.get(None)},
+                    "streams": {sid: {**compare(ema, ref), "signature_distance": self._signature.get(sid)}
+                                for sid, ema in self._streams.items()}}
 

@@ -26,7 +26,7 @@ from .storage import STORE_ERRORS, STORE_OPS
 
 if TYPE_CHECKING:
     from .drift import DriftMonitor
-    from .live import EngineManager
+    from .engine_manager import EngineManager
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("vss_request_id", default=None)
 REQUEST_ID_HEADER = "x-request-id"

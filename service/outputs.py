@@ -21,8 +21,8 @@ from models.classes import label_png
 
 from . import crashpoints
 from .atomic import publish, temp_beside, write_atomic
-from .pipeline import FrameResult, overlay
-from .video import VideoWriter
+from .stream_segmenter import FrameResult, overlay
+from .video_io import VideoWriter
 
 FORMATS = ("zip", "mp4", "json")
 # x264 "veryfast" keeps ~30 MiB per 4K frame in flight (lookahead, B-frames, frame threads): 623 MiB for a

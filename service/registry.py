@@ -5,11 +5,12 @@ Registry layout (one directory, possibly shared by several server processes and 
     v0001/  model.safetensors  meta.json  [model.onnx  fusion.onnx  onnx.json]
     v0002/  ...
     ACTIVE  one line: the version every server process should serve
+    RETIRED/v0002  a marker: the version is not routed to by its domain signature (``set_retired``)
 
 Versions are immutable. A publish writes a hidden staging directory and renames it to the next
 free ``vNNNN`` (atomic; two concurrent publishers can never both get the same name). ``ACTIVE``
 is replaced atomically (temp file + ``os.replace``), so a reader sees the old or the new pointer,
-never half of one. Each server process's ``EngineManager`` (``service.live``, the owner of the live engine)
+never half of one. Each server process's ``EngineManager`` (``service.engine_manager``, the owner of the live engine)
 polls ``ACTIVE`` and swaps its engine by a reference flip; that is also how replicas behind a load balancer
 follow a rollback.
 """
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"v[0-9]{4,}", re.ASCII)  # ASCII digits only: "v٠٠٠١" is not a version
 ACTIVE_FILE = "ACTIVE"
+RETIRED_DIR = "RETIRED"
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_S = 3600.0
 STALE_TEMP_FILE_S = 60.0  # a temp ACTIVE pointer lives for milliseconds
@@ -134,7 +136,25 @@ class ModelRegistry(Registry):
             return None
         return mtime, validate_version(content)
 
+    def retired(self) -> set[str]:
+        """Versions with a ``RETIRED/<version>`` marker."""
+        folder = self.root / RETIRED_DIR
+        if not folder.is_dir():
+            return set()
+        return {p.name for p in folder.iterdir() if VERSION_RE.fullmatch(p.name)}
+
     # --- writing -------------------------------------------------------------------------------
+    def set_retired(self, version: str, retired: bool = True) -> None:
+        """Write (atomic temp + rename) or remove the version's ``RETIRED`` marker."""
+        self.path(version)
+        marker = self.root / RETIRED_DIR / version
+        if retired:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, f"{time.time():.3f}\n".encode())
+        else:
+            marker.unlink(missing_ok=True)
+        log.info("registry %s: %s %s", self.root, version, "retired" if retired else "no longer retired")
+
     def ensure(self) -> None:
         """Create the root if needed and remove what crashed writers left: staging directories (also
         ``save_checkpoint``'s temp directory beside one) and temp ``ACTIVE`` pointers.

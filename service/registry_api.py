@@ -54,6 +54,15 @@ class Registry(ABC):
         """Point ``ACTIVE`` at a published version."""
 
     @abstractmethod
+    def retired(self) -> set[str]:
+        """Versions taken out of per-domain routing (``set_retired``); they stay published and activatable."""
+
+    @abstractmethod
+    def set_retired(self, version: str, retired: bool = True) -> None:
+        """Retire (or bring back) a published version for routing: one marker per version, written or removed
+        atomically, so concurrent calls for different versions never lose each other's update."""
+
+    @abstractmethod
     def publish(self, model: Any, meta: dict[str, Any], parent: str | None = None, activate: bool = False,
                 onnx_exporter: str | None = None) -> str:
         """Save ``model`` as the next version; returns its name."""

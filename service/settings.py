@@ -2,7 +2,7 @@
 
 ``Settings`` is composed of small groups, one class per concern (server, logging, registry and store,
 inference, optical flow, request limits, upload jobs, clip buffer, collection, adaptation worker,
-server-side sources). A field keeps its flat name (``Settings().buffer_max_clips``,
+server-side sources, per-domain routing). A field keeps its flat name (``Settings().buffer_max_clips``,
 ``Settings(buffer_max_clips=...)``, ``VSS_BUFFER_MAX_CLIPS``); the groups only say where it belongs
 and what a spawned adaptation worker inherits (``WORKER_GROUPS``). A new field goes into the group of
 its concern; a new concern gets its own group, listed in ``Settings``' bases (and in
@@ -144,7 +144,7 @@ class LimitSettings(BaseModel):
 
 
 class UploadJobSettings(BaseModel):
-    """Long uploads run as background jobs (``service/jobs.py``)."""
+    """Long uploads run as background jobs (``service/segment_jobs.py``)."""
 
     job_frame_threshold: int = Field(300, ge=1, description="uploads with more frames run as background jobs")
     job_dir: Path = Field(Path("var/jobs"), description="results of upload jobs")
@@ -275,9 +275,25 @@ class SourcesSettings(BaseModel):
         return _none_if_off(value)
 
 
+class RoutingSettings(BaseModel):
+    """Per-domain versions and routing (``service/routing.py``; issue 13 item 3)."""
+
+    route_max_versions: int = Field(4, ge=0, description="domain versions (meta.json 'domain', not retired) each "
+                                    "process loads next to the active one, newest first (0: no routing)")
+    route_max_distance: float = Field(2.5, gt=0, description="a stream is served by a domain version only when its "
+                                      "signature is at most this far from the version's (models/signature.py "
+                                      "units) and nearer than the active version's own signature")
+    route_margin: float = Field(0.25, ge=0, description="a stream switches versions only when the new one is "
+                                "nearer by at least this much (each switch is a keyframe)")
+    route_poll_s: float = Field(5.0, ge=0, description="how often every process lists the registry for new and "
+                                "retired domain versions (at once when the active version changes)")
+    route_sample_every: int = Field(4, ge=1, description="a stream's domain signature is computed on every this "
+                                    "many-th frame (~1 ms at 256x512, ~7 ms at 720p on one CPU core)")
+
+
 class Settings(ServerSettings, LoggingSettings, StoreSettings, InferenceSettings, FlowSettings, LimitSettings,
                UploadJobSettings, BufferSettings, CollectSettings, AdaptationSettings, AutoRoundSettings,
-               SourcesSettings, BaseSettings):
+               SourcesSettings, RoutingSettings, BaseSettings):
     """Every knob of a ``vss`` server process; ``VSS_<FIELD>`` in the environment sets a field."""
 
     model_config = SettingsConfigDict(env_prefix="VSS_", env_file=".env", extra="ignore",

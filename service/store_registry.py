@@ -6,6 +6,7 @@ Layout under the store's prefix::
     v0001/model.safetensors, meta.json [, source_stats.safetensors] [, model.onnx, fusion.onnx, onnx.json]
     v0001/manifest.json    written LAST: {"version", "files": {name: {"sha256", "size"}}}
     ACTIVE                 one line, the version every replica serves
+    RETIRED/v0002          a marker: the version is not routed to by its domain signature (``set_retired``)
 
 A version is published once its manifest exists; a publisher that dies half-way leaves a claim and
 some files but no manifest, which no reader ever lists, loads or activates. Versions never change.
@@ -42,7 +43,7 @@ from .storage import ObjectNotFound, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
-ACTIVE_KEY, MANIFEST, CLAIM = "ACTIVE", "manifest.json", "CLAIM"
+ACTIVE_KEY, MANIFEST, CLAIM, RETIRED = "ACTIVE", "manifest.json", "CLAIM", "RETIRED"
 
 
 def pointer_bytes(version: str) -> bytes:
@@ -204,7 +205,21 @@ class StoreRegistry(Registry):
         log.info("registry %s: downloaded and verified %s (%d files)", self.location, version, len(files))
         return final
 
+    def retired(self) -> set[str]:
+        """Versions with a ``RETIRED/<version>`` marker object (one LIST)."""
+        names = {o.key.split("/", 1)[1] for o in self.store.list(f"{RETIRED}/")}
+        return {n for n in names if VERSION_RE.fullmatch(n)}
+
     # --- writing -------------------------------------------------------------------------------
+    def set_retired(self, version: str, retired: bool = True) -> None:
+        """Put (one atomic object write) or delete the version's ``RETIRED`` marker."""
+        self.check(version)
+        if retired:
+            self.store.put(f"{RETIRED}/{version}", f"{time.time():.3f}\n".encode())
+        else:
+            self.store.delete(f"{RETIRED}/{version}")
+        log.info("registry %s: %s %s", self.location, version, "retired" if retired else "no longer retired")
+
     def ensure(self) -> None:
         self.cache.mkdir(parents=True, exist_ok=True)
         now = time.time()

@@ -1,4 +1,4 @@
-"""Uploaded videos: the streaming multipart receiver (the segmentation loop is ``service.overlap``).
+"""Uploaded videos: the streaming multipart receiver (the segmentation loop is ``service.video_segmenter``).
 
 ``receive_upload`` parses a ``multipart/form-data`` body as it arrives and writes the ``video`` part
 to disk in chunks, stopping with 413 as soon as the byte limit is passed (a ``Content-Length`` over

@@ -59,7 +59,7 @@ class SyntheticVideo:
 def synthetic_video(tmp_path_factory: pytest.TempPathFactory) -> SyntheticVideo:
     """A 6-frame 64x128 ``source``-style clip from ``adaptation.synth`` written to MP4; read-only."""
     from adaptation.synth import generate_clip
-    from service.video import VideoWriter
+    from service.video_io import VideoWriter
 
     clip = generate_clip("source", frames=VIDEO_FRAMES, size=VIDEO_SIZE, seed=0)
     path = tmp_path_factory.mktemp("video") / "clip.mp4"

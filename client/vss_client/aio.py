@@ -187,6 +187,11 @@ class AsyncModels:
     async def activate(self, version: str) -> ServingModel:
         return cast(ServingModel, await self._client._json("POST", f"/v1/models/{version}/activate"))
 
+    async def retire(self, version: str, retired: bool = True) -> dict[str, Any]:
+        """Stop (``retired=False``: resume) routing streams and uploads to a per-domain version."""
+        action = "retire" if retired else "unretire"
+        return cast("dict[str, Any]", await self._client._json("POST", f"/v1/models/{version}/{action}"))
+
 
 async def _aiter(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
     if isinstance(frames, AsyncIterable):

@@ -210,6 +210,11 @@ class Models:
     def activate(self, version: str) -> ServingModel:
         return cast(ServingModel, self._client._json("POST", f"/v1/models/{version}/activate"))
 
+    def retire(self, version: str, retired: bool = True) -> dict[str, Any]:
+        """Stop (``retired=False``: resume) routing streams and uploads to a per-domain version."""
+        action = "retire" if retired else "unretire"
+        return cast("dict[str, Any]", self._client._json("POST", f"/v1/models/{version}/{action}"))
+
 
 class FrameStream:
     """An iterator of ``StreamResult``s; ``classes``, ``palette`` and ``reconnects`` describe the session."""

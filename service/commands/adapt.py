@@ -102,7 +102,7 @@ def parse_crop(text: str | None) -> tuple[int, int] | Literal["full"] | None:
 
 def read_video(path: str, max_frames: int, stride: int) -> list[np.ndarray]:
     from service.cli import CLIError
-    from service.video import read_frames
+    from service.video_io import read_frames
 
     if not Path(path).is_file():
         raise CLIError(f"video not found: {path}")

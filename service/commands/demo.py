@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from adaptation.metrics import confusion_matrix, miou
     from adaptation.synth import generate_clip, list_styles
     from service.outputs import Mp4Sink
-    from service.pipeline import StreamSegmenter
-    from service.video import VideoWriter, read_frames
+    from service.stream_segmenter import StreamSegmenter
+    from service.video_io import VideoWriter, read_frames
 
     if args.style not in list_styles():
         raise CLIError(f"unknown style {args.style!r}; choose one of {', '.join(list_styles())}")

@@ -54,8 +54,8 @@ def evaluate_video(engine: Engine, flow: FlowProvider, video: Path, labels_dir: 
     """
     from adaptation.metrics import TemporalConsistency, confusion_matrix, miou
     from models.classes import read_label_png
-    from service.pipeline import StreamSegmenter, resize_rgb
-    from service.video import read_frames
+    from service.stream_segmenter import StreamSegmenter, resize_rgb
+    from service.video_io import read_frames
 
     if not labels_dir.is_dir():
         raise CLIError(f"labels directory not found: {labels_dir}")

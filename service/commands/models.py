@@ -1,5 +1,7 @@
-"""`vss models list|import PATH|activate VERSION`: manage the model registry (a directory or s3://bucket/prefix),
-or a server's models.
+"""`vss models list|import PATH|activate VERSION|retire VERSION|unretire VERSION`: manage the model registry
+(a directory or s3://bucket/prefix),
+or a server's models. ``retire`` takes a per-domain version out of routing (service/routing.py) without
+deleting it; ``unretire`` undoes that.
 
 Running servers that share the registry pick up an activation within one poll interval. With
 ``--server URL`` the listing and the activation go through the server's API instead.
@@ -49,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--activate", action="store_true", help="also make it the active version")
     act = actions.add_parser("activate", help="make VERSION the active one (deploy or roll back)")
     act.add_argument("version", metavar="VERSION", help="e.g. v0002")
-    for parser in (ls, imp, act):  # also accept the global options after the action
+    ret = actions.add_parser("retire", help="stop routing streams and uploads to a per-domain VERSION")
+    ret.add_argument("version", metavar="VERSION", help="e.g. v0003")
+    unret = actions.add_parser("unretire", help="route to a retired per-domain VERSION again")
+    unret.add_argument("version", metavar="VERSION", help="e.g. v0003")
+    for parser in (ls, imp, act, ret, unret):  # also accept the global options after the action
         parser.add_argument("--model-dir", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
         parser.add_argument("--server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("--api-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -95,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
                 version = registry.import_dir(source, activate=args.activate)
             print(f"imported {args.path} as {version} in {registry.location} ({why})"
                   + (f", parent {parent}" if parent else "") + (" (active)" if args.activate else ""))
+            return 0
+        if args.action in ("retire", "unretire"):
+            registry.set_retired(args.version, args.action == "retire")
+            what = ("retired: no stream or upload is routed to it" if args.action == "retire"
+                    else "routable again if it has a domain")
+            print(f"{args.version} is {what} in {registry.location}")
             return 0
         load_checkpoint(registry.path(args.version))  # never point ACTIVE at weights that do not load
         registry.activate(args.version)
@@ -172,10 +184,13 @@ def _list(registry: Registry, why: str, as_json: bool) -> int:
     from models.checkpoint import CheckpointError
     from service.registry import InvalidVersion
 
+    from service.domains import domain_of
+
     try:
         active = registry.active()
     except InvalidVersion:
         active = None
+    retired = registry.retired()
     rows: list[dict[str, Any]] = []
     for version in registry.versions():
         try:
@@ -184,6 +199,9 @@ def _list(registry: Registry, why: str, as_json: bool) -> int:
                    "created": (meta.get("provenance") or {}).get("created"),
                    "backbone": meta["architecture"].get("backbone"), "classes": len(meta["classes"]),
                    "input_size": meta["input_size"], "onnx": registry.has_onnx(version)}
+            domain = domain_of(meta)
+            row["domain"] = None if domain is None else {"name": domain.name, "clips": domain.clips}
+            row["retired"] = version in retired
         except CheckpointError as e:
             row = {"version": version, "active": version == active, "error": str(e)}
         rows.append(row)
@@ -199,9 +217,16 @@ def _list(registry: Registry, why: str, as_json: bool) -> int:
     return 0
 
 
+def _domain_cell(row: dict[str, Any]) -> str:
+    """``fog (12 clips)``, ``+ retired`` when it is out of routing; ``-`` without a domain."""
+    domain = row.get("domain")
+    text = "-" if not domain else f"{domain.get('name') or 'unnamed'} ({domain.get('clips', 0)} clips)"
+    return text + (" retired" if row.get("retired") else "")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Aligned columns, each as wide as its longest value; ``*`` marks the active version."""
-    header = ("VERSION", "PARENT", "CREATED", "BACKBONE", "CLASSES", "INPUT", "ONNX")
+    header = ("VERSION", "PARENT", "CREATED", "BACKBONE", "CLASSES", "INPUT", "ONNX", "DOMAIN")
     lines: list[tuple[str, ...]] = []
     errors: dict[int, str] = {}
     for i, r in enumerate(rows):
@@ -211,7 +236,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             continue
         lines.append((r["version"], str(r.get("parent") or "-"), str(r.get("created") or "-"),
                       str(r.get("backbone") or "-"), str(r.get("classes", "-")),
-                      "x".join(map(str, r.get("input_size") or [])) or "-", "yes" if r.get("onnx") else "no"))
+                      "x".join(map(str, r.get("input_size") or [])) or "-", "yes" if r.get("onnx") else "no",
+                      _domain_cell(r)))
     widths = [max([len(h)] + [len(line[c]) for line in lines if len(line) > c]) for c, h in enumerate(header)]
 
     def fmt(cells: tuple[str, ...]) -> str:

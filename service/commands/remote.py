@@ -81,6 +81,10 @@ def models(args: argparse.Namespace) -> int:
             serving = client.models.activate(args.version)
             print(f"{serving['version']} is now active on {client.url}")
             return 0
+        if args.action in ("retire", "unretire"):
+            info = client.models.retire(args.version, args.action == "retire")
+            print(f"{info['version']} is {'retired' if info['retired'] else 'not retired'} on {client.url}")
+            return 0
         listing = client.models.listing()
     if args.json:
         print(json.dumps({"server": client.url, **listing}, indent=2))
@@ -91,7 +95,8 @@ def models(args: argparse.Namespace) -> int:
     print_table([{"version": v["version"], "active": v["active"], "parent": v.get("parent"),
                   "created": v.get("created"), "backbone": (v.get("architecture") or {}).get("backbone"),
                   "classes": len(v.get("classes") or []), "input_size": v.get("input_size") or [],
-                  "onnx": v.get("has_onnx"), **({"error": v["error"]} if v.get("error") else {})}
+                  "onnx": v.get("has_onnx"), "domain": v.get("domain"), "retired": v.get("retired"),
+                  **({"error": v["error"]} if v.get("error") else {})}
                  for v in listing["versions"]])
     return 0
 

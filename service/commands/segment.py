@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         from .remote import segment
 
         return segment(args, fmt, show_progress(args.no_progress))
-    from service.overlap import segment_video
+    from service.video_segmenter import segment_video
 
     apply_threads(args)
     engine = load_engine(args.checkpoint, args.device)

@@ -26,7 +26,7 @@ parse_size = hxw(8, 4096)  # argparse type of --size (also `vss demo`'s)
 def encode_video(path: Path, fps: float) -> Callable[[np.ndarray], None]:
     """``write_video`` for ``adaptation.synth.files.write_clip``: H.264 at crf 18, written atomically."""
     def write(frames: np.ndarray) -> None:
-        from service.video import VideoWriter
+        from service.video_io import VideoWriter
 
         with VideoWriter(path, fps, frames.shape[2], frames.shape[1], crf=18) as writer:
             for frame in frames:

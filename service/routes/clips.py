@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParser
 from starlette.concurrency import run_in_threadpool
 
-from .. import decode
+from .. import sandboxed_decode
 from ..budget import budget
 from ..buffer import ClipBuffer, ClipInfo
 from ..collect import Provenance, allows, collect_mode, provenance
@@ -28,7 +28,7 @@ from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, DataPlaneDep, EngineDep
 from ..settings import Settings
 from ..stream_codec import StreamConfig, StreamError, jpeg_size, precheck_frame
 from ..uploads import PartHeaders, feed_parser, multipart_boundary
-from ..video import VideoError
+from ..video_io import VideoError
 from .errors import disk_errors
 from .segment import check_limits, decode_limits
 
@@ -126,7 +126,8 @@ def _video_frames(part: Part, settings: Settings, max_frames: int, stride: int,
     """Decode (in the isolated decoder child) and resize to the model input size as frames arrive."""
     from ..buffer import resize_frames
 
-    with decode.VideoStream(part.path, max_frames=max_frames, stride=stride, limits=decode_limits(settings)) as video:
+    limits = decode_limits(settings)
+    with sandboxed_decode.VideoStream(part.path, max_frames=max_frames, stride=stride, limits=limits) as video:
         try:
             info = video.probe()
             check_limits(info, settings, stride, max_frames)

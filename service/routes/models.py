@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -9,12 +10,16 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from models.checkpoint import CheckpointError
+from models.signature import distance
 
 from ..auto_rounds import auto_state
-from ..deps import AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey
-from ..live import EngineLoadError, EngineManager
+from ..deps import (AUTH_ERRORS, AdaptationDep, ApiError, DriftDep, EngineManagerDep, RegistryDep, RequireApiKey,
+                    RoutesDep)
+from ..engine_manager import EngineLoadError, EngineManager
 from ..redact import redact
-from ..registry import InvalidVersion, VersionNotFound
+from ..domains import domain_of
+from ..routing import DomainRoutes
+from ..registry import InvalidVersion, RegistryError, VersionNotFound
 from ..registry_api import Registry
 from ..storage import StoreError
 from ..store_registry import ActivationConflict
@@ -40,7 +45,20 @@ class ModelInfo(BaseModel):
     sha256: str | None = None
     has_onnx: bool = False
     provenance: dict[str, Any] = {}
+    domain: DomainInfo | None = Field(None, description="the domain this version was adapted for (meta.json "
+                                      "'domain'), if any")
+    retired: bool = Field(False, description="taken out of per-domain routing (POST .../retire)")
+    routable: bool = Field(False, description="has a domain, is not retired and not the active version: streams "
+                                              "and uploads whose signature matches are served by it")
+    routed: bool = Field(False, description="loaded for routing by the process that answered")
     error: str | None = Field(None, description="why the metadata could not be read, if it could not")
+
+
+class DomainInfo(BaseModel):
+    name: str = Field(examples=["night"])
+    clips: int = Field(description="clips the version was adapted on")
+    distance_to_base: float | None = Field(None, description="signature distance to the active version's own "
+                                           "signature (models/signature.py units; null: the base's is unknown)")
 
 
 class ModelList(BaseModel):
@@ -72,6 +90,9 @@ class ServingModel(BaseModel):
     drift: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the drift signal of this "
                                          "process and its open streams against the version's reference "
                                          "(service/drift.py)")
+    routing: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the domain versions this "
+                                           "process routes to and, per open stream, the version serving it and its "
+                                           "signature distances to the base and to that version (service/routing.py)")
     auto: dict[str, Any] | None = Field(None, description="GET /v1/models/active only: the worker's auto policy "
                                         "(VSS_ADAPT_AUTO): its last decision, drifted clips, clusters, next eligible "
                                         "time and rounds started/published/rejected (service/auto_rounds.py)")
@@ -88,17 +109,42 @@ def _redacted(value: Any) -> Any:
     return value
 
 
-def _info(registry: Registry, version: str, active: str | None, serving: str | None) -> ModelInfo:
+def _info(registry: Registry, version: str, active: str | None, serving: str | None,
+          routing: RouteView | None = None) -> ModelInfo:
     flags = {"version": version, "active": version == active, "serving": version == serving}
     try:
         meta = registry.meta(version)
     except CheckpointError as e:
         return ModelInfo(**flags, error=redact(str(e)))
     provenance = _redacted(dict(meta.get("provenance") or {}))
+    domain, view = domain_of(meta), routing or RouteView()
+    info = None if domain is None else DomainInfo(
+        name=domain.name, clips=domain.clips, distance_to_base=None if view.base_signature is None else
+        round(distance(domain.signature, view.base_signature), 4))
     return ModelInfo(**flags, parent=meta.get("parent"), created=provenance.get("created"),
                      classes=meta["classes"], palette=meta["palette"], input_size=meta["input_size"],
                      architecture=meta["architecture"], sha256=meta.get("sha256"),
-                     has_onnx=registry.has_onnx(version), provenance=provenance)
+                     has_onnx=registry.has_onnx(version), provenance=provenance, domain=info,
+                     retired=version in view.retired, routed=version in view.routed,
+                     routable=info is not None and version not in view.retired and version != active)
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """What ``_info`` needs to know about routing: the retired set and this process's route table."""
+
+    retired: frozenset[str] = frozenset()
+    routed: frozenset[str] = frozenset()
+    base_signature: Any = None
+
+
+def _route_view(routes: DomainRoutes, registry: Registry) -> RouteView:
+    table = routes.table
+    try:
+        retired = frozenset(registry.retired())
+    except (RegistryError, OSError):  # StoreError is an OSError
+        retired = frozenset(routes.retired)  # as of the last poll
+    return RouteView(retired, frozenset(r.version for r in table.routes), table.base_signature)
 
 
 def _active(registry: Registry) -> str | None:
@@ -134,31 +180,66 @@ def _lookup(registry: Registry, version: str) -> None:
 
 
 @router.get("", summary="List model versions")
-def list_models(registry: RegistryDep, manager: EngineManagerDep) -> ModelList:
-    """All versions in the registry, oldest first, with the active and the serving one marked."""
-    active, serving = _active(registry), manager.version
+def list_models(registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelList:
+    """All versions in the registry, oldest first, with the active and the serving one marked, and each
+    version's domain and routing state (``domain``, ``retired``, ``routable``, ``routed``)."""
+    active, serving, view = _active(registry), manager.version, _route_view(routes, registry)
     return ModelList(active=active, serving=serving,
-                     versions=[_info(registry, v, active, serving) for v in registry.versions()])
+                     versions=[_info(registry, v, active, serving, view) for v in registry.versions()])
 
 
 @router.get("/active", summary="The version this process serves",
             responses={503: {"description": "no model loaded yet"}})
-def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep,
-                 adaptation: AdaptationDep) -> ServingModel:
+def active_model(registry: RegistryDep, manager: EngineManagerDep, drift: DriftDep, adaptation: AdaptationDep,
+                 routes: RoutesDep) -> ServingModel:
     """The serving version, its backend, when it was loaded and the swap counters of this process, the
     drift signal (``drift``: mean prediction entropy and class distribution, per stream and for the process,
-    against the first frames this process served with the version), and the worker's auto policy (``auto``)."""
+    against the first frames this process served with the version), the worker's auto policy (``auto``) and
+    the per-domain routing state (``routing``, service/routing.py)."""
     serving = _serving(manager, registry)
     serving.drift = drift.snapshot()
     serving.auto = _redacted(auto_state(adaptation.jobs))
+    serving.routing = routes.snapshot()
     return serving
 
 
 @router.get("/{version}", summary="Describe one version",
             responses={404: {"description": "unknown version"}, 422: {"description": "invalid version name"}})
-def get_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep) -> ModelInfo:
+def get_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelInfo:
     _lookup(registry, version)
-    return _info(registry, version, _active(registry), manager.version)
+    return _info(registry, version, _active(registry), manager.version, _route_view(routes, registry))
+
+
+RETIRE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS, 404: {"description": "unknown version"}, 422: {"description": "invalid version name"},
+    503: {"description": "the registry is read-only or the model store is unreachable; nothing changed"},
+    507: {"description": "the registry's disk is full; nothing changed"}}
+
+
+def _set_retired(routes: DomainRoutes, registry: Registry, manager: EngineManager, version: str,
+                 retired: bool) -> ModelInfo:
+    _lookup(registry, version)
+    with disk_errors(f"{'retiring' if retired else 'unretiring'} {version}"):
+        registry.set_retired(version, retired)
+    routes.sync(manager.peek(), force=True)  # this process follows at once, the others within route_poll_s
+    return _info(registry, version, _active(registry), manager.version, _route_view(routes, registry))
+
+
+@router.post("/{version}/retire", summary="Stop routing to a domain version", dependencies=[RequireApiKey],
+             responses=RETIRE_ERRORS)
+def retire_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep, routes: RoutesDep) -> ModelInfo:
+    """Record in the registry that no stream or upload is routed to ``version`` any more (this process drops
+    it at once, the others within ``route_poll_s``). The version stays published: it can still be activated
+    or unretired."""
+    return _set_retired(routes, registry, manager, version, True)
+
+
+@router.post("/{version}/unretire", summary="Route to a retired domain version again", dependencies=[RequireApiKey],
+             responses=RETIRE_ERRORS)
+def unretire_model(version: VERSION, registry: RegistryDep, manager: EngineManagerDep,
+                   routes: RoutesDep) -> ModelInfo:
+    """Undo ``retire``: the version is routable again if it has a domain."""
+    return _set_retired(routes, registry, manager, version, False)
 
 
 @router.post("/{version}/activate", summary="Activate a version (deploy or roll back)",

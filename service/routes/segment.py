@@ -26,17 +26,18 @@ from starlette.concurrency import run_in_threadpool
 from models.config import parse_hxw
 from models.flow import FlowProvider, build_flow
 
-from .. import decode
+from .. import sandboxed_decode
 from ..budget import BudgetExceeded, budget
 from ..collect import ClipSampler, provenance
-from ..deps import AdaptationDep, ApiError, DataPlaneDep, EngineDep, MetricsDep, SettingsDep
-from ..jobs import Job, JobStore, JobStoreFull, LockedEngine
+from ..deps import AdaptationDep, ApiError, DataPlaneDep, EngineDep, MetricsDep, RoutesDep, SettingsDep
+from ..segment_jobs import Job, JobStore, JobStoreFull, LockedEngine
 from ..metrics import Metrics
-from ..overlap import segment_frames
-from ..pipeline import FrameResult
+from ..video_segmenter import segment_frames
+from ..stream_segmenter import FrameResult
+from ..routing import DomainRoutes, route_clip
 from ..settings import Settings
 from ..uploads import FIELD, MEDIA_TYPES, Upload, receive_upload
-from ..video import VideoError, VideoInfo
+from ..video_io import VideoError, VideoInfo
 from .errors import disk_errors
 
 Format = Literal["zip", "mp4", "json"]
@@ -106,9 +107,9 @@ def check_limits(info: VideoInfo, settings: Settings, stride: int, max_frames: i
     return total
 
 
-def decode_limits(settings: Settings) -> decode.DecodeLimits:
+def decode_limits(settings: Settings) -> sandboxed_decode.DecodeLimits:
     """The isolated decoder's limits: ``decode_timeout_s``, ``decode_memory_mb`` and the pixel budget."""
-    return decode.DecodeLimits(timeout_s=settings.decode_timeout_s, memory_mb=settings.decode_memory_mb,
+    return sandboxed_decode.DecodeLimits(timeout_s=settings.decode_timeout_s, memory_mb=settings.decode_memory_mb,
                                max_pixels=budget(settings).max_pixels)
 
 
@@ -130,7 +131,7 @@ def _frame_hook(metrics: Metrics, sampler: ClipSampler | None) -> Callable[[np.n
 @router.post("/segment", include_in_schema=False, openapi_extra=UPLOAD_BODY)
 async def segment(
     request: Request, settings: SettingsDep, metrics: MetricsDep, engine: EngineDep, plane: DataPlaneDep,
-    adaptation: AdaptationDep,
+    adaptation: AdaptationDep, routes: RoutesDep,
     fmt: Annotated[Format, Query(alias="format", description="zip: palette PNG label maps + manifest.json; "
                                  "mp4: overlay video with a legend; json: per-frame class statistics")] = "zip",
     size: Annotated[str | None, Query(description="inference size override HEIGHTxWIDTH, e.g. 256x512: multiples of 8 "
@@ -150,13 +151,13 @@ async def segment(
     with disk_errors("storing the upload"):
         workdir = await run_in_threadpool(plane.jobs.workdir)
     owned = False  # True once a response or a job is responsible for deleting workdir
-    video: decode.VideoStream | None = None
+    video: sandboxed_decode.VideoStream | None = None
     try:
         with disk_errors("storing the upload"):
             upload = await receive_upload(request, workdir / "upload.bin", settings.max_upload_bytes)
         cap = min(max_frames or settings.max_frames, settings.max_frames)
         # One isolated child probes the file and then decodes ahead while the limits are checked.
-        video = decode.VideoStream(upload.path, max_frames=cap, stride=stride, limits=decode_limits(settings))
+        video = sandboxed_decode.VideoStream(upload.path, max_frames=cap, stride=stride, limits=decode_limits(settings))
         try:
             info = await run_in_threadpool(video.probe)
         except VideoError as e:
@@ -167,7 +168,7 @@ async def segment(
             engine=LockedEngine(engine, plane.engine_lock, plane.batcher), info=info, upload=upload, fmt=fmt,
             stride=stride, cap=cap, input_size=input_size, limits=video.limits, out=workdir / f"result.{fmt}",
             flow=build_flow(settings.flow, str(settings.raft_weights) if settings.raft_weights else None),
-            on_frame=_frame_hook(metrics, sampler), sampler=sampler)
+            on_frame=_frame_hook(metrics, sampler), sampler=sampler, routes=routes)
         if total == 0 or total > settings.job_frame_threshold:
             video.close()  # a queued job must not hold a decoder process: it starts its own
             with disk_errors("queuing the job"):
@@ -203,9 +204,10 @@ class Segmentation:
     stride: int
     cap: int
     input_size: tuple[int, int] | None
-    limits: decode.DecodeLimits
+    limits: sandboxed_decode.DecodeLimits
     on_frame: Callable[[np.ndarray, FrameResult], None]
     sampler: ClipSampler | None = None  # its clips feed the buffer only once the whole input decoded
+    routes: DomainRoutes | None = None  # per-domain versions: the first frames pick the version (service/routing.py)
 
     @property
     def filename(self) -> str:
@@ -213,13 +215,17 @@ class Segmentation:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.upload.filename).stem)[:64].strip("._") or "video"
         return f"{stem}-segmentation.{self.fmt}"
 
-    def run(self, frames: decode.VideoStream | None = None,
+    def run(self, frames: sandboxed_decode.VideoStream | None = None,
             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Segment (blocking; a worker thread); the upload is deleted afterwards, whatever happens."""
         if frames is None:
-            frames = decode.VideoStream(self.upload.path, max_frames=self.cap, stride=self.stride, limits=self.limits)
+            frames = sandboxed_decode.VideoStream(self.upload.path, max_frames=self.cap, stride=self.stride,
+                                                  limits=self.limits)
         try:
-            summary = segment_frames(self.engine, self.flow, frames, self.info, self.out, self.fmt,
+            raw, routed = route_clip(self.routes, self.engine.inner, frames)
+            engine = self.engine if raw is self.engine.inner else LockedEngine(raw, self.engine.lock,
+                                                                               self.engine.batcher)
+            summary = segment_frames(engine, self.flow, routed, self.info, self.out, self.fmt,
                                      stride=self.stride, input_size=self.input_size, progress=progress,
                                      on_frame=self.on_frame)
             if self.sampler is not None:

@@ -31,7 +31,7 @@ from starlette.requests import HTTPConnection
 from ..collect import provenance
 from ..deps import (AUTH_ERRORS, ApiError, RequireApiKey, SourcesDep, check_api_key, get_engine_manager, get_settings,
                     get_sources)
-from ..live import NotReady
+from ..engine_manager import NotReady
 from ..sources.feed import Subscriber
 from ..sources.manager import TooManySources
 from ..sources.policy import PolicyError

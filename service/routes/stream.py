@@ -33,8 +33,11 @@ Overload: frames wait in a queue of ``ws_queue_size``; when it is full the **old
 is dropped (counted in ``dropped`` and in ``vss_frames_dropped_total``), so memory stays bounded and
 the server always works on the freshest frames. Each connection keeps the previous frame's logits
 (one network forward per frame); every frame uses the registry's current engine, and after a swap
-the next frame is a keyframe of the new version. With ``batch_max`` > 1 the network call of a frame may
-run in one batch with other streams' and uploads' frames (``service.batcher``); replies are unchanged.
+the next frame is a keyframe of the new version. When the registry holds per-domain versions
+(``service.routing``), each frame is served by the version whose domain signature is nearest to the
+stream's (``model_version`` says which); a change of version is a keyframe too. With ``batch_max`` > 1
+the network call of a frame may run in one batch with other streams' and uploads' frames
+(``service.batcher``); replies are unchanged.
 
 Errors: the server sends ``{"type": "error", "error": {"code", "message"}}`` and closes with 1003
 (unsupported data: a text message where a frame is expected, an undecodable image), 1007 (invalid
@@ -69,10 +72,10 @@ from models.flow import build_flow
 from ..budget import BudgetExceeded, budget
 from ..collect import provenance
 from ..deps import (ApiError, get_adaptation, get_data_plane, get_drain, get_drift, get_engine_manager, get_metrics,
-                    get_settings)
-from ..jobs import LockedEngine
-from ..live import NotReady
-from ..pipeline import StreamSegmenter
+                    get_routes, get_settings)
+from ..segment_jobs import LockedEngine
+from ..engine_manager import NotReady
+from ..stream_segmenter import StreamSegmenter
 from ..stream_codec import (CLOSE_INTERNAL, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_UNSUPPORTED, StreamConfig,
                             StreamError, close_reason, decode_frame, encode_labels, parse_config,
                             precheck_frame)
@@ -159,6 +162,7 @@ class StreamSession:
         self.seconds = self.metrics.inference_seconds.labels(stage="stream_frame")
         self.drift = get_drift(ws)  # service/drift.py: this stream's and the process's drift signal
         self.drift_id = self.drift.open_stream()
+        self.router = get_routes(ws).open(self.drift_id)  # service/routing.py: which version serves this stream
 
     async def receive(self) -> None:
         """Read frames until the client leaves or breaks the protocol; never blocks on inference."""
@@ -188,9 +192,8 @@ class StreamSession:
         except (WebSocketDisconnect, RuntimeError):
             self.queue.finish(_Disconnected())
 
-    def _segmenter(self) -> StreamSegmenter:
-        """The segmenter, on the registry's current engine (after a swap the next frame is a keyframe)."""
-        raw = self.manager.current()
+    def _segmenter(self, raw: Any) -> StreamSegmenter:
+        """The segmenter on ``raw``, the engine routed to for this frame (a different version: a keyframe)."""
         if raw is not self._raw_engine:
             self._raw_engine = raw
             engine = LockedEngine(raw, self.lock, self.batcher)  # the network call may join other streams' batch
@@ -204,8 +207,9 @@ class StreamSession:
     def process(self, item: _Item) -> tuple[dict[str, Any], bytes]:
         """Decode, segment and encode one frame (worker thread)."""
         frame = decode_frame(item.data, self.config, self.budget.max_pixels)
-        pending = self._segmenter().advance(frame)
-        self.drift.observe(self.drift_id, pending.model_version, pending.classes, pending.logits)
+        pending = self._segmenter(self.router.pick(self.manager.current(), frame)).advance(frame)
+        if self.router.on_base:  # the drift signal is the base version's (service/routing.py)
+            self.drift.observe(self.drift_id, pending.model_version, pending.classes, pending.logits)
         result = pending.resolve()
         blob = encode_labels(result.labels, self.config.format)
         if self.sampler is not None:
@@ -264,6 +268,7 @@ class StreamSession:
                 sending = asyncio.create_task(self._send(meta, blob))
         finally:
             self.drift.close_stream(self.drift_id)
+            self.router.close()
             receiver.cancel()
             if sending is not None and not sending.done():
                 sending.cancel()

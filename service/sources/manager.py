@@ -16,8 +16,9 @@ from models.flow import FlowProvider, build_flow
 
 from ..collect import ClipSampler, Provenance
 from ..drift import DriftMonitor
-from ..jobs import FairLock
-from ..live import EngineManager
+from ..segment_jobs import FairLock
+from ..engine_manager import EngineManager
+from ..routing import DomainRoutes
 from ..metrics import Metrics
 from ..settings import Settings
 from .policy import SourcePolicy
@@ -33,9 +34,11 @@ class TooManySources(RuntimeError):
 class SourceManager:
     def __init__(self, settings: Settings, metrics: Metrics, engine_manager: EngineManager, drift: DriftMonitor,
                  engine_lock: FairLock, collect: Callable[[str, Provenance], ClipSampler | None],
-                 policy: SourcePolicy | None = None) -> None:
-        """``collect(source, provenance)``: the app's clip-collection hook (``AdaptationPlane.sampler``)."""
+                 policy: SourcePolicy | None = None, routes: DomainRoutes | None = None) -> None:
+        """``collect(source, provenance)``: the app's clip-collection hook (``AdaptationPlane.sampler``);
+        ``routes``: the app's per-domain routing (``service/routing.py``; None: every frame on the base)."""
         self.settings, self.metrics, self.engine_manager, self.drift = settings, metrics, engine_manager, drift
+        self.routes = routes if routes is not None else DomainRoutes(engine_manager.registry, engine_manager.factory)
         self.engine_lock, self.collect = engine_lock, collect
         self.policy = policy if policy is not None else SourcePolicy.from_settings(self.settings)
         self._sources: dict[str, Source] = {}

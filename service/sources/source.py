@@ -26,11 +26,11 @@ from typing import Any
 import av.error
 import numpy as np
 
-from ..jobs import LockedEngine
-from ..live import NotReady
-from ..pipeline import StreamSegmenter, overlay
+from ..segment_jobs import LockedEngine
+from ..engine_manager import NotReady
+from ..stream_segmenter import StreamSegmenter, overlay
 from ..stream_codec import encode_labels
-from ..video import apply_rotation, normalize_rotation
+from ..video_io import apply_rotation, normalize_rotation
 from .feed import FrameQueue, Subscriber
 from .fetch import SourceError, classify, open_container
 from .policy import PolicyError, Unresolvable, redact
@@ -99,6 +99,7 @@ class Source:
         self._sampler = ctx.sampler(spec) if spec.collect else None
         self._drift = ctx.drift  # service/drift.py; this source is the stream "source:<id>"
         self._drift_id = self._drift.open_stream(f"source:{self.id}")
+        self._router = ctx.routes.open(self._drift_id)  # service/routing.py: the version per frame
         ctx.metrics.sources.labels(state=self.state).inc()
         self._reader = threading.Thread(target=self._read_loop, name=f"vss-source-{self.id}-read", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"vss-source-{self.id}-work", daemon=True)
@@ -279,6 +280,7 @@ class Source:
                     self.error = f"segmentation failed: {type(e).__name__}: {e}"
         finally:
             self._drift.close_stream(self._drift_id)
+            self._router.close()
             self.queue.clear()
             self._close_sinks()
             self._reader.join()  # it never waits for the worker
@@ -287,9 +289,9 @@ class Source:
                 self._finished = True
             self._broadcast(("end", self.state_message()))
 
-    def _engine_segmenter(self) -> StreamSegmenter:
-        """The segmenter on the registry's current engine, as ``WS /v1/stream`` keeps it."""
-        raw = self.ctx.engine_manager.current()
+    def _engine_segmenter(self, frame: np.ndarray) -> StreamSegmenter:
+        """The segmenter on the engine routed to for ``frame``, as ``WS /v1/stream`` keeps it."""
+        raw = self._router.pick(self.ctx.engine_manager.current(), frame)
         if raw is not self._raw_engine:
             self._raw_engine = raw
             engine = LockedEngine(raw, self.ctx.engine_lock)
@@ -303,9 +305,10 @@ class Source:
     def _process(self, item: _Item) -> None:
         frame = item.frame.to_ndarray(format="rgb24")
         frame = apply_rotation(frame, normalize_rotation(item.frame.rotation))
-        segmenter = self._engine_segmenter()
+        segmenter = self._engine_segmenter(frame)
         pending = segmenter.advance(frame)
-        self._drift.observe(self._drift_id, pending.model_version, pending.classes, pending.logits)
+        if self._router.on_base:  # the drift signal is the base version's (service/routing.py)
+            self._drift.observe(self._drift_id, pending.model_version, pending.classes, pending.logits)
         result = pending.resolve()
         if self._sampler is not None:
             self._sampler.push(frame)

@@ -1,5 +1,5 @@
 // vss web page, model versions: the list with each version's provenance (method, parent, date,
-// domains, gate verdict) from GET /v1/models, and a rollback button that activates the previous
+// domains, gate verdict, per-domain routing state) from GET /v1/models, and a rollback button that activates the previous
 // version (POST /v1/models/{version}/activate). Loaded after app.js. Plain browser JavaScript.
 "use strict";
 
@@ -21,6 +21,25 @@ function domainsOf(provenance) {
   return Array.isArray(domains) ? domains.join(", ") : String(domains);
 }
 
+function domainLabel(version) {
+  // " (fog)" when the version serving a stream is a per-domain version (GET /v1/models "domain"), else "".
+  const m = models.list.find((v) => v.version === version);
+  return m && m.domain ? ` (${m.domain.name || "domain"})` : "";
+}
+
+function routingText(m) {
+  // The per-domain routing state of one version (service/routing.py): its domain, distance, routed/retired.
+  if (!m.domain) return null;
+  const d = m.domain;
+  const parts = [`domain ${d.name || "unnamed"} (${d.clips} clips`];
+  if (d.distance_to_base !== null && d.distance_to_base !== undefined) parts[0] += `, ${d.distance_to_base} from the base`;
+  parts[0] += ")";
+  if (m.retired) parts.push("retired");
+  else if (m.routed) parts.push("routed here");
+  else if (m.routable) parts.push("routable");
+  return parts.join(" · ");
+}
+
 function provenanceText(m) {
   // One line: how this version was made (the registry's metadata), or why it cannot be read.
   if (m.error) return `unreadable: ${m.error}`;
@@ -35,6 +54,8 @@ function provenanceText(m) {
   if (domains) parts.push(`domains ${domains}`);
   if (p.gate) parts.push(`gate ${p.gate.passed ? "passed" : "rejected"}`);
   if (p.trigger) parts.push(`trigger ${p.trigger}`);
+  const routing = routingText(m);
+  if (routing) parts.push(routing);
   return parts.join(" · ");
 }
 

@@ -86,7 +86,7 @@ function drawOverlay(meta, mask) {
   $("stat-fps").textContent = span > 0 ? ((live.times.length - 1) / span).toFixed(1) : "–";
   const rtt = snapshot ? ` · rtt ${Math.round(now - snapshot.t)} ms` : "";
   $("stat-latency").textContent = `${Math.round(meta.latency_ms)} ms${rtt}`;
-  $("stat-version").textContent = meta.model_version + (meta.keyframe ? " ◆" : "");
+  $("stat-version").textContent = meta.model_version + domainLabel(meta.model_version) + (meta.keyframe ? " ◆" : "");
   $("stat-dropped").textContent = `${meta.dropped} on the server, ${live.skipped} skipped here`;
   $("active-version").textContent = meta.model_version;
   if (meta.class_fractions) renderLegend(state.classes, state.palette, meta.class_fractions, "the live stream");

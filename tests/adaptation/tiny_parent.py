@@ -15,7 +15,7 @@ from models.accel import build_model
 from models.checkpoint import make_meta, save_checkpoint
 from models.classes import palette_for
 from models.config import get_config
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 
 SIZE = (64, 128)
 

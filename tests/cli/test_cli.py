@@ -38,7 +38,7 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
 def test_synth_writes_video_labels_and_flow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from adaptation.synth import generate_clip
     from models.flow import load_davsn_flow
-    from service.video import probe_video
+    from service.video_io import probe_video
 
     code, out, _ = run(capsys, "synth", "--style", "fog", "--frames", "4", "--size", "48x96", "--seed", "5",
                        "-o", tmp_path / "clip.mp4", "--labels", tmp_path / "labels", "--flow", tmp_path / "flow")
@@ -98,7 +98,7 @@ def test_segment_formats(fmt: str, tiny_checkpoint: Path, synthetic_video, tmp_p
         assert manifest["model_version"] == "tiny"
         assert sum(manifest["per_frame"][0]["class_fractions"].values()) == pytest.approx(1, abs=1e-4)
     elif fmt == "mp4":
-        from service.video import probe_video
+        from service.video_io import probe_video
 
         info = probe_video(out_path)
         assert (info.frames, info.width, info.height) == (6, 128, 64)

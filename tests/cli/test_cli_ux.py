@@ -149,7 +149,7 @@ def test_models_list_names_the_parent_version_and_aligns_columns(tiny_checkpoint
     assert code == 0 and len(lines) == 3 and f"models in {root} (--model-dir)" in err
     assert lines[1].startswith("* v0001") and re.match(r"  v0002 +v0001 +20", lines[2])
     header = columns(lines[0][2:])
-    assert len(header) == 7
+    assert len(header) == 8  # ... ONNX DOMAIN
     for row in lines[1:]:
         assert columns(row[2:]) == header, (lines[0], row)
 

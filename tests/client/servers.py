@@ -69,7 +69,7 @@ def serve(settings: Settings, port: int = 0, wait_ready: bool = True, drain: boo
 def write_clip(path: Path, seed: int, frames: int = 6) -> Path:
     """A short target-style (fog) MP4, different for every seed (the clip buffer drops duplicates)."""
     from adaptation.synth import generate_clip
-    from service.video import VideoWriter
+    from service.video_io import VideoWriter
 
     clip = generate_clip("fog", frames=frames, size=(64, 128), seed=seed)
     with VideoWriter(path, 10.0, 128, 64, crf=18) as writer:

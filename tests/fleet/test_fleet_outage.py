@@ -13,7 +13,7 @@ from service.settings import Settings
 from service.storage import S3Store
 from service.store_buffer import StoreClipBuffer
 from service.store_registry import StoreRegistry
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 from tests.s3server import SeaweedServer
 from tests.waiting import wait_until
 

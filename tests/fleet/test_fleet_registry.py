@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import load_checkpoint
-from service.live import EngineManager, EngineOptions, make_engine_factory
+from service.engine_manager import EngineManager, EngineOptions, make_engine_factory
 from service.registry import VersionNotFound
 from service.storage import ObjectStore
 from service.store_registry import MANIFEST, ActivationConflict, CorruptVersion, StoreRegistry

@@ -25,7 +25,7 @@ from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
 from service.stream_codec import decode_labels
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 from tests.service.live import live_server
 from tests.waiting import wait_until
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import decode
+from service import sandboxed_decode
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -93,24 +93,24 @@ def test_limits(make_client, synthetic_video) -> None:
 
 
 def test_decoder_runs_isolated_with_limits(synthetic_video, tmp_path: Path) -> None:
-    info = decode.probe(synthetic_video.path)
+    info = sandboxed_decode.probe(synthetic_video.path)
     assert (info.width, info.height, info.frames) == (128, 64, 6)
-    frames = list(decode.iter_frames(synthetic_video.path, max_frames=4, stride=1))
+    frames = list(sandboxed_decode.iter_frames(synthetic_video.path, max_frames=4, stride=1))
     assert len(frames) == 4 and frames[0].shape == (64, 128, 3)
-    with pytest.raises(decode.VideoError):  # 64 MB of address space is not enough to decode anything
-        decode.probe(synthetic_video.path, decode.DecodeLimits(memory_mb=64))
-    with pytest.raises(decode.DecodeTimeout):
-        decode.probe(synthetic_video.path, decode.DecodeLimits(timeout_s=0.001))
-    with pytest.raises(decode.VideoError, match="over the limit"):
-        list(decode.iter_frames(synthetic_video.path, limits=decode.DecodeLimits(max_pixels=100)))
-    video = decode.VideoStream(synthetic_video.path)  # 6 frames of 24 kB: more than a pipe buffers
+    with pytest.raises(sandboxed_decode.VideoError):  # 64 MB of address space is not enough to decode anything
+        sandboxed_decode.probe(synthetic_video.path, sandboxed_decode.DecodeLimits(memory_mb=64))
+    with pytest.raises(sandboxed_decode.DecodeTimeout):
+        sandboxed_decode.probe(synthetic_video.path, sandboxed_decode.DecodeLimits(timeout_s=0.001))
+    with pytest.raises(sandboxed_decode.VideoError, match="over the limit"):
+        list(sandboxed_decode.iter_frames(synthetic_video.path, limits=sandboxed_decode.DecodeLimits(max_pixels=100)))
+    video = sandboxed_decode.VideoStream(synthetic_video.path)  # 6 frames of 24 kB: more than a pipe buffers
     video.probe()
     os.kill(video._proc.pid, signal.SIGSEGV)  # a decoder crash mid-stream
     video._proc.join(30)  # dead before the first read: the pipe holds less than the 6 frames
-    with pytest.raises(decode.DecodeError):
+    with pytest.raises(sandboxed_decode.DecodeError):
         for _ in video:
             pass
-    assert "SIGSEGV" in decode._crash_message("v.mp4", -11)
+    assert "SIGSEGV" in sandboxed_decode._crash_message("v.mp4", -11)
 
 
 def read_status(conn: socket.socket) -> tuple[int, bytes]:

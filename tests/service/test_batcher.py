@@ -18,9 +18,9 @@ from models.checkpoint import load_checkpoint
 from models.onnx_export import export_onnx
 from service.batcher import Batcher
 from service.engine import TorchEngine
-from service.jobs import FairLock, LockedEngine
+from service.segment_jobs import FairLock, LockedEngine
 from service.onnx_engine import OnnxEngine
-from service.pipeline import PendingFrame, StreamSegmenter
+from service.stream_segmenter import PendingFrame, StreamSegmenter
 from tests.waiting import wait_until
 
 FOREVER = 3600.0  # a max wait no test reaches: a batch that runs must have been full (or the fake clock moved)
@@ -258,7 +258,7 @@ def test_batch_max_one_is_the_unbatched_path(engines: dict[str, Any]) -> None:
 
 def test_an_upload_and_a_stream_share_batches(engines: dict[str, Any], synthetic_video, tmp_path: Path) -> None:
     """``segment_video`` (the upload path, its network call in the caller's thread) next to a stream."""
-    from service.overlap import segment_video
+    from service.video_segmenter import segment_video
 
     def fractions(path: Path) -> np.ndarray:
         doc = json.loads(path.read_text())

@@ -180,7 +180,7 @@ def test_no_clip_upload_costs_more_than_512_mib(server: Server) -> None:
 
 
 def test_no_upload_costs_more_than_512_mib(server: Server, tmp_path: Path) -> None:
-    from service.video import VideoWriter
+    from service.video_io import VideoWriter
 
     def video(h: int, w: int, frames: int) -> bytes:
         path = tmp_path / f"{h}x{w}.mp4"

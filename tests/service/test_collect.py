@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from service.buffer import ClipBuffer
 from service.collect import PendingClips, RateLimiter
 from service.settings import Settings
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 
 KEY = "collect-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -14,16 +14,17 @@ from service.app import create_app
 from service.components import AdaptationPlane, Components
 from service.drain import Drain
 from service.drift import DriftMonitor
-from service.jobs import DataPlane
-from service.live import EngineManager
+from service.segment_jobs import DataPlane
+from service.engine_manager import EngineManager
 from service.metrics import Metrics
 from service.registry_api import Registry
+from service.routing import DomainRoutes
 from service.settings import Settings
 from service.sources.manager import SourceManager
 
 TYPES = {"settings": Settings, "metrics": Metrics, "registry": Registry, "engine_manager": EngineManager,
          "drain": Drain, "drift": DriftMonitor, "data_plane": DataPlane, "adaptation": AdaptationPlane,
-         "sources": SourceManager}
+         "sources": SourceManager, "routes": DomainRoutes}
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -44,6 +45,8 @@ def test_create_app_builds_every_part_before_startup(tmp_path: Path) -> None:
     state = app.state
     assert state.sources.engine_lock is state.data_plane.engine_lock is state.data_plane.batcher.lock
     assert state.sources.drift is state.drift and state.sources.engine_manager is state.engine_manager
+    assert state.sources.routes is state.routes and state.routes.drift is state.drift
+    assert state.routes.sync in state.engine_manager.followers  # polled by the watcher, which is not started
     assert state.adaptation.metrics is state.metrics and state.adaptation.supervisor is not None  # worker=spawn
     assert set(threading.enumerate()) - before == set()
     assert not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())

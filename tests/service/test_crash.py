@@ -23,7 +23,7 @@ import pytest
 
 from service.buffer import ClipBuffer
 from service.registry import ModelRegistry
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ import pytest
 from service.app import create_app
 from service.registry import ModelRegistry
 from service.settings import Settings
-from service.video import VideoWriter
+from service.video_io import VideoWriter
 from tests.service.live import live_server
 from tests.waiting import wait_until
 
@@ -212,7 +212,7 @@ def test_read_only_job_and_buffer_directories(mounts, tmp_path: Path, tiny_check
 
 def test_zip_sink_abort_on_a_full_disk_never_raises(mounts) -> None:
     from service.outputs import ZipSink
-    from service.pipeline import FrameResult
+    from service.stream_segmenter import FrameResult
 
     out = mounts("out")
     sink = ZipSink(out / "r.zip", ["a", "b"], np.array([[0, 0, 0], [255, 255, 255]], np.uint8))

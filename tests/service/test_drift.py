@@ -16,7 +16,7 @@ from models.config import DEMO_MODEL_DIR
 from models.flow import build_flow
 from service.drift import DriftMonitor, Ema, class_shares, mean_entropy, total_variation
 from service.engine import TorchEngine
-from service.pipeline import StreamSegmenter
+from service.stream_segmenter import StreamSegmenter
 from service.stream_codec import raw_frame
 from tests.service.test_stream import open_stream, reply, start_server
 

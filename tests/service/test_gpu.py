@@ -16,7 +16,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from service.engine import TorchEngine
-from service.pipeline import StreamSegmenter
+from service.stream_segmenter import StreamSegmenter
 from tests.service.test_batcher import ShiftFlow, batched, clip, unbatched
 
 pytestmark = pytest.mark.gpu

@@ -12,7 +12,7 @@ from pathlib import Path
 from service import job_records as records
 from service.adapt_jobs import AdaptJobStore
 from service.buffer import ClipBuffer
-from service.jobs import JobStore
+from service.segment_jobs import JobStore
 from tests.waiting import wait_until
 
 

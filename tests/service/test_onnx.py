@@ -19,7 +19,7 @@ from models.onnx_export import (DEFAULT_OPSET, FRAME_FILE, FUSION_FILE, MANIFEST
                                 export_onnx, is_current, read_manifest)
 from service.cli import main as cli_main
 from service.engine import TorchEngine
-from service.live import EngineManager, EngineOptions, make_engine_factory
+from service.engine_manager import EngineManager, EngineOptions, make_engine_factory
 from service.onnx_engine import (OnnxEngine, OnnxEngineError, Provider, ensure_onnx, provider_name,
                                  select_providers)
 from service.registry import ModelRegistry

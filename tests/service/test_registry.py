@@ -16,7 +16,7 @@ import torch
 from models.accel import build_model
 from models.checkpoint import CheckpointError, read_meta
 from models.config import get_config
-from service.live import EngineLoadError, EngineManager, EngineOptions, NotReady, make_engine_factory
+from service.engine_manager import EngineLoadError, EngineManager, EngineOptions, NotReady, make_engine_factory
 from service.registry import (ACTIVE_FILE, STAGING_PREFIX, InvalidVersion, ModelRegistry, VersionNotFound,
                               validate_version)
 from tests.waiting import wait_until

@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.jobs import FairLock, JobStore
+from service.segment_jobs import FairLock, JobStore
 from service.settings import Settings
-from service.video import read_frames
+from service.video_io import read_frames
 from tests.waiting import wait_until
 
 
@@ -192,9 +192,9 @@ def test_overlapped_loop_matches_the_plain_stream_segmenter(tiny_checkpoint, syn
     from models.checkpoint import load_checkpoint
     from models.flow import DISFlow
     from service.engine import TorchEngine
-    from service.overlap import segment_frames
-    from service.pipeline import StreamSegmenter
-    from service.video import VideoInfo
+    from service.video_segmenter import segment_frames
+    from service.stream_segmenter import StreamSegmenter
+    from service.video_io import VideoInfo
 
     model, meta = load_checkpoint(tiny_checkpoint)
     engine = TorchEngine(model, meta, "t")
@@ -212,8 +212,8 @@ def test_writer_thread_reports_every_frame_and_surfaces_its_errors(tiny_checkpoi
     from models.checkpoint import load_checkpoint
     from models.flow import DISFlow
     from service.engine import TorchEngine
-    from service.overlap import segment_frames
-    from service.video import VideoInfo
+    from service.video_segmenter import segment_frames
+    from service.video_io import VideoInfo
 
     model, meta = load_checkpoint(tiny_checkpoint)
     engine = TorchEngine(model, meta, "t")

@@ -47,7 +47,7 @@ def make_app(root: Path, checkpoint: Path, versions: int = 1, **overrides: objec
 
 def write_video(path: Path, width: int, height: int, frames: int, fps: float = 10.0) -> Path:
     """A moving gradient clip of ``frames`` frames at ``fps``."""
-    from service.video import VideoWriter
+    from service.video_io import VideoWriter
 
     y, x = np.mgrid[0:height, 0:width]
     with VideoWriter(path, fps, width, height, crf=20) as writer:
@@ -88,7 +88,7 @@ def site(served: tuple[str, FastAPI]) -> str:
 @pytest.fixture(scope="module")
 def short_video(tmp_path_factory: pytest.TempPathFactory, synthetic_video) -> Path:
     """The first 4 frames of the synthetic clip: answered synchronously by ``site``."""
-    from service.video import VideoWriter
+    from service.video_io import VideoWriter
 
     path = tmp_path_factory.mktemp("short") / "short.mp4"
     with VideoWriter(path, synthetic_video.fps, 128, 64, crf=18) as writer:

@@ -2,7 +2,7 @@
 
 ``segment_frames`` segments decoded frames into a ``service.outputs`` sink with the stages
 overlapped: a producer thread prefetches frames (for uploads the decoding itself runs in the child
-process of ``service.decode``), resizes them and computes their optical flow
+process of ``service.sandboxed_decode``), resizes them and computes their optical flow
 (``StreamSegmenter.prepare``, handed to ``advance`` with the frame), the network runs in the caller's
 thread, and the label maps (upsampling + argmax at the video's resolution), overlay drawing and
 encoding run in a writer thread, with small bounded queues in between. ``segment_video`` runs it on
@@ -25,8 +25,8 @@ from models.flow import FlowProvider
 from . import crashpoints
 from .engine import Engine
 from .outputs import FORMATS, Sink, make_sink
-from .pipeline import FrameResult, PendingFrame, PreparedFrame, StreamSegmenter
-from .video import VideoError, VideoInfo, probe_video, read_frames
+from .stream_segmenter import FrameResult, PendingFrame, PreparedFrame, StreamSegmenter
+from .video_io import VideoError, VideoInfo, probe_video, read_frames
 
 _END = object()
 QUEUED_FRAME_BYTES = 48 << 20  # frames each queue may hold, in bytes: 4K frames queue one at a time (budget.py)

@@ -126,6 +126,9 @@ class EngineManager:
         self.swap_failures = 0
         self.loaded_at: float | None = None
         self.last: SwapRecord | None = None
+        # Called by the watcher after each poll with the serving engine (service/routing.py follows the
+        # registry's domain versions this way); an exception is logged, the watcher goes on.
+        self.followers: list[Callable[[Engine | None], object]] = []
 
     # --- readers -------------------------------------------------------------------------------
     def current(self) -> Engine:
@@ -254,5 +257,10 @@ class EngineManager:
                 self.sync()
             except Exception:  # the watcher must outlive any single bad poll
                 log.exception("registry watcher poll failed")
+            for follow in self.followers:
+                try:
+                    follow(self.peek())
+                except Exception:
+                    log.exception("registry follower %r failed", follow)
             if self._stop.wait(self.poll_interval_s):
                 return

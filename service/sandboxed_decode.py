@@ -14,7 +14,7 @@ Children are forked from a ``multiprocessing`` fork server that has PyAV and num
 (``warm_up`` starts it), so a child costs milliseconds rather than an interpreter start, and it
 never inherits the server's threads or its model.
 
-``probe(path)`` returns the ``service.video.VideoInfo`` of a file. ``VideoStream(path, ...)`` starts one
+``probe(path)`` returns the ``service.video_io.VideoInfo`` of a file. ``VideoStream(path, ...)`` starts one
 child that sends its ``VideoInfo`` and then the decoded frames through a pipe, each frame as an
 8-byte header message (height, width as little-endian uint32) and an RGB24 message. The parent checks
 every header against ``max_pixels`` before receiving the pixels, so a stream that changes resolution
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from service.video import VideoError, VideoInfo
+from service.video_io import VideoError, VideoInfo
 
 FRAME_HEADER = struct.Struct("<II")  # height, width of the RGB24 frame that follows
 MAX_INFO_BYTES = 1 << 16
@@ -65,7 +65,7 @@ class DecodeLimits:
 def _context() -> Any:
     """The fork-server context; its server preloads PyAV and numpy (once per server process)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["service.video"])
+    context.set_forkserver_preload(["service.video_io"])
     return context
 
 
@@ -181,7 +181,7 @@ class VideoStream:
 
 
 def probe(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
-    """``service.video.probe_video`` in a child process under ``limits``; raises ``VideoError``."""
+    """``service.video_io.probe_video`` in a child process under ``limits``; raises ``VideoError``."""
     with VideoStream(path, limits=limits, frames=False) as video:
         try:
             return video.probe()
@@ -191,7 +191,7 @@ def probe(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
 
 def iter_frames(path: str | Path, max_frames: int | None = None, stride: int = 1,
                 limits: DecodeLimits = DecodeLimits()) -> Iterator[np.ndarray]:
-    """``service.video.read_frames`` in a child process: yields (H, W, 3) uint8 RGB frames."""
+    """``service.video_io.read_frames`` in a child process: yields (H, W, 3) uint8 RGB frames."""
     with VideoStream(path, max_frames, stride, limits) as video:
         yield from video
 
@@ -216,21 +216,21 @@ def _limit_self(memory_mb: int, cpu_s: int | None) -> None:
 def _child_main(path: str, frames: bool, max_frames: int | None, stride: int, memory_mb: int,
                 cpu_s: int | None, conn: Connection) -> None:
     """Probe ``path`` (and decode it if ``frames``), sending everything through ``conn``."""
-    from service import video
+    from service import video_io
 
     try:
         _limit_self(memory_mb, cpu_s)
-        conn.send_bytes(INFO + json.dumps(asdict(video.probe_video(path))).encode())
+        conn.send_bytes(INFO + json.dumps(asdict(video_io.probe_video(path))).encode())
         if not frames:
             return
-        for frame in video.read_frames(path, max_frames=max_frames, stride=stride):
+        for frame in video_io.read_frames(path, max_frames=max_frames, stride=stride):
             frame = np.ascontiguousarray(frame)
             conn.send_bytes(FRAME + FRAME_HEADER.pack(frame.shape[0], frame.shape[1]))
             conn.send_bytes(memoryview(frame).cast("B"))
         conn.send_bytes(END)
     except (BrokenPipeError, EOFError):
         return  # the parent stopped listening
-    except video.VideoError as e:
+    except video_io.VideoError as e:
         _report(conn, str(e))
     except MemoryError:
         _report(conn, f"{Path(path).name}: decoding needs more than the {memory_mb} MB the decoder may use")

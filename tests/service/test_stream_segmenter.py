@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from models.checkpoint import load_checkpoint
 from models.flow import DISFlow, NoFlow
 from service.engine import TorchEngine
-from service.overlap import segment_video
-from service.pipeline import NaiveSegmenter, StreamSegmenter, colorize, labels_from_logits, overlay
-from service.video import VideoError
+from service.video_segmenter import segment_video
+from service.stream_segmenter import NaiveSegmenter, StreamSegmenter, colorize, labels_from_logits, overlay
+from service.video_io import VideoError
 
 
 class CountingEngine:

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from service.video import VideoError, VideoWriter, apply_rotation, normalize_rotation, probe_video, read_frames
+from service.video_io import VideoError, VideoWriter, apply_rotation, normalize_rotation, probe_video, read_frames
 
 
 def smooth_frames(n: int, h: int, w: int) -> list[np.ndarray]:

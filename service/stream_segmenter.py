@@ -203,7 +203,7 @@ class StreamSegmenter:
 
     def prepare(self, frame_rgb: np.ndarray, previous_small: np.ndarray | None) -> PreparedFrame:
         """The frame at input size and its flow from ``previous_small`` (the frame before, prepared):
-        what ``advance`` would compute itself, made by the caller ahead of time (``service.overlap``)."""
+        what ``advance`` would compute itself, made by the caller ahead of time (``service.video_segmenter``)."""
         small = resize_rgb(check_frame(frame_rgb), self.input_size)
         return PreparedFrame(small, None if previous_small is None else self.flow(previous_small, small))
 
