@@ -237,3 +237,38 @@ def diversity_loss(logits: torch.Tensor) -> torch.Tensor:
     """
     mean = logits.float().softmax(1).mean((0, 2, 3))
     return (mean * torch.log(mean.clamp_min(EPS))).sum()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of -sum_c target_c log softmax(logits)_c (CoTTA's student loss toward its teacher).
+
+    ``target_probs`` (N, C, h, w) is a constant; it is resized bilinearly to the logits' resolution if
+    needed. Equals the softmax entropy of the logits when the target is their own softmax.
+    """
+    target = target_probs.detach().float()
+    if target.shape[-2:] != logits.shape[-2:]:
+        target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def mean_confidence(probs: torch.Tensor) -> float:
+    """Mean over pixels of the max class probability of (N, C, H, W) probabilities, in [1/C, 1]."""
+    return float(probs.detach().max(1).values.mean())
+
+
+def scaled_view(frames: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
+    """An augmented view of (N, 3, H, W) frames: resized by ``scale`` (bilinear), mirrored if ``flip``."""
+    x = frames
+    if scale != 1.0:
+        h, w = frames.shape[-2:]
+        x = F.interpolate(x, size=(max(8, round(h * scale)), max(8, round(w * scale))), mode="bilinear",
+                          align_corners=False)
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def unview(probs: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """Inverse of ``scaled_view`` for a prediction: mirror back if ``flip``, resize to ``size`` (bilinear)."""
+    x = torch.flip(probs, dims=(-1,)) if flip else probs
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x

@@ -31,7 +31,7 @@ from .methods import build_method
 from .methods.bn import recalibrate_bn
 from .trainer import Cancelled, NonFiniteLoss, TrainConfig, TrainResult, train
 
-SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats")
+SOURCE_FREE = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats", "cotta")
 
 # Recommended settings per method, chosen with bench/adaptation.py on the synthetic benchmark:
 # the learning rate, the method's options, and ``AdaptConfig`` fields left unset (None) by the caller.
@@ -49,6 +49,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # blurred the confusion estimate, measured on fog), only the classifier heads trained (a relabelling)
     "srcstats": {"lr": 1e-3, "options": {"params": "heads"},
                  "config": {"batch_size": 2, "crop": None, "flip": False}},
+    # a baseline (CoTTA-style) for bench/continual.py, not tuned on the benchmark; crops keep its teacher's
+    # up-to-6 augmented forwards per step affordable on a CPU
+    "cotta": {"lr": 1e-4, "options": {}, "config": {"batch_size": 2, "crop": (128, 256), "flip": True}},
 }
 
 ProgressFn = Callable[[str, dict[str, Any]], None]

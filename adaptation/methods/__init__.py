@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "stpl": "adaptation.methods.stpl:STPL",
     "selftrain": "adaptation.methods.selftrain:SelfTrain",
     "srcstats": "adaptation.methods.srcstats:SourceStatsMethod",
+    "cotta": "adaptation.methods.cotta:CoTTA",
 }
 
 

@@ -27,7 +27,7 @@ LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 # adaptation.sourcefree.SOURCE_FREE, spelled out so that building the parser does not import torch
 # (tests/cli/test_cli_ux.py checks that the two agree).
-METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats")
+METHODS = ("bn", "tent", "itcr", "stpl", "selftrain", "srcstats", "cotta")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

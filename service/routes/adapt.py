@@ -37,8 +37,8 @@ class AdaptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
 
-    method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl, selftrain or srcstats "
-                        "(srcstats needs source statistics stored with the model)")
+    method: str = Field("tent", description="source-free method: bn, tent, itcr, stpl, selftrain, srcstats "
+                        "(needs source statistics stored with the model) or cotta")
     steps: int = Field(100, ge=1, description="optimisation steps (at most `adapt_max_steps`)")
     lr: float | None = Field(None, ge=0, description="learning rate (default: the method's)")
     time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")

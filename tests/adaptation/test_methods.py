@@ -21,7 +21,8 @@ from tests.adaptation.toy_stats import toy_source_stats
 
 SIZE = (64, 128)
 # method -> does it change BN running statistics?
-BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False, "srcstats": False}
+BN_POLICY = {"bn": True, "tent": True, "itcr": False, "stpl": False, "selftrain": False, "srcstats": False,
+             "cotta": False}
 
 
 def make_clip(seed: int, frames: int = 4, labels: bool = False) -> TargetClip:
