@@ -10,6 +10,8 @@ import httpx
 
 from tests.service.test_auto_e2e import API_KEY, post_clip
 from tests.service.live import live_server
+from tests.service.sources_support import write_mp4
+from tests.service.test_routing import style_frames
 from tests.service.test_web import browser, make_app, open_page, shot, text  # noqa: F401
 from tests.waiting import wait_until
 
@@ -42,4 +44,42 @@ def test_an_automatic_round_shows_up_on_the_page(browser, tmp_path: Path, tiny_c
         page.wait_for_function("document.getElementById('adapt-auto').textContent.includes('1 started')",
                                timeout=30_000)
         shot(page, tmp_path, "auto-round-1280.png")
+        page.context.close()
+
+
+def test_the_page_story_a_new_style_gets_a_round_and_the_stream_switches(browser, tmp_path: Path,  # noqa: F811
+                                                                          tiny_checkpoint: Path) -> None:
+    """The whole story with VSS_ADAPT_AUTO=1 on one page: a new style arrives, the round appears, is gated and
+    published as a domain version, and the page's stream of that style is then served by the new version
+    (`VSS_ADAPT_GATE=off` so that the tiny model's round publishes whatever the gate says; the verdict still
+    shows)."""
+    app = make_app(tmp_path, tiny_checkpoint, buffer_enabled=True, worker="spawn", adapt_threads=1,
+                   adapt_min_clips=2, adapt_poll_s=0.1, buffer_heldout_fraction=0.3, api_key=API_KEY,
+                   adapt_auto=True, adapt_auto_min_clips=3, adapt_auto_interval_s=3600.0, adapt_auto_method="bn",
+                   adapt_auto_steps=2, adapt_gate="off", route_poll_s=0.1)
+    clip = write_mp4(tmp_path / "fog.mp4", list(style_frames("fog", 16, 7)))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        page = open_page(browser, url)
+        page.wait_for_selector("#adapt-panel:not([hidden])")
+        for seed in range(3):
+            post_clip(http, "source", seed)
+        wait_until(lambda: http.get("/v1/models/active").json()["auto"].get("base_reference"), 240,
+                   "the worker's first poll")
+        for seed in range(100, 106):
+            post_clip(http, "fog", seed)
+        page.wait_for_function("document.getElementById('adapt-job').textContent.includes('automatic round')",
+                               timeout=240_000)
+        page.wait_for_function("document.getElementById('adapt-status').textContent.startsWith('published')",
+                               timeout=240_000)
+        job = http.get("/v1/adapt").json()["jobs"][0]
+        assert job["trigger"] == "auto" and job["state"] == "published"
+        version, domain = job["version"], job["request"]["auto"]["domain"]["name"]
+        assert http.get("/v1/models/active").json()["version"] == "v0001"  # ACTIVE stays the base
+        wait_until(lambda: version in {r.version for r in app.state.routes.table.routes}, 60,
+                   "the domain version loaded for routing")
+        page.set_input_files("#stream-file", str(clip))
+        page.wait_for_function(f"document.getElementById('stat-version').textContent.startsWith('{version} "
+                               f"({domain})')", timeout=60_000)
+        shot(page, tmp_path, "auto-story-1280.png")
+        page.click("#stop-button")
         page.context.close()
