@@ -36,6 +36,8 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import sha256_file
+
 from .registry import (VERSION_RE, InvalidVersion, RegistryError, VersionNotFound, validate_version,
                        version_number)
 from .registry_api import Registry
@@ -67,14 +69,6 @@ class ActivationConflict(RegistryError):
 
 class CorruptVersion(RegistryError):
     """A downloaded file does not match the version's manifest; the version is refused."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_manifest(version: str, directory: Path, names: list[str]) -> dict[str, Any]:
