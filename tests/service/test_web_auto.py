@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from fastapi import FastAPI
 
 from tests.service.test_auto_e2e import API_KEY, post_clip
 from tests.service.live import live_server
@@ -16,18 +17,28 @@ from tests.service.test_web import browser, make_app, open_page, shot, text  # n
 from tests.waiting import wait_until
 
 
+def auto_app(tmp_path: Path, checkpoint: Path, **overrides: object) -> FastAPI:
+    """A server whose spawned worker runs the auto policy with a 2-step BN round after 3 drifted clips."""
+    return make_app(tmp_path, checkpoint, **{
+        "buffer_enabled": True, "worker": "spawn", "adapt_threads": 1, "adapt_min_clips": 2, "adapt_poll_s": 0.1,
+        "buffer_heldout_fraction": 0.3, "api_key": API_KEY, "adapt_auto": True, "adapt_auto_min_clips": 3,
+        "adapt_auto_interval_s": 3600.0, "adapt_auto_method": "bn", "adapt_auto_steps": 2, **overrides})
+
+
+def post_source_clips(http: httpx.Client) -> None:
+    """Three source-style clips, then wait until the worker has polled once and fixed its base reference."""
+    for seed in range(3):
+        post_clip(http, "source", seed)
+    wait_until(lambda: http.get("/v1/models/active").json()["auto"].get("base_reference"), 240,
+               "the worker's first poll")
+
+
 def test_an_automatic_round_shows_up_on_the_page(browser, tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
-    app = make_app(tmp_path, tiny_checkpoint, buffer_enabled=True, worker="spawn", adapt_threads=1,
-                   adapt_min_clips=2, adapt_poll_s=0.1, buffer_heldout_fraction=0.3, api_key=API_KEY,
-                   adapt_auto=True, adapt_auto_min_clips=3,
-                   adapt_auto_interval_s=3600.0, adapt_auto_method="bn", adapt_auto_steps=2)
+    app = auto_app(tmp_path, tiny_checkpoint)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         page = open_page(browser, url)
         page.wait_for_selector("#adapt-panel:not([hidden])")
-        for seed in range(3):
-            post_clip(http, "source", seed)
-        wait_until(lambda: http.get("/v1/models/active").json()["auto"].get("base_reference"), 240,
-                   "the worker's first poll")
+        post_source_clips(http)
         page.wait_for_selector("#adapt-auto:not([hidden])", timeout=30_000)
         assert "0 started" in text(page, "#adapt-auto")
         for seed in range(100, 106):
@@ -53,18 +64,12 @@ def test_the_page_story_a_new_style_gets_a_round_and_the_stream_switches(browser
     published as a domain version, and the page's stream of that style is then served by the new version
     (`VSS_ADAPT_GATE=off` so that the tiny model's round publishes whatever the gate says; the verdict still
     shows)."""
-    app = make_app(tmp_path, tiny_checkpoint, buffer_enabled=True, worker="spawn", adapt_threads=1,
-                   adapt_min_clips=2, adapt_poll_s=0.1, buffer_heldout_fraction=0.3, api_key=API_KEY,
-                   adapt_auto=True, adapt_auto_min_clips=3, adapt_auto_interval_s=3600.0, adapt_auto_method="bn",
-                   adapt_auto_steps=2, adapt_gate="off", route_poll_s=0.1)
+    app = auto_app(tmp_path, tiny_checkpoint, adapt_gate="off", route_poll_s=0.1)
     clip = write_mp4(tmp_path / "fog.mp4", list(style_frames("fog", 16, 7)))
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         page = open_page(browser, url)
         page.wait_for_selector("#adapt-panel:not([hidden])")
-        for seed in range(3):
-            post_clip(http, "source", seed)
-        wait_until(lambda: http.get("/v1/models/active").json()["auto"].get("base_reference"), 240,
-                   "the worker's first poll")
+        post_source_clips(http)
         for seed in range(100, 106):
             post_clip(http, "fog", seed)
         page.wait_for_function("document.getElementById('adapt-job').textContent.includes('automatic round')",
